@@ -1,0 +1,1 @@
+"""Wire protocol of fltui: federated.proto and admin.proto with their generated code."""
