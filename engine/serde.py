@@ -1,0 +1,534 @@
+"""The one boundary between named tensors and protobuf messages, including chunked model streams.
+
+A model travels as a stream of frames, each one serialized ``ModelChunk`` or ``ContributionChunk``
+(the two share field numbers: 1 header, 2 chunk, 3 end, 4 done):
+
+    header  the message (CurrentModel or Contribution) with every tensor's name, dtype and shape
+    chunk   (tensor index, byte offset, at most 1 MiB of payload), tensors in header order
+    end     totals that the receiver checks before anything is used
+
+Chunk frames are encoded and decoded here by hand, in protobuf's own wire format, because the
+generic path costs two extra copies of every payload byte (``bytes`` slice, message field,
+serialization). Tests check that protobuf parses our frames and that we parse protobuf's.
+The receiver writes every payload straight into one preallocated buffer per tensor; nothing is
+handed to the caller until the ``end`` frame has been checked, so a corrupt or truncated stream
+leaves the caller's model untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from google.protobuf.message import DecodeError, Message
+
+from protos import federated_pb2 as pb
+
+__all__ = [
+    "CHUNK_BYTES",
+    "DEFAULT_MAX_MODEL_BYTES",
+    "ModelAssembler",
+    "SerdeError",
+    "TensorSpec",
+    "decode_model_stream",
+    "decode_model_streams",
+    "encode_done_frame",
+    "encode_model_stream",
+    "model_nbytes",
+    "ndarray_to_proto",
+    "proto_to_ndarray",
+    "specs_of",
+]
+
+CHUNK_BYTES = 1 << 20
+"""Most payload bytes in one chunk frame (far below gRPC's 4 MiB default message limit)."""
+
+DEFAULT_MAX_MODEL_BYTES = 256 << 30
+"""A header announcing more than this is refused before anything is allocated."""
+
+MAX_TENSORS = 1_000_000
+
+# numpy dtype names that may cross the wire; all fixed-size, stored little-endian.
+ALLOWED_DTYPES = frozenset(
+    {
+        "bool",
+        "int8",
+        "uint8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    }
+)
+
+_F_HEADER, _F_CHUNK, _F_END, _F_DONE = 1, 2, 3, 4
+_WT_VARINT, _WT_I64, _WT_LEN, _WT_I32 = 0, 1, 2, 5
+
+H = TypeVar("H", bound=Message)
+
+
+class SerdeError(ValueError):
+    """A model message or chunk stream that does not add up.
+
+    Attributes:
+        variable: the variable the problem concerns, or None when it is not about one.
+    """
+
+    def __init__(self, message: str, variable: str | None = None) -> None:
+        self.variable = variable
+        if variable is not None:
+            message = f"variable {variable!r}: {message}"
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of one tensor, as announced in a stream header."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+# ---------------------------------------------------------------------------- single tensors
+
+
+def _as_wire_array(name: str, value: Any) -> np.ndarray:
+    arr = np.asarray(value)
+    name_ = arr.dtype.name
+    if name_ not in ALLOWED_DTYPES:
+        raise SerdeError(f"dtype {arr.dtype} cannot be sent (allowed: {sorted(ALLOWED_DTYPES)})", name)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    # np.ascontiguousarray would turn a 0-d scalar into shape (1,).
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+def _check_spec(name: str, dtype: str, shape: Iterable[int]) -> TensorSpec:
+    if not name:
+        raise SerdeError("a tensor has an empty name")
+    if dtype not in ALLOWED_DTYPES:
+        raise SerdeError(f"unknown dtype {dtype!r} (allowed: {sorted(ALLOWED_DTYPES)})", name)
+    dims = tuple(int(d) for d in shape)
+    if any(d < 0 for d in dims):
+        raise SerdeError(f"negative dimension in shape {dims}", name)
+    if len(dims) > 32:
+        raise SerdeError(f"{len(dims)} dimensions (at most 32)", name)
+    return TensorSpec(name, dtype, dims)
+
+
+def ndarray_to_proto(value: Any, name: str = "") -> pb.NDArray:
+    """One tensor with its payload inline (small tensors only; models use the chunk stream)."""
+    arr = _as_wire_array(name, value)
+    return pb.NDArray(dtype=arr.dtype.name, shape=arr.shape, data=arr.tobytes())
+
+
+def proto_to_ndarray(msg: pb.NDArray, name: str = "") -> np.ndarray:
+    """The tensor of an inline ``NDArray`` message, checked against its dtype and shape."""
+    spec = _check_spec(name or "<unnamed>", msg.dtype, msg.shape)
+    if len(msg.data) != spec.nbytes:
+        raise SerdeError(
+            f"{len(msg.data)} payload bytes for dtype {spec.dtype} and shape {spec.shape} "
+            f"(expected {spec.nbytes})",
+            spec.name,
+        )
+    return np.frombuffer(msg.data, dtype=spec.dtype).reshape(spec.shape).copy()
+
+
+def specs_of(params: Mapping[str, Any]) -> list[TensorSpec]:
+    """The specs of a dict of tensors, in its order."""
+    return [
+        TensorSpec(name, arr.dtype.name, tuple(arr.shape))
+        for name, arr in ((n, _as_wire_array(n, v)) for n, v in params.items())
+    ]
+
+
+def model_nbytes(params: Mapping[str, Any]) -> int:
+    """Payload bytes of a dict of tensors."""
+    return sum(int(np.asarray(v).nbytes) for v in params.values())
+
+
+# ---------------------------------------------------------------------------- wire helpers
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _key(field: int, wire_type: int) -> bytes:
+    return _varint((field << 3) | wire_type)
+
+
+def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= end:
+            raise SerdeError("truncated frame (varint runs past the end)")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise SerdeError("malformed frame (varint longer than 10 bytes)")
+
+
+def _skip_field(buf: memoryview, wire_type: int, pos: int, end: int) -> int:
+    if wire_type == _WT_VARINT:
+        return _read_varint(buf, pos, end)[1]
+    if wire_type == _WT_I64:
+        pos += 8
+    elif wire_type == _WT_I32:
+        pos += 4
+    elif wire_type == _WT_LEN:
+        length, pos = _read_varint(buf, pos, end)
+        pos += length
+    else:
+        raise SerdeError(f"malformed frame (wire type {wire_type})")
+    if pos > end:
+        raise SerdeError("truncated frame (field runs past the end)")
+    return pos
+
+
+def _encode_chunk_frame(index: int, offset: int, payload: memoryview) -> bytes:
+    n = payload.nbytes
+    inner = b"".join(
+        (
+            _key(1, _WT_VARINT) + _varint(index) if index else b"",
+            _key(2, _WT_VARINT) + _varint(offset) if offset else b"",
+            _key(3, _WT_LEN),
+            _varint(n),
+        )
+    )
+    prefix = _key(_F_CHUNK, _WT_LEN) + _varint(len(inner) + n) + inner
+    # One copy of the payload, straight from the tensor's memory into the frame.
+    return b"".join((prefix, payload))
+
+
+def _decode_chunk(buf: memoryview, pos: int, end: int) -> tuple[int, int, memoryview]:
+    index = offset = 0
+    data = buf[0:0]
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        field, wire_type = key >> 3, key & 7
+        if field == 1 and wire_type == _WT_VARINT:
+            index, pos = _read_varint(buf, pos, end)
+        elif field == 2 and wire_type == _WT_VARINT:
+            offset, pos = _read_varint(buf, pos, end)
+        elif field == 3 and wire_type == _WT_LEN:
+            length, pos = _read_varint(buf, pos, end)
+            if pos + length > end:
+                raise SerdeError("truncated chunk (payload runs past the end of the frame)")
+            data = buf[pos : pos + length]
+            pos += length
+        else:
+            pos = _skip_field(buf, wire_type, pos, end)
+    return index, offset, data
+
+
+def _encode_message_frame(field: int, message: Message) -> bytes:
+    body = message.SerializeToString()
+    return _key(field, _WT_LEN) + _varint(len(body)) + body
+
+
+def encode_done_frame(more_models_available: bool) -> bytes:
+    """The last frame of a GetValidationModels stream."""
+    return _encode_message_frame(
+        _F_DONE, pb.ValidationModelsDone(more_models_available=more_models_available)
+    )
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def encode_model_stream(
+    header: Message, params: Mapping[str, Any], chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[bytes]:
+    """Frames (serialized ModelChunk / ContributionChunk) for one model.
+
+    Args:
+        header: a ``CurrentModel`` or ``Contribution``; its ``data`` is replaced by the specs.
+        params: the named tensors, sent in this order.
+        chunk_bytes: payload bytes per chunk, at most ``CHUNK_BYTES``.
+
+    Yields:
+        bytes of one frame each: header, chunks, end.
+    """
+    if not 0 < chunk_bytes <= CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be in 1..{CHUNK_BYTES}, got {chunk_bytes}")
+    arrays = [(name, _as_wire_array(name, value)) for name, value in params.items()]
+    data = header.data  # type: ignore[attr-defined]
+    del data.params[:]
+    for name, arr in arrays:
+        data.params.add(name=name, array=pb.NDArray(dtype=arr.dtype.name, shape=arr.shape))
+    yield _encode_message_frame(_F_HEADER, header)
+    total = chunks = 0
+    for index, (_, arr) in enumerate(arrays):
+        raw = memoryview(arr.reshape(-1).view(np.uint8))
+        for offset in range(0, raw.nbytes, chunk_bytes):
+            piece = raw[offset : offset + chunk_bytes]
+            yield _encode_chunk_frame(index, offset, piece)
+            total += piece.nbytes
+            chunks += 1
+    end = pb.StreamEnd(total_bytes=total, num_tensors=len(arrays), num_chunks=chunks)
+    yield _encode_message_frame(_F_END, end)
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+class ModelAssembler:
+    """Receives one model's frames into one preallocated buffer per tensor.
+
+    Args:
+        header_type: ``pb.CurrentModel`` or ``pb.Contribution``.
+        expected: when given, every announced variable must be in it with this dtype and shape.
+        max_total_bytes: a header announcing more payload than this is refused.
+    """
+
+    def __init__(
+        self,
+        header_type: type[H],
+        expected: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
+        max_total_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+    ) -> None:
+        self._header_type = header_type
+        self._expected = expected
+        self._max_total = max_total_bytes
+        self.header: Any = None
+        self.specs: list[TensorSpec] = []
+        self._buffers: list[np.ndarray] = []
+        self._bytes: list[np.ndarray] = []
+        self._filled: list[int] = []
+        self._current = 0
+        self._chunks = 0
+        self.received_bytes = 0
+        self.finished = False
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+    def _var(self, index: int) -> str:
+        return self.specs[index].name if 0 <= index < len(self.specs) else f"#{index}"
+
+    def on_header(self, header: Any) -> None:
+        if self.header is not None:
+            raise SerdeError("a second header arrived before the stream ended")
+        specs: list[TensorSpec] = []
+        seen: set[str] = set()
+        params = header.data.params
+        if len(params) > MAX_TENSORS:
+            raise SerdeError(f"{len(params)} tensors announced (at most {MAX_TENSORS})")
+        for item in params:
+            spec = _check_spec(item.name, item.array.dtype, item.array.shape)
+            if spec.name in seen:
+                raise SerdeError("announced twice in the header", spec.name)
+            if item.array.data:
+                raise SerdeError("inline payload in a stream header (payload must be chunked)", spec.name)
+            if self._expected is not None:
+                want = self._expected.get(spec.name)
+                if want is None:
+                    raise SerdeError("is not a variable of this model", spec.name)
+                if (spec.dtype, spec.shape) != (want[0], tuple(want[1])):
+                    raise SerdeError(
+                        f"dtype {spec.dtype} shape {spec.shape} does not match the model's "
+                        f"dtype {want[0]} shape {tuple(want[1])}",
+                        spec.name,
+                    )
+            seen.add(spec.name)
+            specs.append(spec)
+        total = sum(s.nbytes for s in specs)
+        if total > self._max_total:
+            raise SerdeError(
+                f"the stream announces {total} bytes, more than the limit of {self._max_total}"
+            )
+        self.specs = specs
+        # np.empty maps pages lazily: memory is committed as payload arrives, not up front.
+        self._buffers = [np.empty(s.shape, dtype=s.dtype) for s in specs]
+        self._bytes = [b.reshape(-1).view(np.uint8) for b in self._buffers]
+        self._filled = [0] * len(specs)
+        header.data.ClearField("params")
+        self.header = header
+
+    def on_chunk(self, index: int, offset: int, payload: memoryview | bytes) -> None:
+        if self.header is None:
+            raise SerdeError("a chunk arrived before the stream header")
+        if self.finished:
+            raise SerdeError("a chunk arrived after the end of the stream")
+        if index >= len(self.specs):
+            raise SerdeError(f"chunk for tensor #{index}, but the header announced {len(self.specs)}")
+        name = self._var(index)
+        if index < self._current:
+            raise SerdeError("chunk arrived after the stream moved on to a later tensor", name)
+        for skipped in range(self._current, index):
+            if self._filled[skipped] != self.specs[skipped].nbytes:
+                raise SerdeError(
+                    f"incomplete: {self._filled[skipped]} of {self.specs[skipped].nbytes} bytes "
+                    f"when chunks for {name!r} began",
+                    self._var(skipped),
+                )
+        self._current = index
+        n = len(payload)
+        if n == 0 or n > CHUNK_BYTES:
+            raise SerdeError(f"chunk of {n} bytes (must be 1..{CHUNK_BYTES})", name)
+        if offset != self._filled[index]:
+            raise SerdeError(
+                f"chunk at byte offset {offset}, but {self._filled[index]} bytes were received so "
+                "far (chunks missing, repeated or out of order)",
+                name,
+            )
+        if offset + n > self.specs[index].nbytes:
+            raise SerdeError(
+                f"{offset + n} bytes received, more than the {self.specs[index].nbytes} of dtype "
+                f"{self.specs[index].dtype} shape {self.specs[index].shape}",
+                name,
+            )
+        self._bytes[index][offset : offset + n] = np.frombuffer(payload, dtype=np.uint8)
+        self._filled[index] = offset + n
+        self._chunks += 1
+        self.received_bytes += n
+
+    def on_end(self, end: pb.StreamEnd) -> None:
+        if self.header is None:
+            raise SerdeError("the stream ended before its header")
+        for i, spec in enumerate(self.specs):
+            if self._filled[i] != spec.nbytes:
+                raise SerdeError(
+                    f"stream ended with {self._filled[i]} of {spec.nbytes} bytes received "
+                    "(truncated)",
+                    spec.name,
+                )
+        if (end.total_bytes, end.num_tensors, end.num_chunks) != (
+            self.received_bytes,
+            len(self.specs),
+            self._chunks,
+        ):
+            raise SerdeError(
+                f"stream totals do not add up: sender says {end.total_bytes} bytes, "
+                f"{end.num_tensors} tensors, {end.num_chunks} chunks; received "
+                f"{self.received_bytes} bytes, {len(self.specs)} tensors, {self._chunks} chunks"
+            )
+        self.finished = True
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The received tensors; only after the end frame was checked."""
+        if not self.finished:
+            raise SerdeError("the model stream is incomplete (no end frame)")
+        return {spec.name: buf for spec, buf in zip(self.specs, self._buffers)}
+
+
+def _parse_frame(frame: bytes | memoryview) -> tuple[int, memoryview, int, int]:
+    buf = memoryview(frame)
+    end = buf.nbytes
+    if end == 0:
+        raise SerdeError("empty frame")
+    key, pos = _read_varint(buf, 0, end)
+    field, wire_type = key >> 3, key & 7
+    if wire_type != _WT_LEN or field not in (_F_HEADER, _F_CHUNK, _F_END, _F_DONE):
+        raise SerdeError(f"unexpected frame (field {field}, wire type {wire_type})")
+    length, pos = _read_varint(buf, pos, end)
+    if pos + length != end:
+        raise SerdeError(f"frame length {length} does not match its {end - pos} bytes")
+    return field, buf, pos, end
+
+
+def _parse_message(cls: type[H], buf: memoryview, pos: int, end: int) -> H:
+    try:
+        return cls.FromString(bytes(buf[pos:end]))
+    except DecodeError as exc:
+        raise SerdeError(f"malformed {cls.__name__} frame: {exc}") from exc
+
+
+def decode_model_streams(
+    frames: Iterable[bytes],
+    header_type: type[H],
+    expected: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
+    max_total_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+) -> Iterator[tuple[Any, dict[str, np.ndarray]] | bool]:
+    """Decodes a stream of one or more models.
+
+    Yields:
+        ``(header, params)`` for each complete model, and the ``more_models_available`` flag as a
+        bool when a ``done`` frame arrives (GetValidationModels).
+
+    Raises:
+        SerdeError: the frames do not add up; nothing of the broken model is yielded.
+    """
+    assembler: ModelAssembler | None = None
+    for frame in frames:
+        field, buf, pos, end = _parse_frame(frame)
+        if field == _F_HEADER:
+            if assembler is not None:
+                raise SerdeError("a new model began before the previous one ended")
+            assembler = ModelAssembler(header_type, expected, max_total_bytes)
+            assembler.on_header(_parse_message(header_type, buf, pos, end))
+        elif field == _F_CHUNK:
+            if assembler is None:
+                raise SerdeError("a chunk arrived before the stream header")
+            assembler.on_chunk(*_decode_chunk(buf, pos, end))
+        elif field == _F_END:
+            if assembler is None:
+                raise SerdeError("the stream ended before its header")
+            assembler.on_end(_parse_message(pb.StreamEnd, buf, pos, end))
+            yield assembler.header, assembler.result()
+            assembler = None
+        else:
+            if assembler is not None:
+                raise SerdeError("the stream was closed in the middle of a model")
+            yield _parse_message(pb.ValidationModelsDone, buf, pos, end).more_models_available
+    if assembler is not None:
+        var = next(
+            (s.name for i, s in enumerate(assembler.specs) if assembler._filled[i] < s.nbytes),
+            None,
+        )
+        raise SerdeError("the stream stopped before its end frame (truncated)", var)
+
+
+def decode_model_stream(
+    frames: Iterable[bytes],
+    header_type: type[H],
+    expected: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
+    max_total_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+) -> tuple[Any, dict[str, np.ndarray]]:
+    """Decodes a stream that carries exactly one model.
+
+    Returns:
+        the header message (its ``data`` cleared) and the tensors in stream order.
+
+    Raises:
+        SerdeError: the frames do not add up, or there is not exactly one model.
+    """
+    models = []
+    for item in decode_model_streams(frames, header_type, expected, max_total_bytes):
+        if isinstance(item, bool):
+            raise SerdeError("unexpected 'done' frame in a single-model stream")
+        models.append(item)
+        if len(models) > 1:
+            raise SerdeError("more than one model in a single-model stream")
+    if not models:
+        raise SerdeError("the stream carried no model")
+    return models[0]
