@@ -38,7 +38,9 @@ __all__ = [
     "encode_model_stream",
     "model_nbytes",
     "ndarray_to_proto",
+    "parse_header_frame",
     "proto_to_ndarray",
+    "receive_model",
     "specs_of",
 ]
 
@@ -434,6 +436,10 @@ class ModelAssembler:
             )
         self.finished = True
 
+    def filled(self, index: int) -> int:
+        """Payload bytes received so far for tensor ``index``."""
+        return self._filled[index]
+
     def result(self) -> dict[str, np.ndarray]:
         """The received tensors; only after the end frame was checked."""
         if not self.finished:
@@ -463,6 +469,41 @@ def _parse_message(cls: type[H], buf: memoryview, pos: int, end: int) -> H:
         raise SerdeError(f"malformed {cls.__name__} frame: {exc}") from exc
 
 
+def parse_header_frame(frame: bytes, header_type: type[H]) -> H:
+    """The header message of a stream's first frame (nothing else is read).
+
+    Raises:
+        SerdeError: the frame is not a well-formed header frame.
+    """
+    field, buf, pos, end = _parse_frame(frame)
+    if field != _F_HEADER:
+        raise SerdeError("the stream does not begin with a header frame")
+    return _parse_message(header_type, buf, pos, end)
+
+
+def receive_model(assembler: ModelAssembler, frames: Iterable[bytes]) -> dict[str, np.ndarray]:
+    """Feeds chunk frames and the end frame into an assembler that has its header.
+
+    Reads ``frames`` up to and including the end frame, and no further.
+
+    Raises:
+        SerdeError: the frames do not add up or stop early; the assembler's buffers are dropped.
+    """
+    for frame in frames:
+        field, buf, pos, end = _parse_frame(frame)
+        if field == _F_CHUNK:
+            assembler.on_chunk(*_decode_chunk(buf, pos, end))
+        elif field == _F_END:
+            assembler.on_end(_parse_message(pb.StreamEnd, buf, pos, end))
+            return assembler.result()
+        else:
+            raise SerdeError("a header or done frame arrived in the middle of a model")
+    var = next(
+        (s.name for i, s in enumerate(assembler.specs) if assembler.filled(i) < s.nbytes), None
+    )
+    raise SerdeError("the stream stopped before its end frame (truncated)", var)
+
+
 def decode_model_streams(
     frames: Iterable[bytes],
     header_type: type[H],
@@ -478,34 +519,18 @@ def decode_model_streams(
     Raises:
         SerdeError: the frames do not add up; nothing of the broken model is yielded.
     """
-    assembler: ModelAssembler | None = None
-    for frame in frames:
+    it = iter(frames)
+    for frame in it:
         field, buf, pos, end = _parse_frame(frame)
         if field == _F_HEADER:
-            if assembler is not None:
-                raise SerdeError("a new model began before the previous one ended")
             assembler = ModelAssembler(header_type, expected, max_total_bytes)
             assembler.on_header(_parse_message(header_type, buf, pos, end))
-        elif field == _F_CHUNK:
-            if assembler is None:
-                raise SerdeError("a chunk arrived before the stream header")
-            assembler.on_chunk(*_decode_chunk(buf, pos, end))
-        elif field == _F_END:
-            if assembler is None:
-                raise SerdeError("the stream ended before its header")
-            assembler.on_end(_parse_message(pb.StreamEnd, buf, pos, end))
-            yield assembler.header, assembler.result()
-            assembler = None
-        else:
-            if assembler is not None:
-                raise SerdeError("the stream was closed in the middle of a model")
+            params = receive_model(assembler, it)
+            yield assembler.header, params
+        elif field == _F_DONE:
             yield _parse_message(pb.ValidationModelsDone, buf, pos, end).more_models_available
-    if assembler is not None:
-        var = next(
-            (s.name for i, s in enumerate(assembler.specs) if assembler._filled[i] < s.nbytes),
-            None,
-        )
-        raise SerdeError("the stream stopped before its end frame (truncated)", var)
+        else:
+            raise SerdeError("a chunk or end frame arrived before the stream header")
 
 
 def decode_model_stream(

@@ -1,0 +1,352 @@
+"""Engine events (frozen dataclasses) and the thread-safe EventBus that the UI and printer read."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+__all__ = [
+    "AdminRequestHandled",
+    "ConnectionChanged",
+    "CrossSiteValidated",
+    "Event",
+    "EventBus",
+    "EventLogHandler",
+    "FederationFinished",
+    "LogRecord",
+    "MetricsReported",
+    "ModelTransferred",
+    "PhaseChanged",
+    "ProgressUpdated",
+    "RoundCompleted",
+    "RoundStarted",
+    "ServerRoundAggregated",
+    "SiteJoined",
+    "SiteLeft",
+    "StatusChanged",
+    "event_from_dict",
+]
+
+_REGISTRY: dict[str, type[Event]] = {}
+
+
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    return " ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """Base of every engine event.
+
+    Attributes:
+        site: whom the event is about: a site name, or "server".
+        ts: wall-clock time (seconds since the epoch) when it happened.
+    """
+
+    site: str = ""
+    ts: float = field(default_factory=time.time)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[cls.__name__] = cls
+
+    def summary(self) -> str:
+        """One human line about the event, without time and site."""
+        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in self._own_fields())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with an ``event`` field naming the event."""
+        return {"event": type(self).__name__, **dataclasses.asdict(self)}
+
+    @classmethod
+    def _own_fields(cls) -> list[dataclasses.Field[Any]]:
+        return [f for f in dataclasses.fields(cls) if f.name not in ("site", "ts")]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusChanged(Event):
+    """The client's ClientStatus changed."""
+
+    status: int
+    message: str
+    detail: str = ""
+
+    def summary(self) -> str:
+        return f"status: {self.message}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectionChanged(Event):
+    """The link to the server: connecting, registered, retrying, disconnected, failed."""
+
+    state: str
+    server: str
+    detail: str = ""
+
+    def summary(self) -> str:
+        return f"connection {self.state}: {self.server}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundStarted(Event):
+    """This site received the global model of a round and begins to work on it."""
+
+    round: int
+    num_rounds: int
+
+    def summary(self) -> str:
+        return f"round {self.round}/{self.num_rounds} started"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhaseChanged(Event):
+    """The phase within a round (pulling model, training, privacy, submitting, waiting...)."""
+
+    phase: str
+    round: int = 0
+
+    def summary(self) -> str:
+        return f"phase: {self.phase}" + (f" (round {self.round})" if self.round else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProgressUpdated(Event):
+    """Local training progress (coalesced)."""
+
+    round: int
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+
+    def summary(self) -> str:
+        return (
+            f"round {self.round} training step {self.step}/{self.total_steps} "
+            f"epoch {self.epoch} loss={self.loss:.4f}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsReported(Event):
+    """Metrics of a local epoch (scope "local") or of a validation (scope "global")."""
+
+    round: int
+    scope: str
+    metrics: dict[str, float]
+    epoch: int = 0
+
+    def summary(self) -> str:
+        where = f"epoch {self.epoch}" if self.scope == "local" else self.scope
+        return f"round {self.round} {where} metrics: {_fmt_metrics(self.metrics)}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelTransferred(Event):
+    """A model went over the wire (download or upload)."""
+
+    direction: str
+    round: int
+    nbytes: int
+    seconds: float
+    what: str = "model"
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.nbytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{self.what} {self.direction}ed: {self.nbytes / 1e6:.2f} MB in {self.seconds:.2f} s "
+            f"({self.mb_per_s:.0f} MB/s), round {self.round}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundCompleted(Event):
+    """A round ended: ``metrics`` are the new global model's, as this site measured them."""
+
+    round: int
+    num_rounds: int
+    metrics: dict[str, float]
+
+    def summary(self) -> str:
+        return f"round {self.round}/{self.num_rounds} completed: global {_fmt_metrics(self.metrics)}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrossSiteValidated(Event):
+    """This site validated another site's (or the server's) model on its own data."""
+
+    model_owner: str
+    metrics: dict[str, float]
+
+    def summary(self) -> str:
+        return f"cross-site validation of {self.model_owner}'s model: {_fmt_metrics(self.metrics)}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederationFinished(Event):
+    """The federation ended for this site: completed, aborted or failed."""
+
+    outcome: str
+    rounds: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    detail: str = ""
+
+    def summary(self) -> str:
+        text = f"federation {self.outcome} after {self.rounds} rounds"
+        if self.metrics:
+            text += f": final global {_fmt_metrics(self.metrics)}"
+        return text + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdminRequestHandled(Event):
+    """An admin request (from the federation or a local key) and its outcome."""
+
+    origin: str
+    topic: str
+    outcome: str
+    detail: str = ""
+
+    def summary(self) -> str:
+        return f"admin {self.topic} from {self.origin}: {self.outcome}" + (
+            f" ({self.detail})" if self.detail else ""
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogRecord(Event):
+    """A log line of the engine."""
+
+    level: str
+    logger: str
+    message: str
+
+    def summary(self) -> str:
+        return f"{self.level} {self.logger}: {self.message}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteJoined(Event):
+    """Server side: a site registered (again)."""
+
+    site_name: str
+    num_sites: int
+
+    def summary(self) -> str:
+        return f"site {self.site_name} joined ({self.num_sites} registered)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteLeft(Event):
+    """Server side: a site quit or was dropped (no heartbeat within the timeout)."""
+
+    site_name: str
+    reason: str
+
+    def summary(self) -> str:
+        return f"site {self.site_name} left: {self.reason}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerRoundAggregated(Event):
+    """Server side: a round's contributions were averaged into a new global model."""
+
+    round: int
+    num_rounds: int
+    contributors: list[str]
+    missing: list[str]
+    seconds: float
+
+    def summary(self) -> str:
+        text = f"round {self.round}/{self.num_rounds} aggregated from {', '.join(self.contributors)}"
+        if self.missing:
+            text += f" (missing: {', '.join(self.missing)})"
+        return text + f" in {self.seconds * 1000:.0f} ms"
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    """Rebuilds an event from ``Event.to_dict()`` output (for example a child's JSON line).
+
+    Raises:
+        ValueError: the dict names no known event or has wrong fields.
+    """
+    name = data.get("event")
+    cls = _REGISTRY.get(str(name))
+    if cls is None:
+        raise ValueError(f"unknown event {name!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in data.items() if k in names})
+    except TypeError as exc:
+        raise ValueError(f"bad fields for event {name}: {exc}") from exc
+
+
+Subscriber = Callable[[Event], None]
+
+
+class EventBus:
+    """Publishes events to subscribers, synchronously, from any thread.
+
+    A subscriber that raises is logged and keeps its subscription; publishing never fails.
+    """
+
+    _log: ClassVar[logging.Logger] = logging.getLogger("engine.events")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: list[Subscriber] = []
+
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        """Adds a subscriber; returns a function that removes it."""
+        with self._lock:
+            self._subscribers.append(fn)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if fn in self._subscribers:
+                    self._subscribers.remove(fn)
+
+        return unsubscribe
+
+    def publish(self, event: Event) -> None:
+        """Delivers ``event`` to every subscriber, in subscription order."""
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for fn in subscribers:
+            try:
+                fn(event)
+            except Exception:  # a broken subscriber must not stop the engine
+                if not isinstance(event, LogRecord):
+                    self._log.exception("event subscriber %r failed", fn)
+
+
+class EventLogHandler(logging.Handler):
+    """A logging handler that publishes records as ``LogRecord`` events."""
+
+    def __init__(self, bus: EventBus, site: str, level: int = logging.INFO) -> None:
+        super().__init__(level)
+        self._bus = bus
+        self._site = site
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._bus.publish(
+                LogRecord(
+                    site=self._site,
+                    ts=record.created,
+                    level=record.levelname,
+                    logger=record.name,
+                    message=record.getMessage(),
+                )
+            )
+        except Exception:
+            self.handleError(record)

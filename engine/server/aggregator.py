@@ -1,0 +1,80 @@
+"""FedAvg as contributions arrive: new = global + Σ(Δᵢ·nᵢ·wᵢ) / Σ(nᵢ·wᵢ), per variable."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["FedAvgAccumulator"]
+
+
+def _acc_dtype(dtype: np.dtype) -> np.dtype:
+    # float32 models accumulate in float32 so that a 1 GiB model needs 1 GiB, not 2; anything
+    # else (float64, integers such as BatchNorm's step counter) in float64.
+    if dtype in (np.float32, np.float16):
+        return np.dtype(np.float32)
+    if dtype.kind == "c":
+        return np.dtype(np.complex128)
+    return np.dtype(np.float64)
+
+
+class FedAvgAccumulator:
+    """Folds each contribution into a running weighted sum, so the server never holds all of them.
+
+    Args:
+        exclude_vars: a regex; matching variables are never updated by the server.
+    """
+
+    def __init__(self, exclude_vars: str | None = None) -> None:
+        self._exclude = re.compile(exclude_vars) if exclude_vars else None
+        self._sums: dict[str, np.ndarray] = {}
+        self._weights: dict[str, float] = {}
+        self.contributors: list[str] = []
+
+    def excluded(self, name: str) -> bool:
+        return bool(self._exclude and self._exclude.search(name))
+
+    def add(self, site: str, delta: Mapping[str, np.ndarray], weight: float) -> None:
+        """Adds ``weight · Δ``; the arrays of ``delta`` may be reused as accumulator storage."""
+        for name, value in delta.items():
+            if self.excluded(name) or weight <= 0:
+                continue
+            dtype = _acc_dtype(value.dtype)
+            if name not in self._sums:
+                if value.dtype == dtype and value.flags.writeable:
+                    value *= dtype.type(weight)  # take over the received buffer: no new memory
+                    self._sums[name] = value
+                else:
+                    self._sums[name] = value.astype(dtype) * dtype.type(weight)
+                self._weights[name] = 0.0
+            else:
+                acc = self._sums[name]
+                if value.dtype == dtype and value.flags.writeable:
+                    value *= dtype.type(weight)
+                    acc += value
+                else:
+                    acc += value.astype(dtype) * dtype.type(weight)
+            self._weights[name] += weight
+        self.contributors.append(site)
+
+    def apply(self, global_model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The new global model; variables nobody contributed keep their value.
+
+        The accumulator's storage becomes the new model's, so apply() may be called once.
+        """
+        new: dict[str, np.ndarray] = {}
+        for name, current in global_model.items():
+            acc = self._sums.pop(name, None)
+            total = self._weights.get(name, 0.0)
+            if acc is None or total <= 0:
+                new[name] = current
+                continue
+            acc /= acc.dtype.type(total)
+            acc += current
+            if acc.dtype != current.dtype:
+                acc = (np.rint(acc) if current.dtype.kind in "iub" else acc).astype(current.dtype)
+            new[name] = acc.reshape(current.shape)
+        self._sums.clear()
+        return new

@@ -1,0 +1,512 @@
+"""The reference FL server: registration, rounds, FedAvg, heartbeats, cross-site validation store."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
+
+from engine import serde
+from engine.config import ServerConfig
+from engine.events import EventBus, ServerRoundAggregated, SiteJoined, SiteLeft
+from engine.fileio import load_npz, save_json_atomic, save_npz_atomic
+from engine.rpc import TOKEN_HEADER, federated_generic_handler
+from engine.server.admin import AdminQueues
+from engine.server.aggregator import FedAvgAccumulator
+from protos import admin_pb2_grpc
+from protos import federated_pb2 as pb
+
+__all__ = ["FederatedServer"]
+
+log = logging.getLogger("engine.server")
+
+SERVER_OWNER = "server"
+
+
+@dataclass
+class _Site:
+    name: str
+    token: str
+    ip: str
+    last_seen: float
+    joined: float
+
+
+@dataclass
+class _Round:
+    number: int
+    accumulator: FedAvgAccumulator
+    contributions: dict[str, str] = field(default_factory=dict)  # site -> contribution id
+    receiving: set[str] = field(default_factory=set)  # contribution ids being received
+    min_reached_at: float | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class FederatedServer:
+    """Runs a federation of sites over gRPC.
+
+    Args:
+        config: the server settings (task name, rounds, client counts, timeouts, weights).
+        workspace: folder for ``models/``, ``cross_site/``, ``state.json``, results.
+        initial_model: the model of round ``start_round`` (named numpy arrays).
+        bus: where server events go (site "server").
+        long_poll: how long GetModel waits for the next round before answering "No token".
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        workspace: Path,
+        initial_model: Mapping[str, np.ndarray],
+        bus: EventBus | None = None,
+        long_poll: float = 2.0,
+    ) -> None:
+        if not initial_model:
+            raise ValueError("the server needs an initial model with at least one variable")
+        self.config = config
+        self.workspace = Path(workspace)
+        self.bus = bus or EventBus()
+        self.long_poll = long_poll
+        self.global_model: dict[str, np.ndarray] = {
+            k: np.ascontiguousarray(v) for k, v in initial_model.items()
+        }
+        self.current_round = config.start_round
+        self.finished = False
+        self.sites: dict[str, _Site] = {}
+        self.dropped: list[str] = []
+        self.history: list[dict[str, Any]] = []
+        self.best_models: dict[str, dict[str, np.ndarray]] = {}
+        self.cross_val_results: dict[str, dict[str, dict[str, Any]]] = {}
+        self._delivered: dict[str, set[str]] = {}
+        self._seen_ids: set[str] = set()
+        self._cond = threading.Condition()
+        self._fold_lock = threading.Lock()
+        self._round = self._new_round()
+        self._stop = threading.Event()
+        self._server: grpc.Server | None = None
+        self._monitor: threading.Thread | None = None
+        self.admin = AdminQueues(self._site_by_token)
+        self.port = 0
+        self.created = time.time()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, target: str | None = None, max_workers: int | None = None) -> int:
+        """Starts serving on ``target`` ("host:port", port 0 picks one); returns the port."""
+        target = target or self.config.target
+        workers = max_workers or min(256, 16 + 3 * self.config.max_num_clients)
+        options = [
+            ("grpc.max_receive_message_length", 8 << 20),
+            ("grpc.max_send_message_length", 8 << 20),
+            *self.config.options,
+        ]
+        compression = getattr(grpc.Compression, self.config.compression or "NoCompression")
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fl-server"),
+            options=options,
+            compression=compression,
+        )
+        server.add_generic_rpc_handlers((federated_generic_handler(self),))
+        admin_pb2_grpc.add_AdminCommunicatingServicer_to_server(self.admin, server)
+        self.port = server.add_insecure_port(target)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {target}")
+        server.start()
+        self._server = server
+        self._monitor = threading.Thread(target=self._monitor_loop, name="fl-monitor", daemon=True)
+        self._monitor.start()
+        self._save_state()
+        log.info(
+            "server for task %r listening on port %d: %d rounds, min %d sites",
+            self.config.task_name,
+            self.port,
+            self.config.num_rounds,
+            self.config.min_num_clients,
+        )
+        return self.port
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Stops serving; waiting GetModel calls are released."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        """Blocks until every round is aggregated; returns whether it happened in time."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self.finished:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(timeout=left if left is not None else 1.0)
+        return True
+
+    # ------------------------------------------------------------------ helpers
+
+    def _new_round(self) -> _Round:
+        return _Round(self.current_round, FedAvgAccumulator(self.config.exclude_vars))
+
+    def _meta(self) -> pb.ModelMetaData:
+        meta = pb.ModelMetaData(
+            task=self.config.task_name,
+            current_round=self.current_round,
+            num_rounds=self.config.num_rounds,
+            finished=self.finished,
+        )
+        meta.created.FromSeconds(int(self.created))
+        return meta
+
+    def _site_by_token(self, token: str) -> _Site | None:
+        with self._cond:
+            for site in self.sites.values():
+                if site.token == token:
+                    site.last_seen = time.monotonic()
+                    return site
+        return None
+
+    def _authenticate(self, state: pb.ClientState, context: grpc.ServicerContext) -> _Site:
+        token = state.token or dict(context.invocation_metadata()).get(TOKEN_HEADER, "")
+        if not token:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "Could not read client token")
+        header = dict(context.invocation_metadata()).get(TOKEN_HEADER)
+        if header is not None and header != token:
+            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "token in header and message differ")
+        if state.meta.task and state.meta.task != self.config.task_name:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "Requested task does not match the current server task",
+            )
+        site = self._site_by_token(token)
+        if site is None:
+            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "Unknown client identity (register again)")
+        return site
+
+    def _run(self, context: grpc.ServicerContext, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except _Abort as exc:
+            context.abort(exc.code, exc.details)
+        except serde.SerdeError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {exc}")
+
+    def _expected(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {k: (v.dtype.name, tuple(v.shape)) for k, v in self.global_model.items()}
+
+    def _save_state(self) -> None:
+        save_json_atomic(
+            self.workspace / "state.json",
+            {
+                "task": self.config.task_name,
+                "current_round": self.current_round,
+                "num_rounds": self.config.num_rounds,
+                "finished": self.finished,
+                "sites": sorted(self.sites),
+                "history": self.history,
+            },
+        )
+
+    # ------------------------------------------------------------------ FederatedTraining
+
+    def Register(self, request: pb.ClientLogin, context: grpc.ServicerContext) -> pb.FederatedSummary:
+        return self._run(context, self._register, request, context)
+
+    def _register(self, request: pb.ClientLogin, context: grpc.ServicerContext) -> pb.FederatedSummary:
+        name = request.client_name
+        if request.meta.task != self.config.task_name:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Requested task {request.meta.task!r} does not match the current server task "
+                f"{self.config.task_name!r}",
+            )
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid client name {name!r}")
+        with self._cond:
+            if name not in self.sites and len(self.sites) >= self.config.max_num_clients:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Maximum number of clients reached")
+            again = name in self.sites
+            token = str(uuid.uuid4())
+            now = time.monotonic()
+            self.sites[name] = _Site(name, token, request.client_ip or context.peer(), now, now)
+            if name in self.dropped:
+                self.dropped.remove(name)
+            count = len(self.sites)
+        log.info("site %s %s (%d registered)", name, "registered again" if again else "joined", count)
+        self.bus.publish(SiteJoined(site="server", site_name=name, num_sites=count))
+        return pb.FederatedSummary(comment=f"Welcome {name}", token=token, meta=self._meta())
+
+    def Quit(self, request: pb.ClientState, context: grpc.ServicerContext) -> pb.FederatedSummary:
+        return self._run(context, self._quit, request, context)
+
+    def _quit(self, request: pb.ClientState, context: grpc.ServicerContext) -> pb.FederatedSummary:
+        site = self._authenticate(request, context)
+        with self._cond:
+            self.sites.pop(site.name, None)
+            self._cond.notify_all()
+        self.bus.publish(SiteLeft(site="server", site_name=site.name, reason="quit"))
+        self._maybe_close_round()
+        return pb.FederatedSummary(comment=f"Goodbye {site.name}", meta=self._meta())
+
+    def Heartbeat(self, request: pb.ClientState, context: grpc.ServicerContext) -> pb.FederatedSummary:
+        return self._run(context, self._heartbeat, request, context)
+
+    def _heartbeat(self, request: pb.ClientState, context: grpc.ServicerContext) -> pb.FederatedSummary:
+        self._authenticate(request, context)
+        return pb.FederatedSummary(comment="ok", meta=self._meta())
+
+    def GetModel(self, request: pb.ClientState, context: grpc.ServicerContext) -> Iterator[bytes]:
+        site = self._run(context, self._authenticate, request, context)
+        with self._cond:
+            deadline = time.monotonic() + self.long_poll
+            while (
+                not self.finished
+                and site.name in self._round.contributions
+                and not self._stop.is_set()
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if not self.finished and site.name in self._round.contributions:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "No token available for the current round: waiting for the other sites",
+                )
+            # The model dict is replaced, never changed in place, after a round: this stream
+            # keeps sending a consistent model even if the round closes meanwhile.
+            model, meta = self.global_model, self._meta()
+        header = pb.CurrentModel(meta=meta, owner=SERVER_OWNER)
+        yield from serde.encode_model_stream(header, model)
+
+    def SubmitUpdate(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.FederatedSummary:
+        return self._run(context, self._submit_update, frames, context)
+
+    def _submit_update(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.FederatedSummary:
+        first = next(frames, None)
+        if first is None:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty contribution stream")
+        # Token and round are checked on the header, before any payload is read.
+        header = serde.parse_header_frame(first, pb.Contribution)
+        site = self._authenticate(header.client, context)
+        cid = header.contribution_id
+        if not cid:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "contribution without contribution_id")
+        if header.n_iter < 1:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"n_iter must be >= 1, got {header.n_iter}")
+        with self._cond:
+            if self.finished:
+                raise _Abort(grpc.StatusCode.OUT_OF_RANGE, "Server training has stopped")
+            if cid in self._seen_ids:
+                log.info("duplicate contribution %s from %s ignored", cid, site.name)
+                return pb.FederatedSummary(comment="duplicate contribution ignored", meta=self._meta())
+            rnd = header.client.meta.current_round
+            if rnd != self.current_round:
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"Contrib: round {rnd} is not the current round {self.current_round}",
+                )
+            if site.name in self._round.contributions:
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"Contrib: {site.name} already contributed to round {rnd}",
+                )
+            if cid in self._round.receiving:
+                raise _Abort(grpc.StatusCode.ABORTED, "the same contribution is being received")
+            self._round.receiving.add(cid)
+            expected = self._expected()
+        try:
+            assembler = serde.ModelAssembler(pb.Contribution, expected)
+            assembler.on_header(header)
+            delta = serde.receive_model(assembler, frames)
+            weight = float(header.n_iter) * self.config.aggregation_weights.get(site.name, 1.0)
+            with self._cond:
+                if rnd != self.current_round or self.finished:
+                    raise _Abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"Contrib: round {rnd} closed while the contribution was received",
+                    )
+                rnd_state = self._round
+            with self._fold_lock:
+                rnd_state.accumulator.add(site.name, delta, weight)
+            with self._cond:
+                rnd_state.contributions[site.name] = cid
+                self._seen_ids.add(cid)
+                if (
+                    rnd_state.min_reached_at is None
+                    and len(rnd_state.contributions) >= self.config.min_num_clients
+                ):
+                    rnd_state.min_reached_at = time.monotonic()
+                self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._round.receiving.discard(cid)
+        log.info(
+            "round %d: contribution from %s (n_iter=%d, %.1f MB)",
+            rnd,
+            site.name,
+            header.n_iter,
+            assembler.received_bytes / 1e6,
+        )
+        self._maybe_close_round()
+        return pb.FederatedSummary(comment=f"Received contribution for round {rnd}", meta=self._meta())
+
+    # ------------------------------------------------------------------ rounds
+
+    def _maybe_close_round(self) -> None:
+        with self._cond:
+            rnd = self._round
+            if self.finished or len(rnd.contributions) < self.config.min_num_clients:
+                return
+            waiting = [s for s in self.sites if s not in rnd.contributions]
+            timed_out = (
+                rnd.min_reached_at is not None
+                and time.monotonic() - rnd.min_reached_at >= self.config.wait_after_min_clients
+            )
+            if waiting and not timed_out:
+                return
+            if rnd.receiving:
+                return  # an upload is in flight: close when it lands (or fails)
+            t0 = time.perf_counter()
+            with self._fold_lock:
+                self.global_model = rnd.accumulator.apply(self.global_model)
+            contributors = sorted(rnd.contributions)
+            self.current_round += 1
+            self.finished = self.current_round >= self.config.num_rounds
+            self.history.append(
+                {"round": rnd.number, "contributors": contributors, "missing": sorted(waiting)}
+            )
+            self._round = self._new_round()
+            model = self.global_model
+            seconds = time.perf_counter() - t0
+            self._cond.notify_all()
+        save_npz_atomic(self.workspace / "models" / "global_model.npz", model)
+        self._save_state()
+        self.bus.publish(
+            ServerRoundAggregated(
+                site="server",
+                round=rnd.number + 1,
+                num_rounds=self.config.num_rounds,
+                contributors=contributors,
+                missing=sorted(waiting),
+                seconds=seconds,
+            )
+        )
+        if waiting:
+            log.warning("round %d closed without %s (wait timed out)", rnd.number + 1, waiting)
+        if self.finished:
+            log.info("all %d rounds done; global model saved", self.config.num_rounds)
+
+    def _monitor_loop(self) -> None:
+        period = max(0.05, min(1.0, self.config.heart_beat_timeout / 4))
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            dead = []
+            with self._cond:
+                for name, site in list(self.sites.items()):
+                    if now - site.last_seen > self.config.heart_beat_timeout:
+                        del self.sites[name]
+                        self.dropped.append(name)
+                        dead.append(name)
+                if dead:
+                    self._cond.notify_all()
+            for name in dead:
+                reason = f"no heartbeat for {self.config.heart_beat_timeout:g} s"
+                log.warning("site %s dropped: %s", name, reason)
+                self.bus.publish(SiteLeft(site="server", site_name=name, reason=reason))
+            self._maybe_close_round()
+
+    # ------------------------------------------------------------------ cross-site validation
+
+    def SubmitBestLocalModel(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.FederatedSummary:
+        return self._run(context, self._submit_best, frames, context)
+
+    def _submit_best(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.FederatedSummary:
+        first = next(frames, None)
+        if first is None:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty model stream")
+        header = serde.parse_header_frame(first, pb.Contribution)
+        site = self._authenticate(header.client, context)
+        assembler = serde.ModelAssembler(pb.Contribution, self._expected())
+        assembler.on_header(header)
+        params = serde.receive_model(assembler, frames)
+        if params:
+            save_npz_atomic(self.workspace / "cross_site" / site.name / "best_model.npz", params)
+        with self._cond:
+            self.best_models[site.name] = params
+            self._cond.notify_all()
+        comment = f"Received best model from {site.name}." if params else "not participating"
+        return pb.FederatedSummary(comment=comment, meta=self._meta())
+
+    def GetValidationModels(self, request: pb.ClientState, context: grpc.ServicerContext) -> Iterator[bytes]:
+        site = self._run(context, self._authenticate, request, context)
+        with self._cond:
+            delivered = self._delivered.setdefault(site.name, set())
+            owners = [o for o in sorted(self.best_models) if o not in delivered and self.best_models[o]]
+            models = {o: self.best_models[o] for o in owners}
+            if self.finished and SERVER_OWNER not in delivered:
+                owners.append(SERVER_OWNER)
+                models[SERVER_OWNER] = self.global_model
+            # More will come from registered sites that have not submitted their best model yet.
+            more = any(s not in self.best_models for s in self.sites) or not self.finished
+            delivered.update(owners)
+        for owner in owners:
+            yield from serde.encode_model_stream(
+                pb.CurrentModel(meta=self._meta(), owner=owner), models[owner]
+            )
+        yield serde.encode_done_frame(more)
+
+    def SubmitCrossSiteValidationResults(
+        self, request: pb.CrossValidationResults, context: grpc.ServicerContext
+    ) -> pb.FederatedSummary:
+        return self._run(context, self._submit_results, request, context)
+
+    def _submit_results(
+        self, request: pb.CrossValidationResults, context: grpc.ServicerContext
+    ) -> pb.FederatedSummary:
+        site = self._authenticate(request.client, context)
+        with self._cond:
+            mine = self.cross_val_results.setdefault(site.name, {})
+            for result in request.results:
+                mine[result.model_owner] = json_format.MessageToDict(result.metrics)
+            snapshot = {k: dict(v) for k, v in self.cross_val_results.items()}
+        save_json_atomic(self.workspace / "cross_val_results.json", snapshot)
+        return pb.FederatedSummary(
+            comment=f"Received Cross Validation results from {site.name}.", meta=self._meta()
+        )
+
+    # ------------------------------------------------------------------ persistence
+
+    @staticmethod
+    def load_saved_model(workspace: Path) -> dict[str, np.ndarray] | None:
+        """The last saved global model of a server workspace, if any."""
+        path = Path(workspace) / "models" / "global_model.npz"
+        return load_npz(path) if path.exists() else None
+
+
+def metrics_struct(metrics: Mapping[str, float]) -> Struct:
+    """Metrics as a protobuf Struct."""
+    s = Struct()
+    s.update({k: float(v) for k, v in metrics.items()})
+    return s

@@ -1,0 +1,79 @@
+"""The torch trainer ("fitter") built from an MMAR's config_train.json, and the demo MMAR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.training.errors import TrainConfigError, TrainingAborted
+
+if TYPE_CHECKING:
+    from engine.training.fitter import EpochCallback, Fitter, ProgressCallback
+
+__all__ = ["Fitter", "TrainConfigError", "TrainingAborted", "build_fitter", "demo_mmar_path"]
+
+
+def demo_mmar_path() -> Path:
+    """The folder of the bundled demo MMAR (shipped inside the package).
+
+    Deploy a copy before training: the fitter writes ``models/best_model.pt`` into its MMAR.
+    """
+    return Path(__file__).resolve().parent / "demo_mmar"
+
+
+def build_fitter(
+    mmar_root: str | Path,
+    *,
+    site_name: str,
+    local_epochs: int | None = None,
+    steps_aggregation: int = 0,
+    on_progress: ProgressCallback | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    device: str | None = None,
+) -> Fitter:
+    """Build the fitter for an MMAR from its ``config/config_train.json``.
+
+    torch is imported here, on first use, so that importing this package stays cheap.
+
+    Args:
+        mmar_root: The (deployed) MMAR folder. ``custom/`` in it goes on ``sys.path``; the best
+            model is saved to ``models/best_model.pt`` in it.
+        site_name: This site's name (passed to components that take a ``context``).
+        local_epochs: Epochs per round, overriding the config's ``epochs``.
+        steps_aggregation: When > 0, each round takes exactly this many optimizer steps instead
+            of whole epochs.
+        on_progress: Called with ``(step, total_steps, epoch, loss)`` at most ~10 times a
+            second, and always on a round's last step; ``loss`` is the mean training loss of
+            the current epoch so far.
+        on_epoch_end: Called with ``(epoch, metrics)`` after each epoch of a round, e.g.
+            ``{"train_loss": 0.61, "train_accuracy": 0.78}``.
+        device: A torch device; default ``"cuda"`` when available, else ``"cpu"``.
+
+    Returns:
+        The fitter, with a freshly initialised model (seeded from the config's ``seed``).
+
+    Raises:
+        TrainConfigError: The config or one of its components is unusable.
+        ValueError: An argument is out of range, or the device is unavailable.
+    """
+    from engine.training import fitter
+
+    return fitter.build_fitter(
+        mmar_root,
+        site_name=site_name,
+        local_epochs=local_epochs,
+        steps_aggregation=steps_aggregation,
+        on_progress=on_progress,
+        on_epoch_end=on_epoch_end,
+        device=device,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # Fitter is importable from here for type hints and isinstance checks, without making
+    # `import engine.training` pay for torch.
+    if name == "Fitter":
+        from engine.training.fitter import Fitter
+
+        return Fitter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

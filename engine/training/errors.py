@@ -1,0 +1,32 @@
+"""Exceptions of the training package; free of torch so callers can catch them cheaply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["TrainConfigError", "TrainingAborted"]
+
+
+class TrainConfigError(ValueError):
+    """A training config (``config_train.json``) or one of its components is unusable.
+
+    The message names the file, the dotted key and what was expected, so an operator can fix
+    the MMAR without reading a traceback.
+
+    Attributes:
+        file: The config file at fault.
+        key: Dotted path of the offending key (e.g. ``optimizer.args.lr``), or ``None`` when the
+            whole file is at fault (missing, not JSON).
+        problem: What is wrong and what is expected.
+    """
+
+    def __init__(self, file: str | Path, key: str | None, problem: str) -> None:
+        self.file = Path(file)
+        self.key = key
+        self.problem = problem
+        where = f"{self.file}: {key}" if key else str(self.file)
+        super().__init__(f"{where}: {problem}")
+
+
+class TrainingAborted(RuntimeError):
+    """``Fitter.train()`` stopped early because ``Fitter.abort()`` was called."""
