@@ -42,20 +42,17 @@ class FedAvgAccumulator:
             if self.excluded(name) or weight <= 0:
                 continue
             dtype = _acc_dtype(value.dtype)
-            if name not in self._sums:
-                if value.dtype == dtype and value.flags.writeable:
-                    value *= dtype.type(weight)  # take over the received buffer: no new memory
-                    self._sums[name] = value
-                else:
-                    self._sums[name] = value.astype(dtype) * dtype.type(weight)
-                self._weights[name] = 0.0
+            # Scale in place, in the received buffer where it already has the right dtype: the
+            # first contribution's buffers become the accumulator, so no new memory is taken.
+            # (In-place ops also keep 0-d arrays as arrays; `a * w` would give a scalar.)
+            if not (value.dtype == dtype and value.flags.writeable):
+                value = value.astype(dtype)
+            value *= dtype.type(weight)
+            if name in self._sums:
+                self._sums[name] += value
             else:
-                acc = self._sums[name]
-                if value.dtype == dtype and value.flags.writeable:
-                    value *= dtype.type(weight)
-                    acc += value
-                else:
-                    acc += value.astype(dtype) * dtype.type(weight)
+                self._sums[name] = value
+                self._weights[name] = 0.0
             self._weights[name] += weight
         self.contributors.append(site)
 

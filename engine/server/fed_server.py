@@ -50,6 +50,7 @@ class _Round:
     accumulator: FedAvgAccumulator
     contributions: dict[str, str] = field(default_factory=dict)  # site -> contribution id
     receiving: set[str] = field(default_factory=set)  # contribution ids being received
+    expected: set[str] = field(default_factory=set)  # sites that fetched this round's model
     min_reached_at: float | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -86,7 +87,7 @@ class FederatedServer:
         self.bus = bus or EventBus()
         self.long_poll = long_poll
         self.global_model: dict[str, np.ndarray] = {
-            k: np.ascontiguousarray(v) for k, v in initial_model.items()
+            k: np.array(v, order="C") for k, v in initial_model.items()
         }
         self.current_round = config.start_round
         self.finished = False
@@ -297,6 +298,8 @@ class FederatedServer:
             # The model dict is replaced, never changed in place, after a round: this stream
             # keeps sending a consistent model even if the round closes meanwhile.
             model, meta = self.global_model, self._meta()
+            if not self.finished:
+                self._round.expected.add(site.name)
         header = pb.CurrentModel(meta=meta, owner=SERVER_OWNER)
         yield from serde.encode_model_stream(header, model)
 
@@ -392,10 +395,11 @@ class FederatedServer:
             with self._fold_lock:
                 self.global_model = rnd.accumulator.apply(self.global_model)
             contributors = sorted(rnd.contributions)
+            missing = sorted((set(waiting) | rnd.expected) - set(contributors))
             self.current_round += 1
             self.finished = self.current_round >= self.config.num_rounds
             self.history.append(
-                {"round": rnd.number, "contributors": contributors, "missing": sorted(waiting)}
+                {"round": rnd.number + 1, "contributors": contributors, "missing": missing}
             )
             self._round = self._new_round()
             model = self.global_model
@@ -409,12 +413,12 @@ class FederatedServer:
                 round=rnd.number + 1,
                 num_rounds=self.config.num_rounds,
                 contributors=contributors,
-                missing=sorted(waiting),
+                missing=missing,
                 seconds=seconds,
             )
         )
-        if waiting:
-            log.warning("round %d closed without %s (wait timed out)", rnd.number + 1, waiting)
+        if missing:
+            log.warning("round %d closed without %s", rnd.number + 1, ", ".join(missing))
         if self.finished:
             log.info("all %d rounds done; global model saved", self.config.num_rounds)
 

@@ -41,7 +41,9 @@ def _torch_namespace(key: str) -> tuple[str, Any, type] | None:
     return None
 
 
-def resolve_component(spec: ComponentSpec, file: Path, custom_dir: Path | None) -> Callable[..., Any]:
+def resolve_component(
+    spec: ComponentSpec, file: Path, custom_dir: Path | None
+) -> Callable[..., Any]:
     """Find the class (or factory) a component names.
 
     ``name`` is looked up among our built-ins for the key, then in ``torch.nn`` (models, losses)
@@ -68,11 +70,13 @@ def resolve_component(spec: ComponentSpec, file: Path, custom_dir: Path | None) 
     candidates = list(builtins)
     namespace = _torch_namespace(spec.key)
     if namespace is not None:
-        ns_name, ns, base = namespace
+        _, ns, base = namespace
         obj = getattr(ns, name, None)
         if isinstance(obj, type) and issubclass(obj, base) and not name.startswith("_"):
             return obj
-        candidates += [n for n in dir(ns) if isinstance(getattr(ns, n), type) and not n.startswith("_")]
+        candidates += [
+            n for n in dir(ns) if isinstance(getattr(ns, n), type) and not n.startswith("_")
+        ]
     hint = difflib.get_close_matches(name, candidates, n=1)
     where = ["our built-ins" + (f" ({', '.join(builtins)})" if builtins else "")]
     if namespace is not None:
@@ -176,7 +180,8 @@ def _import_path(
         raise TrainConfigError(
             file,
             key,
-            f"module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute {attr!r}",
+            f"module {module_name!r} ({getattr(module, '__file__', '?')}) "
+            f"has no attribute {attr!r}",
         )
     if not callable(obj):
         raise TrainConfigError(file, key, f"{path!r} is not a class or factory function")

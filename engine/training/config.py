@@ -101,7 +101,9 @@ def load_train_config(mmar_root: str | Path) -> TrainConfig:
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise TrainConfigError(file, None, "file not found; an MMAR needs config/config_train.json")
+        raise TrainConfigError(
+            file, None, "file not found; an MMAR needs config/config_train.json"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TrainConfigError(file, None, f"cannot be read: {exc}") from exc
     try:
@@ -134,14 +136,18 @@ def parse_train_config(data: object, file: str | Path) -> TrainConfig:
     seed = _int(top, "seed", file, default=0)
     specs = {key: _component(top, key, file) for key in _COMPONENT_KEYS}
 
-    validation = _mapping(top.get("validation", {}), file, "validation", 'an object like {"metric": "accuracy"}')
+    validation = _mapping(
+        top.get("validation", {}), file, "validation", 'an object like {"metric": "accuracy"}'
+    )
     _no_unknown_keys(validation, _VALIDATION_KEYS, file, "validation")
     metric = validation.get("metric", "accuracy")
     if not isinstance(metric, str) or metric not in METRICS:
         raise TrainConfigError(
             file, "validation.metric", f"expected one of {_choices(METRICS)}, got {metric!r}"
         )
-    val_batch = _positive_int(validation, "batch_size", file, default=batch_size, prefix="validation")
+    val_batch = _positive_int(
+        validation, "batch_size", file, default=batch_size, prefix="validation"
+    )
     return TrainConfig(
         file=file,
         epochs=epochs,
@@ -154,18 +160,24 @@ def parse_train_config(data: object, file: str | Path) -> TrainConfig:
 
 
 def _component(top: Mapping[str, Any], key: str, file: Path) -> ComponentSpec:
-    expected = 'an object {"name": "<built-in>", "args": {...}} or {"path": "module.Class", "args": {...}}'
+    expected = (
+        'an object {"name": "<built-in>", "args": {...}} or {"path": "module.Class", "args": {...}}'
+    )
     if key not in top:
         raise TrainConfigError(file, key, f"missing; expected {expected}")
     spec = _mapping(top[key], file, key, expected)
     _no_unknown_keys(spec, _SPEC_KEYS, file, key)
     has_name, has_path = "name" in spec, "path" in spec
     if has_name == has_path:
-        raise TrainConfigError(file, key, f'give exactly one of "name" and "path"; expected {expected}')
+        raise TrainConfigError(
+            file, key, f'give exactly one of "name" and "path"; expected {expected}'
+        )
     which = "name" if has_name else "path"
     value = spec[which]
     if not isinstance(value, str) or not value.strip():
-        raise TrainConfigError(file, f"{key}.{which}", f"expected a non-empty string, got {value!r}")
+        raise TrainConfigError(
+            file, f"{key}.{which}", f"expected a non-empty string, got {value!r}"
+        )
     if which == "path" and ("." not in value or value.startswith(".") or value.endswith(".")):
         raise TrainConfigError(
             file, f"{key}.path", f'expected "module.Class" (a dotted import path), got {value!r}'

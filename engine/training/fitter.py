@@ -79,7 +79,9 @@ def build_fitter(
     if isinstance(steps_aggregation, bool) or not isinstance(steps_aggregation, int):
         raise ValueError(f"steps_aggregation must be an integer, got {steps_aggregation!r}")
     if steps_aggregation < 0:
-        raise ValueError(f"steps_aggregation must be >= 0 (0 means epochs), got {steps_aggregation}")
+        raise ValueError(
+            f"steps_aggregation must be >= 0 (0 means epochs), got {steps_aggregation}"
+        )
     torch_device = _pick_device(device)
 
     root = Path(mmar_root).resolve()
@@ -541,13 +543,16 @@ def _check_dataset(data: Any, spec: ComponentSpec, file: Path) -> Any:
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch's RNGs for a block and restore the caller's RNG state afterwards."""
-    cuda = device.type == "cuda"
-    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
-    with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+    if device.type != "cuda":
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[index], device_type="cuda"):
         torch.random.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(seed)
         yield
 
 

@@ -1,0 +1,482 @@
+"""Communicator: every call a site makes to the FL server, with retries, backoff and clear reasons."""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.struct_pb2 import Struct
+
+from engine import serde
+from engine.client.fl_context import FLContext
+from engine.config import ServerEndpoint
+from engine.events import ConnectionChanged, EventBus, ModelTransferred
+from engine.rpc import TOKEN_HEADER, FederatedStub
+from protos import federated_pb2 as pb
+
+__all__ = ["Communicator", "FLCommunicationError", "RemoteModel"]
+
+log = logging.getLogger("engine.client.communicator")
+
+T = TypeVar("T")
+
+# Codes worth another try: the network or the server may come back.
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
+_TLS_WORDS = ("ssl", "tls", "handshake", "certificate", "x509")
+_BACKOFF_BASE = 0.25
+_BACKOFF_CAP = 5.0
+_NO_TOKEN_POLL = 0.2
+
+
+class FLCommunicationError(RuntimeError):
+    """A call to the server failed for good.
+
+    Attributes:
+        action: what was attempted ("GetModel", ...).
+        code: the gRPC status code, or None.
+        reason: the reason in words, for the operator.
+        token_expired: the server no longer knows this site's token (register again).
+    """
+
+    def __init__(self, action: str, code: grpc.StatusCode | None, reason: str) -> None:
+        self.action, self.code, self.reason = action, code, reason
+        self.token_expired = code == grpc.StatusCode.UNAUTHENTICATED and "Unknown client" in reason
+        name = code.name if code is not None else "ERROR"
+        super().__init__(f"{action} failed ({name}): {reason}")
+
+
+@dataclass
+class RemoteModel:
+    """A model received from the server: its meta, owner and tensors."""
+
+    meta: pb.ModelMetaData
+    params: dict[str, np.ndarray]
+    owner: str = "server"
+    meta_data: dict[str, Any] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(v.nbytes) for v in self.params.values())
+
+
+class _Wait(Exception):
+    """The server has no work for us yet; poll again without spending the retry budget."""
+
+
+class Communicator:
+    """Talks to the FL server over gRPC.
+
+    Args:
+        model_manager: the site's ClientModelManager (for the lineage's signature; optional).
+        ssl_args: ``{"ssl_root_cert", "ssl_cert", "ssl_private_key"}`` file paths, for TLS.
+        secure_train: use TLS (mutual, with ``ssl_args``).
+        retry_timeout: seconds within which transient failures are retried.
+        pre_processors: processors applied to contributions before upload.
+        post_processors: processors applied to models after download.
+        client_state_processors: processors that add metadata to every ClientState.
+        compression: "Gzip", "Deflate" or None.
+        bus: where connection and transfer events go.
+        site: this site's name (for events).
+        stop: when set, waiting and retrying end at once (abort).
+    """
+
+    def __init__(
+        self,
+        model_manager: Any = None,
+        ssl_args: Mapping[str, Any] | None = None,
+        secure_train: bool = False,
+        retry_timeout: float = 30,
+        pre_processors: list[Any] | None = None,
+        post_processors: list[Any] | None = None,
+        client_state_processors: list[Any] | None = None,
+        compression: str | None = None,
+        *,
+        bus: EventBus | None = None,
+        site: str = "",
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.model_manager = model_manager
+        self.ssl_args = dict(ssl_args or {})
+        self.secure_train = secure_train
+        self.retry_timeout = float(retry_timeout)
+        self.pre_processors = list(pre_processors or [])
+        self.post_processors = list(post_processors or [])
+        self.client_state_processors = list(client_state_processors or [])
+        self.compression = compression
+        self.bus = bus or EventBus()
+        self.site = site
+        self.stop = stop or threading.Event()
+        self.heartbeat_done = False
+        self.should_stop = False
+        self._channels: dict[str, tuple[grpc.Channel, FederatedStub]] = {}
+        self._lock = threading.Lock()
+        self._connected: bool | None = None
+
+    # ------------------------------------------------------------------ channel
+
+    def set_up_channel(self, channel_dict: Mapping[str, Any], token: str | None = None) -> grpc.Channel:
+        """Connects to the server (one channel per target, reused).
+
+        Args:
+            channel_dict: ``{"target": "host:port", "options": [[name, value], ...]}``.
+            token: unused; the token travels in every call's metadata.
+
+        Returns:
+            the channel.
+        """
+        return self._stub_for(channel_dict)[0]
+
+    def _stub_for(self, channel_dict: Mapping[str, Any]) -> tuple[grpc.Channel, FederatedStub]:
+        target = str(channel_dict["target"])
+        with self._lock:
+            if target not in self._channels:
+                options = [
+                    ("grpc.max_receive_message_length", 8 << 20),
+                    ("grpc.max_send_message_length", 8 << 20),
+                    *[tuple(o) for o in channel_dict.get("options", [])],
+                ]
+                compression = getattr(grpc.Compression, self.compression or "NoCompression")
+                if self.secure_train:
+                    creds = grpc.ssl_channel_credentials(
+                        root_certificates=_read(self.ssl_args.get("ssl_root_cert")),
+                        private_key=_read(self.ssl_args.get("ssl_private_key")),
+                        certificate_chain=_read(self.ssl_args.get("ssl_cert")),
+                    )
+                    channel = grpc.secure_channel(target, creds, options, compression)
+                else:
+                    channel = grpc.insecure_channel(target, options, compression)
+                self._channels[target] = (channel, FederatedStub(channel))
+            return self._channels[target]
+
+    def _stub(self, servers: Mapping[str, ServerEndpoint], task_name: str) -> FederatedStub:
+        endpoint = servers[task_name]
+        return self._stub_for({"target": endpoint.target, "options": endpoint.options})[1]
+
+    def close(self) -> None:
+        """Closes every channel."""
+        with self._lock:
+            for channel, _ in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+    # ------------------------------------------------------------------ errors and retries
+
+    def grpc_error_handler(
+        self,
+        service: str,
+        grpc_error: grpc.RpcError,
+        action: str,
+        start_time: float,
+        retry: int,
+        verbose: bool = False,
+    ) -> float:
+        """Decides what a failed call leads to.
+
+        Args:
+            service: the server's target.
+            grpc_error: the error.
+            action: the call ("GetModel").
+            start_time: monotonic time of the first attempt.
+            retry: attempts made so far.
+            verbose: log every failure, not only the first.
+
+        Returns:
+            seconds to sleep before the next attempt.
+
+        Raises:
+            _Wait: the server has nothing for us yet (no retry budget spent).
+            FLCommunicationError: not worth retrying, or the retry budget is spent.
+        """
+        code = grpc_error.code() if hasattr(grpc_error, "code") else None
+        details = (grpc_error.details() if hasattr(grpc_error, "details") else "") or str(code)
+        self.should_stop = False
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("No token"):
+            raise _Wait()
+        tls = any(w in details.lower() for w in _TLS_WORDS)
+        if code not in _RETRYABLE or tls:
+            reason = f"TLS failure talking to {service}: {details}" if tls else details
+            self._set_connected(False, service, "failed", reason)
+            raise FLCommunicationError(action, code, reason)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self.should_stop = True
+        elapsed = time.monotonic() - start_time
+        delay = min(_BACKOFF_CAP, _BACKOFF_BASE * (2**retry)) * random.uniform(0.5, 1.0)
+        if elapsed + delay > self.retry_timeout:
+            reason = (
+                f"gave up after {retry + 1} attempts in {elapsed:.1f} s "
+                f"(retry_timeout {self.retry_timeout:g} s): {details}"
+            )
+            self._set_connected(False, service, "failed", reason)
+            raise FLCommunicationError(action, code, reason)
+        if verbose or retry == 0:
+            log.warning("%s to %s failed (%s: %s); retrying", action, service, code, details)
+        self._set_connected(False, service, "retrying", f"{action}: {details}")
+        return delay
+
+    def _call(self, servers: Mapping[str, ServerEndpoint], task_name: str, action: str, fn: Callable[[], T]) -> T:
+        service = servers[task_name].target
+        start = time.monotonic()
+        retry = 0
+        while True:
+            if self.stop.is_set():
+                raise FLCommunicationError(action, None, "aborted")
+            try:
+                result = fn()
+                self._set_connected(True, service, "connected")
+                return result
+            except grpc.RpcError as exc:
+                try:
+                    delay = self.grpc_error_handler(service, exc, action, start, retry)
+                except _Wait:
+                    self._set_connected(True, service, "connected")
+                    start, retry = time.monotonic(), 0
+                    delay = _NO_TOKEN_POLL
+                else:
+                    retry += 1
+                if self.stop.wait(delay):
+                    raise FLCommunicationError(action, None, "aborted") from None
+
+    def _set_connected(self, ok: bool, service: str, state: str, detail: str = "") -> None:
+        if ok and self._connected:
+            return
+        self._connected = ok
+        self.bus.publish(ConnectionChanged(site=self.site, state=state, server=service, detail=detail))
+
+    def _metadata(self, token: str | None) -> tuple[tuple[str, str], ...]:
+        return ((TOKEN_HEADER, token),) if token else ()
+
+    # ------------------------------------------------------------------ messages
+
+    def client_registration(self, uid: str, servers: Mapping[str, ServerEndpoint], task_name: str) -> str:
+        """Registers this site; returns its token.
+
+        Raises:
+            FLCommunicationError: refused (wrong task, too many sites, ...) or unreachable.
+        """
+        try:
+            ip = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            ip = ""
+        login = pb.ClientLogin(client_name=uid, client_ip=ip, meta=pb.ModelMetaData(task=task_name))
+        stub = self._stub(servers, task_name)
+        self.bus.publish(
+            ConnectionChanged(site=self.site, state="connecting", server=servers[task_name].target)
+        )
+        reply = self._call(servers, task_name, "Register", lambda: stub.Register(login))
+        self.bus.publish(
+            ConnectionChanged(
+                site=self.site, state="registered", server=servers[task_name].target, detail=reply.comment
+            )
+        )
+        return reply.token
+
+    def get_client_state(self, task_name: str, token: str, app_ctx: Mapping[str, Any] | None = None) -> pb.ClientState:
+        """This site's ClientState for a call (task, round, token, processor metadata)."""
+        ctx = app_ctx or {}
+        state = pb.ClientState(
+            client_name=self.site,
+            token=token,
+            meta=pb.ModelMetaData(task=task_name, current_round=int(ctx.get("current_round", 0))),
+        )
+        for processor in self.client_state_processors:
+            processor.process(state, ctx)
+        return state
+
+    def getModel(
+        self,
+        servers: Mapping[str, ServerEndpoint],
+        task_name: str,
+        token: str,
+        app_ctx: Mapping[str, Any] | None = None,
+    ) -> RemoteModel:
+        """The current global model (waits while the server has none for this site).
+
+        Returns:
+            the model, already through the post-processors.
+        """
+        stub = self._stub(servers, task_name)
+        state = self.get_client_state(task_name, token, app_ctx)
+
+        def fetch() -> tuple[Any, dict[str, np.ndarray], float]:
+            t0 = time.perf_counter()
+            frames = stub.GetModel(state, metadata=self._metadata(token))
+            try:
+                header, params = serde.decode_model_stream(frames, pb.CurrentModel)
+            except serde.SerdeError as exc:
+                frames.cancel()
+                raise FLCommunicationError("GetModel", None, f"model stream refused: {exc}") from exc
+            return header, params, time.perf_counter() - t0
+
+        header, params, seconds = self._call(servers, task_name, "GetModel", fetch)
+        model = RemoteModel(meta=header.meta, params=params, owner=header.owner or "server")
+        self.bus.publish(
+            ModelTransferred(
+                site=self.site,
+                direction="download",
+                round=int(header.meta.current_round),
+                nbytes=model.nbytes,
+                seconds=seconds,
+                what="global model",
+            )
+        )
+        return model
+
+    def submitUpdate(
+        self,
+        servers: Mapping[str, ServerEndpoint],
+        task_name: str,
+        token: str,
+        fl_ctx: FLContext,
+        app_ctx: Mapping[str, Any],
+        uid: str,
+    ) -> pb.FederatedSummary:
+        """Uploads this round's contribution (``fl_ctx`` holds "contribution" and "model_data").
+
+        A retried upload carries the same contribution id, so the server counts it once.
+        """
+        header: pb.Contribution = fl_ctx.get_prop("contribution")
+        params: dict[str, np.ndarray] = fl_ctx.get_prop("model_data")
+        if not header.contribution_id:
+            header.contribution_id = f"{uid}-{uuid.uuid4()}"
+        return self._upload(servers, task_name, token, "SubmitUpdate", header, params)
+
+    def _upload(
+        self,
+        servers: Mapping[str, ServerEndpoint],
+        task_name: str,
+        token: str,
+        action: str,
+        header: pb.Contribution,
+        params: Mapping[str, np.ndarray],
+    ) -> pb.FederatedSummary:
+        stub = self._stub(servers, task_name)
+        method = getattr(stub, action)
+        seconds = 0.0
+
+        def send() -> pb.FederatedSummary:
+            nonlocal seconds
+            t0 = time.perf_counter()
+            reply = method(_with_header(header, params), metadata=self._metadata(token))
+            seconds = time.perf_counter() - t0
+            return reply
+
+        reply = self._call(servers, task_name, action, send)
+        self.bus.publish(
+            ModelTransferred(
+                site=self.site,
+                direction="upload",
+                round=int(header.client.meta.current_round),
+                nbytes=serde.model_nbytes(params),
+                seconds=seconds,
+                what="contribution" if action == "SubmitUpdate" else "best local model",
+            )
+        )
+        return reply
+
+    def send_heartbeat(self, servers: Mapping[str, ServerEndpoint], task_name: str, token: str) -> pb.FederatedSummary:
+        """One heartbeat (a single attempt: the heartbeat thread is the retry loop)."""
+        stub = self._stub(servers, task_name)
+        state = self.get_client_state(task_name, token)
+        return stub.Heartbeat(state, metadata=self._metadata(token), timeout=10)
+
+    def quit_remote(self, servers: Mapping[str, ServerEndpoint], task_name: str, token: str) -> str:
+        """Tells the server this site leaves; returns the server's comment."""
+        stub = self._stub(servers, task_name)
+        state = self.get_client_state(task_name, token)
+        reply = self._call(servers, task_name, "Quit", lambda: stub.Quit(state, metadata=self._metadata(token)))
+        self.bus.publish(
+            ConnectionChanged(site=self.site, state="disconnected", server=servers[task_name].target, detail="quit")
+        )
+        return reply.comment
+
+    def submit_best_local_model(
+        self,
+        uid: str,
+        servers: Mapping[str, ServerEndpoint],
+        task_name: str,
+        token: str,
+        disable: bool = False,
+        params: Mapping[str, np.ndarray] | None = None,
+    ) -> str:
+        """Sends this site's best local model for cross-site validation (empty when ``disable``)."""
+        header = pb.Contribution(
+            client=self.get_client_state(task_name, token), type="weights", n_iter=1,
+            contribution_id=f"{uid}-best-{uuid.uuid4()}",
+        )
+        reply = self._upload(
+            servers, task_name, token, "SubmitBestLocalModel", header, {} if disable else dict(params or {})
+        )
+        return reply.comment
+
+    def get_validation_models(
+        self, uid: str, servers: Mapping[str, ServerEndpoint], task_name: str, token: str
+    ) -> tuple[list[RemoteModel], bool]:
+        """Models of other sites (and the server) to validate, and whether more will come."""
+        stub = self._stub(servers, task_name)
+        state = self.get_client_state(task_name, token)
+
+        def fetch() -> tuple[list[RemoteModel], bool]:
+            models: list[RemoteModel] = []
+            more = False
+            frames = stub.GetValidationModels(state, metadata=self._metadata(token))
+            for item in serde.decode_model_streams(frames, pb.CurrentModel):
+                if isinstance(item, bool):
+                    more = item
+                else:
+                    header, params = item
+                    models.append(RemoteModel(meta=header.meta, params=params, owner=header.owner))
+            return models, more
+
+        return self._call(servers, task_name, "GetValidationModels", fetch)
+
+    def submit_cross_site_validation_results(
+        self,
+        uid: str,
+        servers: Mapping[str, ServerEndpoint],
+        task_name: str,
+        token: str,
+        client_names: list[str],
+        client_metrics: list[Mapping[str, float]],
+    ) -> str:
+        """Sends the metrics of validating each owner's model on this site's data."""
+        results = []
+        for owner, metrics in zip(client_names, client_metrics):
+            s = Struct()
+            s.update({k: float(v) for k, v in metrics.items()})
+            results.append(pb.ValidationResult(model_owner=owner, metrics=s))
+        request = pb.CrossValidationResults(client=self.get_client_state(task_name, token), results=results)
+        stub = self._stub(servers, task_name)
+        reply = self._call(
+            servers,
+            task_name,
+            "SubmitCrossSiteValidationResults",
+            lambda: stub.SubmitCrossSiteValidationResults(request, metadata=self._metadata(token)),
+        )
+        return reply.comment
+
+
+def _with_header(header: pb.Contribution, params: Mapping[str, np.ndarray]) -> Iterator[bytes]:
+    # A fresh generator per attempt: a retry re-sends the whole stream, same contribution id.
+    yield from serde.encode_model_stream(header, params)
+
+
+def _read(path: Any) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()

@@ -1,0 +1,155 @@
+"""FederatedClient: runs the rounds of a federation with a fitter, from first pull to Quit."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from typing import Any
+
+from engine.client.communicator import FLCommunicationError
+from engine.client.fed_client_base import FederatedClientBase
+from engine.client.status import ClientStatus
+from engine.events import FederationFinished, MetricsReported, RoundCompleted, RoundStarted
+
+__all__ = ["FederatedClient", "TrainingAbortedError"]
+
+log = logging.getLogger("engine.client")
+
+
+class TrainingAbortedError(RuntimeError):
+    """Training was aborted by the operator or the federation."""
+
+
+class FederatedClient(FederatedClientBase):
+    """Federated client-side implementation: pull → train → Δ → privacy → push, each round."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.final_metrics: dict[str, float] = {}
+        self.outcome = ""
+        self._reported_round = 0
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ one round
+
+    def federated_step(self, fitter: Any) -> bool:
+        """Runs one federated step: pull, (validate,) train, push.
+
+        Returns:
+            False once the federation has finished (the final model was received and validated).
+        """
+        self.phase("pulling model")
+        self.pull_models()
+        self._report_global_model(fitter)
+        if self.train_end:
+            return False
+        self._check_abort()
+        rnd = self.current_round + 1
+        self.bus.publish(RoundStarted(site=self.client_name, round=rnd, num_rounds=self.num_rounds))
+        self.phase("training")
+        n_iter = self.model_manager.train()
+        metrics = self.model_manager.validate_model(None, None)
+        self.bus.publish(MetricsReported(site=self.client_name, round=rnd, scope="local", metrics=metrics))
+        self._check_abort()
+        if self.model_manager.privacy is not None:
+            self.phase("privacy")
+        self.phase("submitting")
+        self.push_models()
+        log.info("%s: round %d contribution sent (n_iter=%d)", self.client_name, rnd, n_iter)
+        self.phase("waiting for the others")
+        return True
+
+    def _report_global_model(self, fitter: Any) -> None:
+        # A model of server round r >= 1 is the aggregate of round r (1-based): measure it once.
+        r = self.current_round
+        if r < 1 or r <= self._reported_round:
+            return
+        self.phase("validating global model")
+        metrics = self.model_manager.validate_model(None, None)
+        self._reported_round = r
+        self.final_metrics = metrics
+        self.bus.publish(
+            RoundCompleted(site=self.client_name, round=r, num_rounds=self.num_rounds, metrics=metrics)
+        )
+
+    def _check_abort(self) -> None:
+        if self.stop_event.is_set():
+            raise TrainingAbortedError("aborted")
+
+    # ------------------------------------------------------------------ whole run
+
+    def run_federated_steps(self, fitter: Any) -> None:
+        """Keeps running federated steps until the federation finishes."""
+        while self.federated_step(fitter):
+            pass
+
+    def admin_run(self, fitter: Any) -> str:
+        """Runs the whole federation for this site and reports how it ended.
+
+        Returns:
+            the outcome: "completed", "aborted" or "failed".
+        """
+        self.model_manager.set_fitter(fitter)
+        self.train_end = False
+        self.set_status(ClientStatus.TRAINING_STARTING)
+        detail = ""
+        try:
+            self.register()
+            self.start_heartbeat()
+            self.set_status(ClientStatus.TRAINING_STARTED)
+            self.run_federated_steps(fitter)
+            if self.cross_site_validate:
+                self.cross_validation(0)
+            self.outcome = "completed"
+            self.set_status(ClientStatus.TRAINING_STOPPED)
+        except Exception as exc:  # every ending is reported, never swallowed
+            aborted = self.stop_event.is_set() or type(exc).__name__ == "TrainingAborted"
+            if aborted:
+                self.outcome, detail = "aborted", "stopped by request"
+                self.set_status(ClientStatus.TRAINING_STOPPED, detail)
+            else:
+                self.outcome = "failed"
+                detail = exc.reason if isinstance(exc, FLCommunicationError) else f"{type(exc).__name__}: {exc}"
+                log.error("%s: training failed: %s", self.client_name, detail)
+                log.debug("%s", traceback.format_exc())
+                self.set_status(ClientStatus.TRAINING_EXCEPTION, detail)
+        finally:
+            self.close()
+        self.bus.publish(
+            FederationFinished(
+                site=self.client_name,
+                outcome=self.outcome,
+                rounds=self._reported_round,
+                metrics=self.final_metrics,
+                detail=detail,
+            )
+        )
+        return self.outcome
+
+    def cross_validation(self, client_local_rank: int) -> None:
+        """Cross-site validation after training (rank 0 only)."""
+        if client_local_rank == 0:
+            self.run_cross_site_validation()
+
+    def run(self, fitter: Any) -> threading.Thread:
+        """Runs the client in a thread; returns it."""
+        self._thread = threading.Thread(
+            target=self.admin_run, args=(fitter,), name=f"fl-client-{self.client_name}", daemon=True
+        )
+        self._thread.start()
+        return self._thread
+
+    def abort(self) -> None:
+        """Stops training at the next step and waiting at once."""
+        self.stop_event.set()
+        fitter = self.model_manager.get_fitter()
+        if fitter is not None:
+            fitter.abort()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Waits for ``run``'s thread; returns True when it has ended."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

@@ -1,0 +1,197 @@
+"""ClientModelManager: the site's side of the model: apply the global, compute Δ, privacy."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from engine.client.communicator import RemoteModel
+from protos import federated_pb2 as pb
+
+__all__ = ["ClientModelManager", "ModelDiffError"]
+
+log = logging.getLogger("engine.client.model_manager")
+
+
+class ModelDiffError(ValueError):
+    """Δ cannot be shared: it holds NaN or Inf, or does not match the global model."""
+
+
+class ClientModelManager:
+    """Client-side model manager, living on the site's machine.
+
+    Args:
+        task_names: the servers' task names this site trains for.
+        exclude_vars: regex; matching variables stay local (never loaded from, nor sent to, the server).
+        privacy: a PrivacyProtocol applied to Δ before it leaves, or None.
+        model_reader_writer: object with ``get_weights()`` / ``set_weights()``; default: the fitter.
+        model_validator: object with ``validate(weights)``; default: the fitter.
+        visualizer: unused hook of the lineage.
+    """
+
+    def __init__(
+        self,
+        task_names: list[str] | None = None,
+        exclude_vars: str | None = None,
+        privacy: Any = None,
+        model_reader_writer: Any = None,
+        model_validator: Any = None,
+        visualizer: Any = None,
+    ) -> None:
+        self.task_names = list(task_names or [])
+        self.exclude_vars = re.compile(exclude_vars) if exclude_vars else None
+        self.privacy = privacy
+        self.model_reader_writer = model_reader_writer
+        self.model_validator = model_validator
+        self.visualizer = visualizer
+        self.fitter: Any = None
+        self._global: dict[str, dict[str, np.ndarray]] = {}
+        self._meta: dict[str, pb.ModelMetaData] = {}
+        self.last_privacy: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ fitter
+
+    def set_fitter(self, fitter: Any) -> None:
+        self.fitter = fitter
+
+    def get_fitter(self) -> Any:
+        return self.fitter
+
+    def _rw(self) -> Any:
+        rw = self.model_reader_writer or self.fitter
+        if rw is None:
+            raise RuntimeError("no fitter or model_reader_writer set")
+        return rw
+
+    def train(self) -> int:
+        """Proxy to the fitter's train(); returns the number of local iterations."""
+        return int(self.fitter.train())
+
+    def num_local_iterations(self) -> int:
+        """Local iterations of the last round (1 when there is no fitter)."""
+        if self.fitter is None:
+            return 1
+        return max(1, int(getattr(self.fitter, "n_iter", 1) or 1))
+
+    # ------------------------------------------------------------------ global model
+
+    def is_excluded(self, name: str) -> bool:
+        return bool(self.exclude_vars and self.exclude_vars.search(name))
+
+    def assign_current_model(self, remote_models: Mapping[str, RemoteModel]) -> bool:
+        """Loads the global model(s) into the local model, leaving excluded variables local.
+
+        Args:
+            remote_models: task name to the model received from that server.
+
+        Returns:
+            True if the local model changed.
+
+        Raises:
+            ValueError: a variable is unknown locally or has another shape; nothing is changed.
+        """
+        changed = False
+        for task_name, remote in remote_models.items():
+            shared = {k: v for k, v in remote.params.items() if not self.is_excluded(k)}
+            local = self._rw().get_weights()
+            for name, value in shared.items():
+                if name not in local:
+                    raise ValueError(f"variable {name!r} of the global model is not in the local model")
+                if tuple(local[name].shape) != tuple(value.shape):
+                    raise ValueError(
+                        f"variable {name!r}: global shape {tuple(value.shape)} differs from local "
+                        f"{tuple(local[name].shape)}"
+                    )
+            self._rw().set_weights(shared)
+            changed = changed or any(
+                not np.array_equal(local[k], v) for k, v in shared.items()
+            )
+            # Keep our own copy as the baseline of Δ: the fitter trains the loaded arrays.
+            self._global[task_name] = {k: np.array(v, copy=True) for k, v in shared.items()}
+            self._meta[task_name] = remote.meta
+        return changed
+
+    def model_meta(self, task_name: str) -> pb.ModelMetaData | None:
+        """Meta of the last global model from ``task_name`` (round, task...)."""
+        return self._meta.get(task_name)
+
+    def model_vars(self, task_name: str) -> list[str]:
+        """Variables shared with ``task_name``'s server (the global model's, minus excluded)."""
+        return list(self._global.get(task_name, {}))
+
+    # ------------------------------------------------------------------ local model
+
+    def get_current_model_data(self, local_model_params: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The local model's weights (or ``local_model_params`` when given)."""
+        if local_model_params is not None:
+            return dict(local_model_params)
+        return self._rw().get_weights()
+
+    def update_current_model(self, local_model_params: Mapping[str, np.ndarray]) -> None:
+        """Writes weights into the local model."""
+        self._rw().set_weights(local_model_params)
+
+    def read_current_model(self, task_name: str, type_str: str = "delta_w") -> dict[str, np.ndarray]:
+        """What to send: Δ = local − global over the shared variables, after privacy.
+
+        Args:
+            task_name: the server.
+            type_str: "delta_w" (the difference) or "weights" (the shared local weights).
+
+        Raises:
+            ModelDiffError: a value is NaN or Inf (it is refused, not shared).
+        """
+        base = self._global.get(task_name)
+        if base is None:
+            raise RuntimeError(f"no global model from {task_name!r} yet")
+        local = self._rw().get_weights()
+        out: dict[str, np.ndarray] = {}
+        for name, g in base.items():
+            value = np.asarray(local[name])
+            if type_str == "delta_w":
+                value = (value - g).astype(g.dtype, copy=False)
+            elif type_str != "weights":
+                raise ValueError(f"type_str must be 'delta_w' or 'weights', got {type_str!r}")
+            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                raise ModelDiffError(
+                    f"variable {name!r}: the local model holds NaN or Inf; the update is not shared"
+                )
+            out[name] = value
+        if type_str == "delta_w" and self.privacy is not None:
+            t0 = time.perf_counter()
+            train_ctx = {"total_steps": self.num_local_iterations()}
+            out = self.privacy.apply(out, train_ctx)
+            shared = sum(int(np.count_nonzero(v)) for v in out.values())
+            self.last_privacy = {
+                "protocol": type(self.privacy).__name__,
+                "shared_values": shared,
+                "total_values": sum(int(np.size(v)) for v in out.values()),
+                "seconds": time.perf_counter() - t0,
+            }
+        return out
+
+    # ------------------------------------------------------------------ validation
+
+    def validate_model(self, cross_site_val_configer: Any, checkpoint: Mapping[str, np.ndarray] | None) -> dict[str, float]:
+        """Metrics of ``checkpoint`` (or the local model) on this site's validation data."""
+        validator = self.model_validator or self.fitter
+        return dict(validator.validate(checkpoint))
+
+    def get_best_model(self) -> dict[str, np.ndarray] | None:
+        """The best local weights seen by validation, over the shared variables."""
+        if self.fitter is None:
+            return None
+        best = self.fitter.best_weights()
+        if best is None:
+            return None
+        return {k: v for k, v in best.items() if not self.is_excluded(k)}
+
+    def close(self) -> None:
+        """Drops the held global models."""
+        self._global.clear()
+        self._meta.clear()

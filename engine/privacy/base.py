@@ -1,0 +1,39 @@
+"""PrivacyProtocol: the hook the client engine calls on Δ before it leaves the site."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from engine.components import build_component
+from engine.config import ComponentSpec
+
+__all__ = ["PRIVACY_PROTOCOLS", "PrivacyProtocol", "build_privacy"]
+
+
+class PrivacyProtocol(ABC):
+    """Turns a model difference into what may be shared."""
+
+    @abstractmethod
+    def apply(self, model_diff: dict[str, Any], train_ctx: Any) -> dict[str, Any]:
+        """Computes the model data to be uploaded to the server.
+
+        Args:
+            model_diff: Δ = local − global, variable name to array.
+            train_ctx: the training context (``total_steps`` is read from it where needed).
+
+        Returns:
+            variable name to array, the same names as ``model_diff``.
+        """
+
+
+# Built-in protocols register here by name (Percentile, SVT, Laplacian come with their issue).
+PRIVACY_PROTOCOLS: dict[str, type[PrivacyProtocol]] = {}
+
+
+def build_privacy(spec: ComponentSpec | None, search_paths: list[Path] | None = None) -> PrivacyProtocol | None:
+    """The protocol an MMAR's ``privacy`` block names; None for ``{}``."""
+    if spec is None:
+        return None
+    return build_component(spec, PRIVACY_PROTOCOLS, "privacy protocol", PrivacyProtocol, search_paths)

@@ -1,0 +1,136 @@
+"""FedAvg over loopback against numpy, duplicates, stale rounds and dead sites."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from engine.client import FLCommunicationError
+from engine.fileio import load_npz
+from tests.conftest import direct_client
+
+
+def _model() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "w": rng.standard_normal((4, 3)).astype(np.float32),
+        "b": rng.standard_normal(3).astype(np.float64),
+        "steps": np.array(10, dtype=np.int64),
+    }
+
+
+def test_fedavg_matches_numpy_weighted_by_n_iter_and_site_weights(start_server):
+    init = _model()
+    server = start_server(
+        init, min_num_clients=3, num_rounds=2, aggregation_weights={"site-c": 0.5}
+    )
+    clients = [direct_client(server, n) for n in ("site-a", "site-b", "site-c")]
+    rng = np.random.default_rng(1)
+    deltas = [
+        {k: rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else np.array(2 * i, np.int64)
+         for k, v in init.items()}
+        for i in range(3)
+    ]
+    n_iters = [10, 30, 20]
+    for c in clients:
+        got = c.pull_models_from_server()
+        assert all(np.array_equal(got[k], init[k]) for k in init)
+    for c, d, n in zip(clients, deltas, n_iters):
+        c.push_models_to_server(d, {"n_iter": n})
+    assert server.current_round == 1
+    weights = np.array([10 * 1.0, 30 * 1.0, 20 * 0.5])
+    for name, value in init.items():
+        expect = value + sum(w * d[name] for w, d in zip(weights, deltas)) / weights.sum()
+        if value.dtype.kind == "i":
+            expect = np.rint(expect).astype(value.dtype)
+        np.testing.assert_allclose(server.global_model[name], expect, rtol=1e-6, atol=1e-6)
+        assert server.global_model[name].dtype == value.dtype
+    # the saved global model is the new one
+    saved = load_npz(server.workspace / "models" / "global_model.npz")
+    np.testing.assert_array_equal(saved["w"], server.global_model["w"])
+    # each client gets the round-1 model next
+    got = clients[0].pull_models_from_server()
+    np.testing.assert_array_equal(got["w"], server.global_model["w"])
+    assert clients[0].last_model.meta.current_round == 1
+
+
+def test_replayed_contribution_is_counted_once(start_server):
+    init = {"w": np.zeros(5, np.float32)}
+    server = start_server(init, min_num_clients=2, num_rounds=1)
+    a, b = direct_client(server, "site-a"), direct_client(server, "site-b")
+    a.pull_models_from_server(), b.pull_models_from_server()
+    d = {"w": np.ones(5, np.float32)}
+    assert "Received" in a.push_models_to_server(d, {"contribution_id": "a-1"})
+    # the same upload again (a retry after a lost reply): accepted, not counted
+    assert "duplicate" in a.push_models_to_server(d, {"contribution_id": "a-1"})
+    assert server.current_round == 0
+    # another contribution from the same site in the same round is refused
+    with pytest.raises(FLCommunicationError, match="already contributed"):
+        a.push_models_to_server(d, {"contribution_id": "a-2"})
+    b.push_models_to_server({"w": np.full(5, 3, np.float32)}, {"contribution_id": "b-1"})
+    assert server.finished
+    np.testing.assert_allclose(server.global_model["w"], 2.0)  # (1 + 3) / 2, a counted once
+
+
+def test_contribution_for_another_round_is_refused(start_server):
+    server = start_server({"w": np.zeros(2, np.float32)}, min_num_clients=1, num_rounds=3)
+    a = direct_client(server, "site-a")
+    a.pull_models_from_server()
+    with pytest.raises(FLCommunicationError, match="Contrib: round 5"):
+        a.push_models_to_server({"w": np.ones(2, np.float32)}, {"round": 5})
+    assert server.current_round == 0
+
+
+def test_wrong_shape_or_unknown_variable_is_refused_by_name(start_server):
+    server = start_server({"w": np.zeros(2, np.float32)}, min_num_clients=1, num_rounds=3)
+    a = direct_client(server, "site-a")
+    a.pull_models_from_server()
+    with pytest.raises(FLCommunicationError, match=r"'w'.*shape \(3,\)"):
+        a.push_models_to_server({"w": np.ones(3, np.float32)})
+    with pytest.raises(FLCommunicationError, match="'extra'"):
+        a.push_models_to_server({"extra": np.ones(2, np.float32)})
+    np.testing.assert_array_equal(server.global_model["w"], 0)
+    assert server.current_round == 0
+
+
+def test_site_that_stops_heartbeating_is_dropped_and_round_goes_on(start_server):
+    server = start_server(
+        {"w": np.zeros(2, np.float32)}, min_num_clients=1, num_rounds=2,
+        heart_beat_timeout=0.6, wait_after_min_clients=60,
+    )
+    alive = direct_client(server, "site-alive", client_args={"heartbeat_interval": 0.1})
+    alive.start_heartbeat()
+    silent = direct_client(server, "site-silent")
+    alive.pull_models_from_server()
+    silent.pull_models_from_server()
+    alive.push_models_to_server({"w": np.ones(2, np.float32)})
+    # the round waits for site-silent (wait_after_min_clients is long) until it is dropped
+    assert server.current_round == 0
+    deadline = time.monotonic() + 5
+    while server.current_round == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "site-silent" in server.dropped
+    assert "site-silent" not in server.sites and "site-alive" in server.sites
+    assert server.current_round == 1
+    assert server.history[0]["missing"] == ["site-silent"]
+    alive.stop_heartbeat()
+
+
+def test_unknown_task_and_token_are_refused(start_server):
+    server = start_server({"w": np.zeros(2, np.float32)})
+    from engine.client import DirectFederatedClient
+    from engine.config import ServerEndpoint
+
+    wrong = DirectFederatedClient(
+        "site-x", {}, False, [ServerEndpoint(name="other_task", target=f"127.0.0.1:{server.port}")],
+        retry_timeout=2,
+    )
+    with pytest.raises(FLCommunicationError, match="does not match"):
+        wrong.connect_to_server({"heart_beat": False})
+    a = direct_client(server, "site-a")
+    a.token = "not-a-token"
+    # the server forgets unknown tokens; the client registers again once and goes on
+    a.pull_models_from_server()
+    assert a.token != "not-a-token"
