@@ -135,7 +135,7 @@ class ProgressUpdated(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class MetricsReported(Event):
-    """Metrics of a local epoch (scope "local") or of a validation (scope "global")."""
+    """Metrics of a training epoch (scope "train") or of validating the local model ("local model")."""
 
     round: int
     scope: str
@@ -143,7 +143,7 @@ class MetricsReported(Event):
     epoch: int = 0
 
     def summary(self) -> str:
-        where = f"epoch {self.epoch}" if self.scope == "local" else self.scope
+        where = f"epoch {self.epoch}" if self.scope == "train" else self.scope
         return f"round {self.round} {where} metrics: {_fmt_metrics(self.metrics)}"
 
 
@@ -164,7 +164,7 @@ class ModelTransferred(Event):
     def summary(self) -> str:
         return (
             f"{self.what} {self.direction}ed: {self.nbytes / 1e6:.2f} MB in {self.seconds:.2f} s "
-            f"({self.mb_per_s:.0f} MB/s), round {self.round}"
+            f"({self.mb_per_s:.0f} MB/s)" + (f", round {self.round}" if self.round else "")
         )
 
 

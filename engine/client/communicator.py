@@ -313,14 +313,14 @@ class Communicator:
         state = self.get_client_state(task_name, token, app_ctx)
 
         def fetch() -> tuple[Any, dict[str, np.ndarray], float]:
-            t0 = time.perf_counter()
             frames = stub.GetModel(state, metadata=self._metadata(token))
+            timed = _Timed(frames)
             try:
-                header, params = serde.decode_model_stream(frames, pb.CurrentModel)
+                header, params = serde.decode_model_stream(timed, pb.CurrentModel)
             except serde.SerdeError as exc:
                 frames.cancel()
                 raise FLCommunicationError("GetModel", None, f"model stream refused: {exc}") from exc
-            return header, params, time.perf_counter() - t0
+            return header, params, timed.seconds
 
         header, params, seconds = self._call(servers, task_name, "GetModel", fetch)
         model = RemoteModel(meta=header.meta, params=params, owner=header.owner or "server")
@@ -328,7 +328,7 @@ class Communicator:
             ModelTransferred(
                 site=self.site,
                 direction="download",
-                round=int(header.meta.current_round),
+                round=int(header.meta.current_round) + (0 if header.meta.finished else 1),
                 nbytes=model.nbytes,
                 seconds=seconds,
                 what="global model",
@@ -380,7 +380,7 @@ class Communicator:
             ModelTransferred(
                 site=self.site,
                 direction="upload",
-                round=int(header.client.meta.current_round),
+                round=int(header.client.meta.current_round) + 1 if action == "SubmitUpdate" else 0,
                 nbytes=serde.model_nbytes(params),
                 seconds=seconds,
                 what="contribution" if action == "SubmitUpdate" else "best local model",
@@ -468,6 +468,26 @@ class Communicator:
             lambda: stub.SubmitCrossSiteValidationResults(request, metadata=self._metadata(token)),
         )
         return reply.comment
+
+
+class _Timed:
+    """Wraps a frame iterator; ``seconds`` runs from the first frame (not from a long-poll wait)."""
+
+    def __init__(self, frames: Iterator[bytes]) -> None:
+        self._frames = frames
+        self._t0: float | None = None
+        self._t1 = 0.0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for frame in self._frames:
+            if self._t0 is None:
+                self._t0 = time.perf_counter()
+            yield frame
+            self._t1 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self._t1 - self._t0 if self._t0 is not None else 0.0
 
 
 def _with_header(header: pb.Contribution, params: Mapping[str, np.ndarray]) -> Iterator[bytes]:

@@ -50,7 +50,9 @@ class FederatedClient(FederatedClientBase):
         self.phase("training")
         n_iter = self.model_manager.train()
         metrics = self.model_manager.validate_model(None, None)
-        self.bus.publish(MetricsReported(site=self.client_name, round=rnd, scope="local", metrics=metrics))
+        self.bus.publish(
+            MetricsReported(site=self.client_name, round=rnd, scope="local model", metrics=metrics)
+        )
         self._check_abort()
         if self.model_manager.privacy is not None:
             self.phase("privacy")
@@ -65,7 +67,7 @@ class FederatedClient(FederatedClientBase):
         r = self.current_round
         if r < 1 or r <= self._reported_round:
             return
-        self.phase("validating global model")
+        self.phase("validating global model", r)
         metrics = self.model_manager.validate_model(None, None)
         self._reported_round = r
         self.final_metrics = metrics

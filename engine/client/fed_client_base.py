@@ -147,8 +147,10 @@ class FederatedClientBase:
             )
         )
 
-    def phase(self, phase: str) -> None:
-        self.bus.publish(PhaseChanged(site=self.client_name, phase=phase, round=self.current_round + 1))
+    def phase(self, phase: str, round: int | None = None) -> None:
+        """Publishes the phase; ``round`` is 1-based (default: the round being trained)."""
+        rnd = self.current_round + 1 if round is None else round
+        self.bus.publish(PhaseChanged(site=self.client_name, phase=phase, round=rnd))
 
     @property
     def task_name(self) -> str:
@@ -318,7 +320,7 @@ class FederatedClientBase:
         timeout = float(self.client_args.get("cross_val_timeout", 600.0))
         poll = float(self.client_args.get("cross_val_poll", 1.0))
         self.set_status(ClientStatus.CROSS_SITE_VALIDATION)
-        self.phase("cross-site validation")
+        self.phase("cross-site validation", 0)
         self.push_best_models()
         deadline = time.monotonic() + timeout
         for task_name in self.servers:

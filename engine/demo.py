@@ -1,0 +1,233 @@
+"""The demo federation: a reference server and N sites on loopback, this process being site-1."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import load_server_config
+from engine.events import Event, EventBus, LogRecord, event_from_dict
+from engine.fileio import load_npz, save_json_atomic, save_npz_atomic
+from engine.site import SiteEngine, SitePaths, attach_workspace_logs
+
+__all__ = ["DemoFederation", "DemoResult", "prepare_workspace"]
+
+log = logging.getLogger("engine.demo")
+
+TASK = "demo_federation"
+
+
+def _site_names(num_sites: int) -> list[str]:
+    return [f"site-{i}" for i in range(1, num_sites + 1)]
+
+
+def prepare_workspace(
+    root: Path,
+    num_sites: int = 3,
+    num_rounds: int = 5,
+    heartbeat_interval: float = 5.0,
+) -> None:
+    """Lays out a demo federation under ``root``: ``server/`` and ``site-1/`` … ``site-N/``.
+
+    Each site gets a startup kit (server port filled in by ``DemoFederation`` once the server
+    listens), the demo MMAR offered in ``transfer/`` and deployed as run 1.
+    """
+    from engine.training import build_fitter, demo_mmar_path
+
+    server_dir = root / "server"
+    config = {
+        "format_version": 1,
+        "servers": [
+            {
+                "name": TASK,
+                "service": {"target": "127.0.0.1:0"},
+                "min_num_clients": num_sites,
+                "max_num_clients": num_sites + 8,
+                "start_round": 0,
+                "num_rounds": num_rounds,
+                "heart_beat_timeout": 60,
+                "wait_after_min_clients": 30,
+            }
+        ],
+        "aggregator": {"name": "ModelAggregator", "args": {"exclude_vars": "dummy"}},
+    }
+    save_json_atomic(server_dir / "config_fed_server.json", config)
+    demo = demo_mmar_path()
+    if not (server_dir / "models" / "initial_model.npz").exists():
+        # The federation starts from the demo model's seeded initialisation.
+        scratch = server_dir / "mmar"
+        if not scratch.exists():
+            shutil.copytree(demo, scratch)
+        fitter = build_fitter(scratch, site_name="server")
+        save_npz_atomic(server_dir / "models" / "initial_model.npz", fitter.get_weights())
+    for name in _site_names(num_sites):
+        paths = SitePaths(root / name)
+        save_json_atomic(
+            paths.kit,
+            {
+                "format_version": 1,
+                "servers": [{"name": TASK, "service": {"target": "127.0.0.1:0", "options": []}}],
+                "client": {
+                    "client_name": name,
+                    "retry_timeout": 30,
+                    "heartbeat_interval": heartbeat_interval,
+                    "secure_train": False,
+                },
+            },
+        )
+        offered = paths.transfer / "demo_mmar"
+        if not offered.exists():
+            shutil.copytree(demo, offered)
+        deployed = paths.mmar(1, name)
+        if not deployed.exists():
+            shutil.copytree(demo, deployed)
+
+
+def _set_port(kit: Path, port: int) -> None:
+    data = json.loads(kit.read_text())
+    for server in data["servers"]:
+        server["service"]["target"] = f"127.0.0.1:{port}"
+    save_json_atomic(kit, data)
+
+
+@dataclass
+class DemoResult:
+    """How the demo ended: per-site outcome and the server's history."""
+
+    outcomes: dict[str, str] = field(default_factory=dict)
+    server_finished: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.server_finished and bool(self.outcomes) and all(
+            o == "completed" for o in self.outcomes.values()
+        )
+
+
+class DemoFederation:
+    """Runs the demo: the server in this process, site-1 in this process, peers as children.
+
+    Args:
+        root: the demo workspace (created and laid out if needed).
+        bus: where every event goes, the peers' included (relayed from their JSON output).
+        num_sites: sites in the federation (site-1 is this one).
+        num_rounds: rounds of FedAvg.
+    """
+
+    def __init__(self, root: Path, bus: EventBus, num_sites: int = 3, num_rounds: int = 5) -> None:
+        if num_sites < 1:
+            raise ValueError(f"the demo needs at least one site, got {num_sites}")
+        self.root = Path(root)
+        self.bus = bus
+        self.num_sites = num_sites
+        self.num_rounds = num_rounds
+        self.peers: dict[str, subprocess.Popen[bytes]] = {}
+        self._relays: list[threading.Thread] = []
+        self.site_engine: SiteEngine | None = None
+
+    def run(self, timeout: float = 900.0) -> DemoResult:
+        """Runs the whole federation; returns when every site has ended."""
+        from engine.server import FederatedServer
+
+        prepare_workspace(self.root, self.num_sites, self.num_rounds)
+        server_dir = self.root / "server"
+        detach_server_logs = attach_workspace_logs(server_dir, self.bus, "server")
+        config = load_server_config(server_dir / "config_fed_server.json")
+        server = FederatedServer(
+            config, server_dir, load_npz(server_dir / "models" / "initial_model.npz"), self.bus
+        )
+        result = DemoResult()
+        try:
+            port = server.start()
+            names = _site_names(self.num_sites)
+            for name in names:
+                _set_port(SitePaths(self.root / name).kit, port)
+            for name in names[1:]:
+                self._start_peer(name)
+            outcome = self._run_site_1()
+            result.outcomes[names[0]] = outcome
+            for name, proc in self.peers.items():
+                try:
+                    code = proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    code = proc.wait()
+                result.outcomes[name] = "completed" if code == 0 else f"failed (exit code {code})"
+            for relay in self._relays:
+                relay.join(timeout=5)
+            result.server_finished = server.finished
+            result.history = list(server.history)
+        finally:
+            self.stop_peers()
+            server.stop(grace=1)
+            detach_server_logs()
+        return result
+
+    def _run_site_1(self) -> str:
+        import torch
+
+        # Three sites share this machine's cores: one thread each avoids oversubscription.
+        torch.set_num_threads(1)
+        root = self.root / "site-1"
+        detach = attach_workspace_logs(root, self.bus, "site-1")
+        try:
+            self.site_engine = SiteEngine(root, self.bus)
+            return self.site_engine.run()
+        finally:
+            detach()
+
+    def _start_peer(self, name: str) -> None:
+        root = self.root / name
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        stderr = (root / "logs" / "stderr.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fltui", "--no-ui", "--json", "--workspace", str(root)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        stderr.close()
+        self.peers[name] = proc
+        relay = threading.Thread(target=self._relay, args=(name, proc), name=f"relay-{name}", daemon=True)
+        relay.start()
+        self._relays.append(relay)
+
+    def _relay(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        """Re-publishes a peer's JSON event lines on our bus."""
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line:
+                continue
+            try:
+                event: Event = event_from_dict(json.loads(line))
+            except (ValueError, TypeError):
+                event = LogRecord(site=name, level="INFO", logger="stdout", message=line)
+            self.bus.publish(event)
+
+    def abort(self) -> None:
+        """Stops site-1 and the peers."""
+        if self.site_engine is not None:
+            self.site_engine.abort()
+        self.stop_peers()
+
+    def stop_peers(self) -> None:
+        for proc in self.peers.values():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()

@@ -1,0 +1,247 @@
+"""A site's engine in one process: startup kit + deployed MMAR → fitter + FederatedClient, logged."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from engine.client.data_processors import build_processors
+from engine.client.fed_client import FederatedClient
+from engine.config import (
+    ClientKitConfig,
+    ConfigError,
+    MMARClientConfig,
+    load_client_kit,
+    load_mmar_client_config,
+)
+from engine.events import Event, EventBus, EventLogHandler, MetricsReported, ProgressUpdated
+from engine.privacy import build_privacy
+
+__all__ = ["SiteEngine", "SitePaths", "attach_workspace_logs", "find_deployed_mmar"]
+
+log = logging.getLogger("engine.site")
+
+PROGRESS_PERIOD = 0.5  # seconds between two ProgressUpdated events of a site
+
+
+@dataclass(frozen=True)
+class SitePaths:
+    """Where a site workspace keeps things (DESIGN §5)."""
+
+    root: Path
+
+    @property
+    def startup(self) -> Path:
+        return self.root / "startup"
+
+    @property
+    def kit(self) -> Path:
+        return self.startup / "fed_client.json"
+
+    @property
+    def transfer(self) -> Path:
+        return self.root / "transfer"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def mmar(self, run_number: int, site: str) -> Path:
+        return self.root / f"run_{run_number}" / f"mmar_{site}"
+
+
+def find_deployed_mmar(workspace: Path, site: str, run_number: int | None = None) -> tuple[int, Path]:
+    """The deployed MMAR to train: ``run_<N>/mmar_<site>``, the highest N unless one is given.
+
+    Raises:
+        ConfigError: there is no deployed MMAR (deploy one first).
+    """
+    paths = SitePaths(workspace)
+    if run_number is not None:
+        mmar = paths.mmar(run_number, site)
+        if not (mmar / "config").is_dir():
+            raise ConfigError(mmar, "", f"run {run_number} has no deployed MMAR for {site} (deploy first)")
+        return run_number, mmar
+    runs = sorted(
+        (int(m.group(1)), p)
+        for p in workspace.glob("run_*")
+        if (m := re.fullmatch(r"run_(\d+)", p.name)) and (p / f"mmar_{site}" / "config").is_dir()
+    )
+    if not runs:
+        raise ConfigError(
+            workspace, "", f"no deployed MMAR (expected run_<N>/mmar_{site}/config/); deploy one first"
+        )
+    number, run_dir = runs[-1]
+    return number, run_dir / f"mmar_{site}"
+
+
+class _JsonlWriter:
+    """Appends every event as one JSON line to a file (``logs/events.jsonl``)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = path.open("a", encoding="utf-8", buffering=1)
+        self._lock = threading.Lock()
+
+    def __call__(self, event: Event) -> None:
+        line = json.dumps(event.to_dict(), default=str)
+        with self._lock:
+            if not self._file.closed:
+                self._file.write(line + "\n")
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+class _NotServer(logging.Filter):
+    # A site's handlers sit on "engine"; the embedded server's records have their own files.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("engine.server")
+
+
+def attach_workspace_logs(root: Path, bus: EventBus, site: str) -> Any:
+    """Writes ``logs/fltui.log`` (human) and ``logs/events.jsonl`` (events) under ``root``.
+
+    For site "server" the records of ``engine.server`` and the events of the server are kept;
+    for a site, every other engine record and the site's own events. Engine log records also
+    become LogRecord events on ``bus``.
+
+    Returns:
+        a function that detaches and closes everything.
+    """
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(logs / "fltui.log", encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    event_handler = EventLogHandler(bus, site)
+    logger = logging.getLogger("engine.server" if site == "server" else "engine")
+    logging.getLogger("engine").setLevel(logging.INFO)
+    for handler in (file_handler, event_handler):
+        if site != "server":
+            handler.addFilter(_NotServer())
+        logger.addHandler(handler)
+    writer = _JsonlWriter(logs / "events.jsonl")
+
+    def mine(event: Event) -> None:
+        if event.site == site:
+            writer(event)
+
+    unsubscribe = bus.subscribe(mine)
+
+    def detach() -> None:
+        logger.removeHandler(file_handler)
+        logger.removeHandler(event_handler)
+        file_handler.close()
+        unsubscribe()
+        writer.close()
+
+    return detach
+
+
+class SiteEngine:
+    """Runs this site's part of a federation from its workspace.
+
+    Args:
+        workspace: the site workspace (``startup/fed_client.json``, ``run_<N>/mmar_<site>``).
+        bus: where every event goes.
+        run_number: the deployed run to train (default: the highest).
+    """
+
+    def __init__(self, workspace: Path, bus: EventBus, run_number: int | None = None) -> None:
+        self.paths = SitePaths(Path(workspace))
+        self.bus = bus
+        self.kit: ClientKitConfig = load_client_kit(self.paths.kit)
+        self.site = self.kit.client_name
+        self.run_number, self.mmar = find_deployed_mmar(self.paths.root, self.site, run_number)
+        self.mmar_config: MMARClientConfig = load_mmar_client_config(self.mmar)
+        custom = [self.mmar / "custom"]
+        self.privacy = build_privacy(self.mmar_config.privacy, custom)
+        self.pre_processors = build_processors(self.mmar_config.pre_processors, custom)
+        self.post_processors = build_processors(self.mmar_config.post_processors, custom)
+        self.client: FederatedClient | None = None
+        self._last_progress = 0.0
+
+    def _server_args(self) -> list[Any]:
+        # The MMAR names the task; the startup kit says where its server is.
+        task = self.mmar_config.task_name
+        for server in self.kit.servers:
+            if server.name == task:
+                return [server]
+        names = ", ".join(s.name for s in self.kit.servers)
+        raise ConfigError(
+            self.mmar_config.path, "servers[0].name",
+            f"task {task!r} is not served by any server of {self.kit.path} ({names})",
+        )
+
+    def _on_progress(self, step: int, total: int, epoch: int, loss: float) -> None:
+        now = time.monotonic()
+        if step < total and now - self._last_progress < PROGRESS_PERIOD:
+            return
+        self._last_progress = now
+        rnd = (self.client.current_round + 1) if self.client else 0
+        self.bus.publish(
+            ProgressUpdated(site=self.site, round=rnd, step=step, total_steps=total, epoch=epoch, loss=loss)
+        )
+
+    def _on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        rnd = (self.client.current_round + 1) if self.client else 0
+        self.bus.publish(
+            MetricsReported(site=self.site, round=rnd, scope="train", metrics=metrics, epoch=epoch)
+        )
+
+    def build(self) -> FederatedClient:
+        """Builds the fitter and the client (imports torch)."""
+        from engine.training import build_fitter
+
+        cfg = self.mmar_config
+        self.fitter = build_fitter(
+            self.mmar,
+            site_name=self.site,
+            local_epochs=cfg.local_epochs,
+            steps_aggregation=cfg.steps_aggregation,
+            on_progress=self._on_progress,
+            on_epoch_end=self._on_epoch_end,
+        )
+        kit = self.kit
+        self.client = FederatedClient(
+            self.site,
+            {
+                "heartbeat_interval": kit.heartbeat_interval,
+                "ssl_args": {
+                    "ssl_root_cert": kit.ssl_root_cert,
+                    "ssl_cert": kit.ssl_cert,
+                    "ssl_private_key": kit.ssl_private_key,
+                },
+            },
+            kit.secure_train,
+            self._server_args(),
+            exclude_vars=cfg.exclude_vars,
+            privacy=self.privacy,
+            retry_timeout=cfg.retry_timeout if cfg.retry_timeout is not None else kit.retry_timeout,
+            cross_site_validate=cfg.cross_site_validate,
+            pre_processors=self.pre_processors,
+            post_processors=self.post_processors,
+            compression=cfg.compression or kit.compression,
+            bus=self.bus,
+        )
+        return self.client
+
+    def run(self) -> str:
+        """Runs the federation to its end in this thread; returns the outcome."""
+        client = self.client or self.build()
+        log.info(
+            "%s: training %s (run %d) with server %s",
+            self.site, self.mmar.name, self.run_number, client.servers[client.task_name].target,
+        )
+        return client.admin_run(self.fitter)
+
+    def abort(self) -> None:
+        if self.client is not None:
+            self.client.abort()

@@ -1,0 +1,6 @@
+"""fltui: a site operator's terminal app for federated learning."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]

@@ -1,0 +1,195 @@
+"""Command line: ``fltui [--no-ui] [--json] [--workspace DIR]``, ``fltui demo``, ``fltui server``.
+
+Exit codes: 0 the federation finished; 1 it failed or was aborted; 2 bad usage or configuration;
+130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from fltui import __version__
+
+__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
+
+
+def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    parser.add_argument("--no-ui", action="store_true", default=d(False), help="run headless: print events")
+    parser.add_argument("--json", action="store_true", default=d(False), help="with --no-ui: one JSON object per line")
+    parser.add_argument("--workspace", type=Path, default=d(None), metavar="DIR", help="the workspace folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fltui",
+        description="A site operator's terminal app for federated learning.",
+        epilog="Without a command: run this site from its workspace (DIR, $FLTUI_WORKSPACE or .).",
+    )
+    parser.add_argument("--version", action="version", version=f"fltui {__version__}")
+    _common(parser, suppress=False)
+    parser.add_argument("--run", type=int, default=None, metavar="N", help="train deployed run N (default: the latest)")
+    sub = parser.add_subparsers(dest="command")
+    demo = sub.add_parser("demo", help="run a demo federation on this machine (server + 3 sites)")
+    _common(demo, suppress=True)
+    demo.add_argument("--sites", type=int, default=3, help="sites in the federation (default 3)")
+    demo.add_argument("--rounds", type=int, default=5, help="rounds of federated averaging (default 5)")
+    server = sub.add_parser("server", help="run the reference FL server from a server workspace")
+    _common(server, suppress=True)
+    server.add_argument("--mmar", type=Path, default=None, help="build the initial model from this MMAR")
+    return parser
+
+
+def _workspace(args: argparse.Namespace) -> Path:
+    if args.workspace is not None:
+        return Path(args.workspace)
+    env = os.environ.get("FLTUI_WORKSPACE")
+    return Path(env) if env else Path.cwd()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from engine.events import EventBus
+    from fltui.headless import HeadlessPrinter
+
+    bus = EventBus()
+    # Human lines: the events say what happened; info-level log lines would repeat them.
+    printer = HeadlessPrinter(json_lines=args.json, min_log_level="INFO" if args.json else "WARNING")
+    bus.subscribe(printer)
+    if not args.no_ui:
+        printer.say("note: the full-screen console is not built yet; running headless (--no-ui).")
+    logging.getLogger("engine").setLevel(logging.INFO)
+    try:
+        if args.command == "demo":
+            return _run_demo(args, bus, printer)
+        if args.command == "server":
+            return _run_server(args, bus, printer)
+        return _run_site(args, bus, printer)
+    except KeyboardInterrupt:
+        printer.say("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _config_error(printer: object, exc: Exception) -> int:
+    print(f"fltui: {exc}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _on_sigterm(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
+    from engine.config import ConfigError
+    from engine.site import SiteEngine, attach_workspace_logs
+
+    root = _workspace(args)
+    try:
+        engine = SiteEngine(root, bus, args.run)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        return _config_error(printer, exc)
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    detach = attach_workspace_logs(root, bus, engine.site)  # type: ignore[arg-type]
+    stop = threading.Event()
+    _on_sigterm(stop)
+    try:
+        try:
+            engine.build()
+        except ConfigError as exc:
+            return _config_error(printer, exc)
+        outcome = engine.run()
+    except KeyboardInterrupt:
+        engine.abort()
+        return EXIT_INTERRUPTED
+    finally:
+        detach()
+    return EXIT_OK if outcome == "completed" else EXIT_FAILED
+
+
+def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
+    from engine.config import ConfigError
+    from engine.demo import DemoFederation
+
+    if args.workspace is not None:
+        root = Path(args.workspace).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="fltui-demo-"))
+    printer.say(f"demo workspace: {root}")  # type: ignore[attr-defined]
+    if args.sites < 1 or args.rounds < 1:
+        print("fltui: --sites and --rounds must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    demo = DemoFederation(root, bus, num_sites=args.sites, num_rounds=args.rounds)  # type: ignore[arg-type]
+    stop = threading.Event()
+    _on_sigterm(stop)
+    try:
+        result = demo.run()
+    except ConfigError as exc:
+        return _config_error(printer, exc)
+    except KeyboardInterrupt:
+        demo.abort()
+        return EXIT_INTERRUPTED
+    summary = ", ".join(f"{site}: {outcome}" for site, outcome in sorted(result.outcomes.items()))
+    printer.say(f"demo {'finished' if result.ok else 'FAILED'} ({summary}); files under {root}")  # type: ignore[attr-defined]
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _run_server(args: argparse.Namespace, bus: object, printer: object) -> int:
+    from engine.config import ConfigError, load_server_config
+    from engine.fileio import load_npz
+    from engine.server import FederatedServer
+    from engine.site import attach_workspace_logs
+
+    root = _workspace(args)
+    try:
+        candidates = [root / "config_fed_server.json", root / "config" / "config_fed_server.json"]
+        path = next((p for p in candidates if p.exists()), candidates[0])
+        config = load_server_config(path)
+        if args.mmar is not None:
+            from engine.training import build_fitter
+
+            initial = build_fitter(args.mmar, site_name="server").get_weights()
+        else:
+            model_path = root / "models" / "initial_model.npz"
+            if not model_path.exists():
+                raise ConfigError(model_path, "", "no initial model (give --mmar PATH to build one)")
+            initial = load_npz(model_path)
+    except ConfigError as exc:
+        return _config_error(printer, exc)
+    detach = attach_workspace_logs(root, bus, "server")  # type: ignore[arg-type]
+    server = FederatedServer(config, root, initial, bus)  # type: ignore[arg-type]
+    stop = threading.Event()
+    _on_sigterm(stop)
+    try:
+        server.start()
+        printer.say(f"server listening on port {server.port}")  # type: ignore[attr-defined]
+        while not server.wait_finished(timeout=1.0):
+            pass
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        server.stop(grace=2)
+        detach()
