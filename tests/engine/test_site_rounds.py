@@ -1,0 +1,127 @@
+"""Three real sites (fitter + FederatedClient) against the real server over loopback."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engine.config import ServerConfig
+from engine.demo import _set_port, prepare_workspace
+from engine.events import (
+    EventBus,
+    FederationFinished,
+    ModelTransferred,
+    PhaseChanged,
+    RoundCompleted,
+    StatusChanged,
+)
+from engine.fileio import load_npz
+from engine.server import FederatedServer
+from engine.site import SiteEngine, SitePaths
+from tests.conftest import Recorder
+
+SITES = ["site-1", "site-2", "site-3"]
+
+
+def _federation(tmp_path: Path, rounds: int, **client_overrides: Any) -> tuple[FederatedServer, list[SiteEngine], EventBus]:
+    prepare_workspace(tmp_path, num_sites=3, num_rounds=rounds, heartbeat_interval=0.5)
+    initial = load_npz(tmp_path / "server" / "models" / "initial_model.npz")
+    bus = EventBus()
+    server = FederatedServer(
+        ServerConfig(task_name="demo_federation", target="127.0.0.1:0", min_num_clients=3, num_rounds=rounds),
+        tmp_path / "server", initial, bus, long_poll=0.5,
+    )
+    port = server.start()
+    engines = []
+    for name in SITES:
+        paths = SitePaths(tmp_path / name)
+        _set_port(paths.kit, port)
+        cfg_path = paths.mmar(1, name) / "config" / "config_fed_client.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["client"].update({"steps_aggregation": 20, "cross_site_validate": False, **client_overrides})
+        cfg_path.write_text(json.dumps(cfg))
+        engine = SiteEngine(tmp_path / name, bus)
+        engine.build()
+        engines.append(engine)
+    return server, engines, bus
+
+
+def _run_all(engines: list[SiteEngine]) -> dict[str, str]:
+    outcomes: dict[str, str] = {}
+    threads = [
+        threading.Thread(target=lambda e=e: outcomes.__setitem__(e.site, e.run()), daemon=True)
+        for e in engines
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return outcomes
+
+
+def test_three_sites_complete_rounds_and_every_step_is_an_event(tmp_path: Path) -> None:
+    server, engines, bus = _federation(tmp_path, rounds=2)
+    rec = Recorder(bus)
+    try:
+        outcomes = _run_all(engines)
+    finally:
+        server.stop(grace=0)
+    assert outcomes == dict.fromkeys(SITES, "completed")
+    assert server.finished and server.current_round == 2
+    assert [h["contributors"] for h in server.history] == [SITES, SITES]
+    for site in SITES:
+        done = [e for e in rec.of(RoundCompleted) if e.site == site]
+        assert [e.round for e in done] == [1, 2]
+        assert all("accuracy" in e.metrics for e in done)
+        finished = [e for e in rec.of(FederationFinished) if e.site == site]
+        assert len(finished) == 1 and finished[0].outcome == "completed"
+        assert finished[0].metrics == done[-1].metrics
+        phases = {e.phase for e in rec.of(PhaseChanged) if e.site == site}
+        assert {"pulling model", "training", "submitting", "waiting for the others"} <= phases
+        statuses = [e.message for e in rec.of(StatusChanged) if e.site == site]
+        assert statuses[:2] == ["training starting", "training started"]
+        assert statuses[-1] == "training stopped"
+        uploads = [e for e in rec.of(ModelTransferred) if e.site == site and e.direction == "upload"]
+        assert [e.round for e in uploads] == [1, 2]
+    # the final global model on disk is the server's
+    saved = load_npz(tmp_path / "server" / "models" / "global_model.npz")
+    for name, value in server.global_model.items():
+        np.testing.assert_array_equal(saved[name], value)
+
+
+def test_exclude_vars_keeps_matching_variables_local(tmp_path: Path) -> None:
+    server, engines, _ = _federation(tmp_path, rounds=2, exclude_vars=r"^net\.4\.")
+    initial = {k: v.copy() for k, v in server.global_model.items()}
+    try:
+        outcomes = _run_all(engines)
+    finally:
+        server.stop(grace=0)
+    assert set(outcomes.values()) == {"completed"}
+    # the server never received the excluded variables: they keep their initial value
+    for name in ("net.4.weight", "net.4.bias"):
+        np.testing.assert_array_equal(server.global_model[name], initial[name])
+    assert not np.array_equal(server.global_model["net.0.weight"], initial["net.0.weight"])
+    # and each site's own head was trained locally, not overwritten by the global model
+    heads = [e.fitter.get_weights()["net.4.weight"] for e in engines]
+    assert not np.array_equal(heads[0], initial["net.4.weight"])
+    assert not np.array_equal(heads[0], heads[1])
+    # the shared variables are the global model's after the last pull
+    for e in engines:
+        np.testing.assert_array_equal(e.fitter.get_weights()["net.0.weight"], server.global_model["net.0.weight"])
+
+
+def test_bad_mmar_config_names_file_and_key(tmp_path: Path) -> None:
+    from engine.config import ConfigError
+
+    prepare_workspace(tmp_path, num_sites=1, num_rounds=1)
+    cfg_path = SitePaths(tmp_path / "site-1").mmar(1, "site-1") / "config" / "config_fed_client.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["client"]["exclude_vars"] = "(unclosed"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config_fed_client.json: client.exclude_vars: not a valid regular"):
+        SiteEngine(tmp_path / "site-1", EventBus())

@@ -1,0 +1,217 @@
+"""Big models over loopback, corrupt streams at both ends, retries, compression."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from engine import serde
+from engine.client import DirectFederatedClient, FLCommunicationError
+from engine.config import ServerEndpoint
+from engine.events import ConnectionChanged, EventBus
+from engine.rpc import SERVICE, FederatedStub
+from protos import federated_pb2 as pb
+from tests.conftest import TASK, Recorder, direct_client, endpoint
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+class PeakRss:
+    """Samples this process's RSS every 2 ms while active."""
+
+    def __enter__(self) -> PeakRss:
+        self.before = _rss()
+        self.peak = self.before
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.before
+
+
+@pytest.mark.slow
+def test_300_mb_model_streams_both_ways_with_bounded_memory(start_server) -> None:
+    size = 300 * 1000 * 1000
+    rng = np.random.default_rng(0)
+    model = {
+        "big": rng.standard_normal(size // 4 - 1000, dtype=np.float32),
+        "small": rng.standard_normal(1000, dtype=np.float32),
+    }
+    server = start_server(model, min_num_clients=1, num_rounds=2)
+    client = direct_client(server, "site-a", retry_timeout=30)
+    with PeakRss() as pull:
+        got = client.pull_models_from_server()
+    np.testing.assert_array_equal(got["big"], model["big"])
+    # server and client share this process: what grew is the client's one buffer per tensor
+    # plus the frames in flight on both sides
+    assert pull.growth < 1.3 * size, f"pull grew RSS by {pull.growth / 1e6:.0f} MB"
+    delta = {"big": np.ones_like(got["big"]), "small": np.ones_like(got["small"])}
+    del got
+    with PeakRss() as push:
+        client.push_models_to_server(delta, {"n_iter": 1})
+    assert push.growth < 1.3 * size, f"push grew RSS by {push.growth / 1e6:.0f} MB"
+    assert server.current_round == 1
+    np.testing.assert_allclose(server.global_model["small"], model["small"] + 1, rtol=1e-6)
+
+
+def _raw_contribution(token: str, frames: list[bytes]) -> Iterator[bytes]:
+    yield from frames
+
+
+def test_corrupt_upload_is_refused_by_variable_and_the_global_model_is_untouched(start_server) -> None:
+    init = {"w": np.zeros(300_000, np.float32), "b": np.zeros(3, np.float32)}
+    server = start_server(init, min_num_clients=1, num_rounds=2)
+    client = direct_client(server, "site-a")
+    client.pull_models_from_server()
+    header = pb.Contribution(
+        client=pb.ClientState(client_name="site-a", token=client.token, meta=pb.ModelMetaData(task=TASK)),
+        n_iter=1, type="delta_w", contribution_id="c-1",
+    )
+    frames = list(serde.encode_model_stream(header, {"w": np.ones(300_000, np.float32), "b": np.ones(3, np.float32)}))
+    stub = FederatedStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+    cases = [
+        (frames[:2], r"'w'.*truncated"),  # cut inside "w"
+        ([frames[0], frames[2], frames[1], *frames[3:]], r"'w'.*offset"),
+        (frames[:2] + frames[3:], r"'w'.*incomplete"),
+        (frames[:-1], r"truncated"),  # every tensor complete, the end frame missing
+    ]
+    for broken, message in cases:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SubmitUpdate(iter(broken))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert re.search(message, info.value.details()), info.value.details()
+    assert server.current_round == 0
+    np.testing.assert_array_equal(server.global_model["w"], 0)
+    # the intact stream with the same contribution id is then accepted, once
+    assert "Received" in stub.SubmitUpdate(iter(frames)).comment
+    assert server.current_round == 1
+
+
+class _HostileServer:
+    """A real gRPC server that answers GetModel with a broken stream (a test double for a bad peer)."""
+
+    def __init__(self, frames: list[bytes]) -> None:
+        def get_model(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            yield from frames
+
+        def register(request: bytes, context: grpc.ServicerContext) -> bytes:
+            return pb.FederatedSummary(token="t").SerializeToString()
+
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "GetModel": grpc.unary_stream_rpc_method_handler(get_model),
+                "Register": grpc.unary_unary_rpc_method_handler(register),
+            },
+        )
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+class _Weights:
+    def __init__(self, weights: dict[str, np.ndarray]) -> None:
+        self.weights = weights
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self.weights.items()}
+
+    def set_weights(self, new: dict[str, np.ndarray]) -> None:
+        self.weights.update({k: np.array(v) for k, v in new.items()})
+
+
+def test_corrupt_download_is_refused_and_the_local_model_is_untouched() -> None:
+    model = {"w": np.full(400_000, 5, np.float32), "b": np.ones(2, np.float32)}
+    good = list(serde.encode_model_stream(pb.CurrentModel(meta=pb.ModelMetaData(task=TASK)), model))
+    hostile = _HostileServer(good[:2] + good[3:])  # a chunk of "w" goes missing
+    local = _Weights({"w": np.zeros(400_000, np.float32), "b": np.zeros(2, np.float32)})
+    client = DirectFederatedClient(
+        "site-a", {}, False, [ServerEndpoint(name=TASK, target=f"127.0.0.1:{hostile.port}")],
+        retry_timeout=1, model_reader_writer=local,
+    )
+    try:
+        client.connect_to_server({"heart_beat": False})
+        with pytest.raises(FLCommunicationError, match=r"refused: variable 'w': incomplete"):
+            client.pull_models()
+        np.testing.assert_array_equal(local.weights["w"], 0)
+        np.testing.assert_array_equal(local.weights["b"], 0)
+    finally:
+        hostile.server.stop(0)
+
+
+def test_unreachable_server_is_retried_with_backoff_then_given_up_with_the_reason() -> None:
+    bus = EventBus()
+    rec = Recorder(bus)
+    with socket_port() as port:
+        pass  # a port nobody listens on
+    client = DirectFederatedClient(
+        "site-a", {}, False, [ServerEndpoint(name=TASK, target=f"127.0.0.1:{port}")],
+        retry_timeout=1.5, bus=bus,
+    )
+    t0 = time.monotonic()
+    with pytest.raises(FLCommunicationError, match=r"gave up after \d+ attempts.*retry_timeout 1.5 s"):
+        client.connect_to_server({"heart_beat": False})
+    assert time.monotonic() - t0 < 10
+    retries = [e for e in rec.of(ConnectionChanged) if e.state == "retrying"]
+    assert len(retries) >= 2
+    assert rec.of(ConnectionChanged)[-1].state == "failed"
+
+
+def test_refusals_are_not_retried(start_server) -> None:
+    server = start_server({"w": np.zeros(2, np.float32)}, max_num_clients=1)
+    direct_client(server, "site-a")
+    bus = EventBus()
+    rec = Recorder(bus)
+    second = DirectFederatedClient("site-b", {}, False, [endpoint(server)], retry_timeout=30, bus=bus)
+    with pytest.raises(FLCommunicationError, match="Maximum number of clients"):
+        second.connect_to_server({"heart_beat": False})
+    assert not [e for e in rec.of(ConnectionChanged) if e.state == "retrying"]
+
+
+@pytest.mark.parametrize("compression", ["Gzip", "Deflate"])
+def test_compressed_channels_carry_models(start_server, compression: str) -> None:
+    init = {"w": np.arange(500_000, dtype=np.float32)}
+    server = start_server(init, min_num_clients=1, num_rounds=1, compression=compression)
+    client = direct_client(server, "site-a", compression=compression)
+    got = client.pull_models_from_server()
+    np.testing.assert_array_equal(got["w"], init["w"])
+    client.push_models_to_server({"w": np.ones(500_000, np.float32)})
+    np.testing.assert_array_equal(server.global_model["w"], init["w"] + 1)
+
+
+class socket_port:
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return int(self.sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
