@@ -1,4 +1,4 @@
-"""Builds ``{"name"|"path", "args"}`` components of configs, with errors that name the config key."""
+"""Builds ``{"name"|"path", "args"}`` config components, with errors naming the config key."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def build_component(
         ConfigError: unknown name, import failure, wrong base class, or bad args.
     """
     where = spec.where or kind
-    path, key = (where.split(": ", 1) + [""])[:2] if ": " in where else (where, "")
+    path, key = [*where.split(": ", 1), ""][:2] if ": " in where else (where, "")
     if spec.name is not None:
         cls = builtins.get(spec.name)
         if cls is None:

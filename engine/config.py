@@ -1,4 +1,4 @@
-"""Startup-kit and MMAR configuration files parsed into dataclasses, with errors naming file and key."""
+"""Startup-kit and MMAR config files parsed into dataclasses; errors name file and key."""
 
 from __future__ import annotations
 

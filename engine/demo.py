@@ -108,8 +108,10 @@ class DemoResult:
 
     @property
     def ok(self) -> bool:
-        return self.server_finished and bool(self.outcomes) and all(
-            o == "completed" for o in self.outcomes.values()
+        return (
+            self.server_finished
+            and bool(self.outcomes)
+            and all(o == "completed" for o in self.outcomes.values())
         )
 
 
@@ -188,7 +190,12 @@ class DemoFederation:
     def _start_peer(self, name: str) -> None:
         root = self.root / name
         (root / "logs").mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         stderr = (root / "logs" / "stderr.log").open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "fltui", "--no-ui", "--json", "--workspace", str(root)],
@@ -199,7 +206,9 @@ class DemoFederation:
         )
         stderr.close()
         self.peers[name] = proc
-        relay = threading.Thread(target=self._relay, args=(name, proc), name=f"relay-{name}", daemon=True)
+        relay = threading.Thread(
+            target=self._relay, args=(name, proc), name=f"relay-{name}", daemon=True
+        )
         relay.start()
         self._relays.append(relay)
 

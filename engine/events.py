@@ -91,7 +91,9 @@ class ConnectionChanged(Event):
     detail: str = ""
 
     def summary(self) -> str:
-        return f"connection {self.state}: {self.server}" + (f" ({self.detail})" if self.detail else "")
+        return f"connection {self.state}: {self.server}" + (
+            f" ({self.detail})" if self.detail else ""
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +137,7 @@ class ProgressUpdated(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class MetricsReported(Event):
-    """Metrics of a training epoch (scope "train") or of validating the local model ("local model")."""
+    """Metrics of a training epoch (scope "train") or of the local model ("local model")."""
 
     round: int
     scope: str
@@ -177,7 +179,9 @@ class RoundCompleted(Event):
     metrics: dict[str, float]
 
     def summary(self) -> str:
-        return f"round {self.round}/{self.num_rounds} completed: global {_fmt_metrics(self.metrics)}"
+        return (
+            f"round {self.round}/{self.num_rounds} completed: global {_fmt_metrics(self.metrics)}"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,7 +271,9 @@ class ServerRoundAggregated(Event):
     seconds: float
 
     def summary(self) -> str:
-        text = f"round {self.round}/{self.num_rounds} aggregated from {', '.join(self.contributors)}"
+        text = (
+            f"round {self.round}/{self.num_rounds} aggregated from {', '.join(self.contributors)}"
+        )
         if self.missing:
             text += f" (missing: {', '.join(self.missing)})"
         return text + f" in {self.seconds * 1000:.0f} ms"

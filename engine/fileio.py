@@ -1,4 +1,4 @@
-"""Atomic file writes (temp file + fsync + rename) for files that matter: models, state, results."""
+"""Atomic file writes (temp file + fsync + rename) for models, state and results."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 __all__ = ["atomic_write", "load_npz", "save_json_atomic", "save_npz_atomic"]
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Writes ``path`` through ``write(fileobj)`` so readers see the old file or the new, never half.
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Writes ``path`` through ``write(fileobj)``: readers see the old file or the new, never half.
 
     The temp file lives in the same folder (rename is atomic only within a file system) and is
     removed when ``write`` fails.

@@ -40,7 +40,7 @@ METHODS: dict[str, tuple[str, Any, Any]] = {
 
 
 class FederatedStub:
-    """Client stub: ``stub.GetModel(state)`` yields raw frames; ``SubmitUpdate(frames)`` sends them."""
+    """Client stub: ``GetModel(state)`` yields raw frames; ``SubmitUpdate(frames)`` sends them."""
 
     def __init__(self, channel: grpc.Channel) -> None:
         for name, (kind, req, resp) in METHODS.items():

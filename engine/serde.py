@@ -112,7 +112,9 @@ def _as_wire_array(name: str, value: Any) -> np.ndarray:
     arr = np.asarray(value)
     name_ = arr.dtype.name
     if name_ not in ALLOWED_DTYPES:
-        raise SerdeError(f"dtype {arr.dtype} cannot be sent (allowed: {sorted(ALLOWED_DTYPES)})", name)
+        raise SerdeError(
+            f"dtype {arr.dtype} cannot be sent (allowed: {sorted(ALLOWED_DTYPES)})", name
+        )
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     # np.ascontiguousarray would turn a 0-d scalar into shape (1,).
@@ -289,7 +291,7 @@ def encode_model_stream(
     yield _encode_message_frame(_F_HEADER, header)
     total = chunks = 0
     for index, (_, arr) in enumerate(arrays):
-        raw = memoryview(arr.reshape(-1).view(np.uint8))
+        raw = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         for offset in range(0, raw.nbytes, chunk_bytes):
             piece = raw[offset : offset + chunk_bytes]
             yield _encode_chunk_frame(index, offset, piece)
@@ -350,7 +352,9 @@ class ModelAssembler:
             if spec.name in seen:
                 raise SerdeError("announced twice in the header", spec.name)
             if item.array.data:
-                raise SerdeError("inline payload in a stream header (payload must be chunked)", spec.name)
+                raise SerdeError(
+                    "inline payload in a stream header (payload must be chunked)", spec.name
+                )
             if self._expected is not None:
                 want = self._expected.get(spec.name)
                 if want is None:
@@ -382,7 +386,9 @@ class ModelAssembler:
         if self.finished:
             raise SerdeError("a chunk arrived after the end of the stream")
         if index >= len(self.specs):
-            raise SerdeError(f"chunk for tensor #{index}, but the header announced {len(self.specs)}")
+            raise SerdeError(
+                f"chunk for tensor #{index}, but the header announced {len(self.specs)}"
+            )
         name = self._var(index)
         if index < self._current:
             raise SerdeError("chunk arrived after the stream moved on to a later tensor", name)
@@ -444,7 +450,7 @@ class ModelAssembler:
         """The received tensors; only after the end frame was checked."""
         if not self.finished:
             raise SerdeError("the model stream is incomplete (no end frame)")
-        return {spec.name: buf for spec, buf in zip(self.specs, self._buffers)}
+        return {spec.name: buf for spec, buf in zip(self.specs, self._buffers, strict=True)}
 
 
 def _parse_frame(frame: bytes | memoryview) -> tuple[int, memoryview, int, int]:

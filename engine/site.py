@@ -1,4 +1,4 @@
-"""A site's engine in one process: startup kit + deployed MMAR → fitter + FederatedClient, logged."""
+"""A site's engine in one process: startup kit + deployed MMAR → fitter + client, logged."""
 
 from __future__ import annotations
 
@@ -56,7 +56,9 @@ class SitePaths:
         return self.root / f"run_{run_number}" / f"mmar_{site}"
 
 
-def find_deployed_mmar(workspace: Path, site: str, run_number: int | None = None) -> tuple[int, Path]:
+def find_deployed_mmar(
+    workspace: Path, site: str, run_number: int | None = None
+) -> tuple[int, Path]:
     """The deployed MMAR to train: ``run_<N>/mmar_<site>``, the highest N unless one is given.
 
     Raises:
@@ -66,7 +68,9 @@ def find_deployed_mmar(workspace: Path, site: str, run_number: int | None = None
     if run_number is not None:
         mmar = paths.mmar(run_number, site)
         if not (mmar / "config").is_dir():
-            raise ConfigError(mmar, "", f"run {run_number} has no deployed MMAR for {site} (deploy first)")
+            raise ConfigError(
+                mmar, "", f"run {run_number} has no deployed MMAR for {site} (deploy first)"
+            )
         return run_number, mmar
     runs = sorted(
         (int(m.group(1)), p)
@@ -75,7 +79,9 @@ def find_deployed_mmar(workspace: Path, site: str, run_number: int | None = None
     )
     if not runs:
         raise ConfigError(
-            workspace, "", f"no deployed MMAR (expected run_<N>/mmar_{site}/config/); deploy one first"
+            workspace,
+            "",
+            f"no deployed MMAR (expected run_<N>/mmar_{site}/config/); deploy one first",
         )
     number, run_dir = runs[-1]
     return number, run_dir / f"mmar_{site}"
@@ -176,7 +182,8 @@ class SiteEngine:
                 return [server]
         names = ", ".join(s.name for s in self.kit.servers)
         raise ConfigError(
-            self.mmar_config.path, "servers[0].name",
+            self.mmar_config.path,
+            "servers[0].name",
             f"task {task!r} is not served by any server of {self.kit.path} ({names})",
         )
 
@@ -187,7 +194,9 @@ class SiteEngine:
         self._last_progress = now
         rnd = (self.client.current_round + 1) if self.client else 0
         self.bus.publish(
-            ProgressUpdated(site=self.site, round=rnd, step=step, total_steps=total, epoch=epoch, loss=loss)
+            ProgressUpdated(
+                site=self.site, round=rnd, step=step, total_steps=total, epoch=epoch, loss=loss
+            )
         )
 
     def _on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -238,7 +247,10 @@ class SiteEngine:
         client = self.client or self.build()
         log.info(
             "%s: training %s (run %d) with server %s",
-            self.site, self.mmar.name, self.run_number, client.servers[client.task_name].target,
+            self.site,
+            self.mmar.name,
+            self.run_number,
+            client.servers[client.task_name].target,
         )
         return client.admin_run(self.fitter)
 

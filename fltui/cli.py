@@ -29,9 +29,18 @@ EXIT_INTERRUPTED = 130
 
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
-    parser.add_argument("--no-ui", action="store_true", default=d(False), help="run headless: print events")
-    parser.add_argument("--json", action="store_true", default=d(False), help="with --no-ui: one JSON object per line")
-    parser.add_argument("--workspace", type=Path, default=d(None), metavar="DIR", help="the workspace folder")
+    parser.add_argument(
+        "--no-ui", action="store_true", default=d(False), help="run headless: print events"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=d(False),
+        help="with --no-ui: one JSON object per line",
+    )
+    parser.add_argument(
+        "--workspace", type=Path, default=d(None), metavar="DIR", help="the workspace folder"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,15 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fltui {__version__}")
     _common(parser, suppress=False)
-    parser.add_argument("--run", type=int, default=None, metavar="N", help="train deployed run N (default: the latest)")
+    parser.add_argument(
+        "--run",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train deployed run N (default: the latest)",
+    )
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="run a demo federation on this machine (server + 3 sites)")
     _common(demo, suppress=True)
     demo.add_argument("--sites", type=int, default=3, help="sites in the federation (default 3)")
-    demo.add_argument("--rounds", type=int, default=5, help="rounds of federated averaging (default 5)")
+    demo.add_argument(
+        "--rounds", type=int, default=5, help="rounds of federated averaging (default 5)"
+    )
     server = sub.add_parser("server", help="run the reference FL server from a server workspace")
     _common(server, suppress=True)
-    server.add_argument("--mmar", type=Path, default=None, help="build the initial model from this MMAR")
+    server.add_argument(
+        "--mmar", type=Path, default=None, help="build the initial model from this MMAR"
+    )
     return parser
 
 
@@ -68,7 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     bus = EventBus()
     # Human lines: the events say what happened; info-level log lines would repeat them.
-    printer = HeadlessPrinter(json_lines=args.json, min_log_level="INFO" if args.json else "WARNING")
+    printer = HeadlessPrinter(
+        json_lines=args.json, min_log_level="INFO" if args.json else "WARNING"
+    )
     bus.subscribe(printer)
     if not args.no_ui:
         printer.say("note: the full-screen console is not built yet; running headless (--no-ui).")
@@ -174,7 +195,9 @@ def _run_server(args: argparse.Namespace, bus: object, printer: object) -> int:
         else:
             model_path = root / "models" / "initial_model.npz"
             if not model_path.exists():
-                raise ConfigError(model_path, "", "no initial model (give --mmar PATH to build one)")
+                raise ConfigError(
+                    model_path, "", "no initial model (give --mmar PATH to build one)"
+                )
             initial = load_npz(model_path)
     except ConfigError as exc:
         return _config_error(printer, exc)

@@ -24,7 +24,9 @@ class HeadlessPrinter:
         min_log_level: LogRecord events below this level are not printed.
     """
 
-    def __init__(self, json_lines: bool = False, stream: IO[str] | None = None, min_log_level: str = "INFO") -> None:
+    def __init__(
+        self, json_lines: bool = False, stream: IO[str] | None = None, min_log_level: str = "INFO"
+    ) -> None:
         self.json_lines = json_lines
         self.stream = stream or sys.stdout
         self.min_level = _LEVELS.get(min_log_level, 20)
@@ -49,7 +51,11 @@ class HeadlessPrinter:
 
     def say(self, text: str) -> None:
         """A line from the app itself (not an engine event); in JSON mode a "Notice" object."""
-        line = json.dumps({"event": "Notice", "message": text, "ts": time.time()}) if self.json_lines else text
+        line = (
+            json.dumps({"event": "Notice", "message": text, "ts": time.time()})
+            if self.json_lines
+            else text
+        )
         with self._lock:
             self.stream.write(line + "\n")
             self.stream.flush()

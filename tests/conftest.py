@@ -25,7 +25,9 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., FederatedServer]]:
     def start(initial_model: dict[str, np.ndarray], **config: Any) -> FederatedServer:
         long_poll = config.pop("long_poll", 0.5)
         cfg = ServerConfig(task_name=TASK, target="127.0.0.1:0", **config)
-        server = FederatedServer(cfg, tmp_path / f"server{len(servers)}", initial_model, long_poll=long_poll)
+        server = FederatedServer(
+            cfg, tmp_path / f"server{len(servers)}", initial_model, long_poll=long_poll
+        )
         server.start()
         servers.append(server)
         return server
@@ -42,7 +44,9 @@ def endpoint(server: FederatedServer) -> ServerEndpoint:
 def direct_client(server: FederatedServer, name: str, **kwargs: Any) -> DirectFederatedClient:
     """A DirectFederatedClient registered with ``server`` (no heartbeat thread)."""
     kwargs.setdefault("retry_timeout", 5)
-    client = DirectFederatedClient(name, kwargs.pop("client_args", {}), False, [endpoint(server)], **kwargs)
+    client = DirectFederatedClient(
+        name, kwargs.pop("client_args", {}), False, [endpoint(server)], **kwargs
+    )
     client.connect_to_server({"heart_beat": False})
     return client
 

@@ -1,4 +1,4 @@
-"""The site's federated-learning client, in the lineage of Clara Train 3.1's ``fed_learn.client``."""
+"""The site's federated-learning client, after Clara Train 3.1's ``fed_learn.client``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Communicator: every call a site makes to the FL server, with retries, backoff and clear reasons."""
+"""Communicator: every call a site makes to the FL server, with retries and clear reasons."""
 
 from __future__ import annotations
 
@@ -129,7 +129,9 @@ class Communicator:
 
     # ------------------------------------------------------------------ channel
 
-    def set_up_channel(self, channel_dict: Mapping[str, Any], token: str | None = None) -> grpc.Channel:
+    def set_up_channel(
+        self, channel_dict: Mapping[str, Any], token: str | None = None
+    ) -> grpc.Channel:
         """Connects to the server (one channel per target, reused).
 
         Args:
@@ -228,7 +230,13 @@ class Communicator:
         self._set_connected(False, service, "retrying", f"{action}: {details}")
         return delay
 
-    def _call(self, servers: Mapping[str, ServerEndpoint], task_name: str, action: str, fn: Callable[[], T]) -> T:
+    def _call(
+        self,
+        servers: Mapping[str, ServerEndpoint],
+        task_name: str,
+        action: str,
+        fn: Callable[[], T],
+    ) -> T:
         service = servers[task_name].target
         start = time.monotonic()
         retry = 0
@@ -255,14 +263,18 @@ class Communicator:
         if ok and self._connected:
             return
         self._connected = ok
-        self.bus.publish(ConnectionChanged(site=self.site, state=state, server=service, detail=detail))
+        self.bus.publish(
+            ConnectionChanged(site=self.site, state=state, server=service, detail=detail)
+        )
 
     def _metadata(self, token: str | None) -> tuple[tuple[str, str], ...]:
         return ((TOKEN_HEADER, token),) if token else ()
 
     # ------------------------------------------------------------------ messages
 
-    def client_registration(self, uid: str, servers: Mapping[str, ServerEndpoint], task_name: str) -> str:
+    def client_registration(
+        self, uid: str, servers: Mapping[str, ServerEndpoint], task_name: str
+    ) -> str:
         """Registers this site; returns its token.
 
         Raises:
@@ -280,12 +292,17 @@ class Communicator:
         reply = self._call(servers, task_name, "Register", lambda: stub.Register(login))
         self.bus.publish(
             ConnectionChanged(
-                site=self.site, state="registered", server=servers[task_name].target, detail=reply.comment
+                site=self.site,
+                state="registered",
+                server=servers[task_name].target,
+                detail=reply.comment,
             )
         )
         return reply.token
 
-    def get_client_state(self, task_name: str, token: str, app_ctx: Mapping[str, Any] | None = None) -> pb.ClientState:
+    def get_client_state(
+        self, task_name: str, token: str, app_ctx: Mapping[str, Any] | None = None
+    ) -> pb.ClientState:
         """This site's ClientState for a call (task, round, token, processor metadata)."""
         ctx = app_ctx or {}
         state = pb.ClientState(
@@ -319,7 +336,9 @@ class Communicator:
                 header, params = serde.decode_model_stream(timed, pb.CurrentModel)
             except serde.SerdeError as exc:
                 frames.cancel()
-                raise FLCommunicationError("GetModel", None, f"model stream refused: {exc}") from exc
+                raise FLCommunicationError(
+                    "GetModel", None, f"model stream refused: {exc}"
+                ) from exc
             return header, params, timed.seconds
 
         header, params, seconds = self._call(servers, task_name, "GetModel", fetch)
@@ -388,7 +407,9 @@ class Communicator:
         )
         return reply
 
-    def send_heartbeat(self, servers: Mapping[str, ServerEndpoint], task_name: str, token: str) -> pb.FederatedSummary:
+    def send_heartbeat(
+        self, servers: Mapping[str, ServerEndpoint], task_name: str, token: str
+    ) -> pb.FederatedSummary:
         """One heartbeat (a single attempt: the heartbeat thread is the retry loop)."""
         stub = self._stub(servers, task_name)
         state = self.get_client_state(task_name, token)
@@ -398,9 +419,16 @@ class Communicator:
         """Tells the server this site leaves; returns the server's comment."""
         stub = self._stub(servers, task_name)
         state = self.get_client_state(task_name, token)
-        reply = self._call(servers, task_name, "Quit", lambda: stub.Quit(state, metadata=self._metadata(token)))
+        reply = self._call(
+            servers, task_name, "Quit", lambda: stub.Quit(state, metadata=self._metadata(token))
+        )
         self.bus.publish(
-            ConnectionChanged(site=self.site, state="disconnected", server=servers[task_name].target, detail="quit")
+            ConnectionChanged(
+                site=self.site,
+                state="disconnected",
+                server=servers[task_name].target,
+                detail="quit",
+            )
         )
         return reply.comment
 
@@ -415,11 +443,18 @@ class Communicator:
     ) -> str:
         """Sends this site's best local model for cross-site validation (empty when ``disable``)."""
         header = pb.Contribution(
-            client=self.get_client_state(task_name, token), type="weights", n_iter=1,
+            client=self.get_client_state(task_name, token),
+            type="weights",
+            n_iter=1,
             contribution_id=f"{uid}-best-{uuid.uuid4()}",
         )
         reply = self._upload(
-            servers, task_name, token, "SubmitBestLocalModel", header, {} if disable else dict(params or {})
+            servers,
+            task_name,
+            token,
+            "SubmitBestLocalModel",
+            header,
+            {} if disable else dict(params or {}),
         )
         return reply.comment
 
@@ -455,11 +490,13 @@ class Communicator:
     ) -> str:
         """Sends the metrics of validating each owner's model on this site's data."""
         results = []
-        for owner, metrics in zip(client_names, client_metrics):
+        for owner, metrics in zip(client_names, client_metrics, strict=True):
             s = Struct()
             s.update({k: float(v) for k, v in metrics.items()})
             results.append(pb.ValidationResult(model_owner=owner, metrics=s))
-        request = pb.CrossValidationResults(client=self.get_client_state(task_name, token), results=results)
+        request = pb.CrossValidationResults(
+            client=self.get_client_state(task_name, token), results=results
+        )
         stub = self._stub(servers, task_name)
         reply = self._call(
             servers,

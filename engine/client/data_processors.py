@@ -70,7 +70,9 @@ DATA_PROCESSORS: dict[str, type] = {
 }
 
 
-def build_processors(specs: list[ComponentSpec], search_paths: list[Path] | None = None) -> list[Any]:
+def build_processors(
+    specs: list[ComponentSpec], search_paths: list[Path] | None = None
+) -> list[Any]:
     """Instantiates a config's processor list, in order."""
     return [
         build_component(s, DATA_PROCESSORS, "data processor", None, search_paths) for s in specs

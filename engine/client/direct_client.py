@@ -21,7 +21,9 @@ class DirectFederatedClient(FederatedClientBase):
     Accepts FederatedClientBase's arguments plus ``train_context`` and ``train_options``.
     """
 
-    def __init__(self, *args: Any, train_context: Any = None, train_options: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, train_context: Any = None, train_options: Any = None, **kwargs: Any
+    ) -> None:
         kwargs.pop("cross_site_validate", None)
         super().__init__(*args, **kwargs)
         self.train_context = train_context
@@ -39,7 +41,9 @@ class DirectFederatedClient(FederatedClientBase):
         """True until the server has sent its final model."""
         return not self.train_end
 
-    def pull_models_from_server(self, options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    def pull_models_from_server(
+        self, options: Mapping[str, Any] | None = None
+    ) -> dict[str, np.ndarray]:
         """The current global model (waits for the next round when this site already contributed).
 
         Returns:
@@ -50,7 +54,9 @@ class DirectFederatedClient(FederatedClientBase):
         self.check_progress({self.task_name: remote})
         return remote.params
 
-    def push_models_to_server(self, model_data: Mapping[str, np.ndarray], options: Mapping[str, Any] | None = None) -> str:
+    def push_models_to_server(
+        self, model_data: Mapping[str, np.ndarray], options: Mapping[str, Any] | None = None
+    ) -> str:
         """Submits ``model_data`` as this round's Δ.
 
         Args:
@@ -65,7 +71,9 @@ class DirectFederatedClient(FederatedClientBase):
         rnd = int(options.get("round", self.current_round))
 
         def submit(token: str) -> str:
-            state = self.communicator.get_client_state(self.task_name, token, {"current_round": rnd})
+            state = self.communicator.get_client_state(
+                self.task_name, token, {"current_round": rnd}
+            )
             header = pb.Contribution(
                 client=state,
                 type="delta_w",

@@ -72,7 +72,9 @@ class FederatedClient(FederatedClientBase):
         self._reported_round = r
         self.final_metrics = metrics
         self.bus.publish(
-            RoundCompleted(site=self.client_name, round=r, num_rounds=self.num_rounds, metrics=metrics)
+            RoundCompleted(
+                site=self.client_name, round=r, num_rounds=self.num_rounds, metrics=metrics
+            )
         )
 
     def _check_abort(self) -> None:
@@ -112,7 +114,11 @@ class FederatedClient(FederatedClientBase):
                 self.set_status(ClientStatus.TRAINING_STOPPED, detail)
             else:
                 self.outcome = "failed"
-                detail = exc.reason if isinstance(exc, FLCommunicationError) else f"{type(exc).__name__}: {exc}"
+                detail = (
+                    exc.reason
+                    if isinstance(exc, FLCommunicationError)
+                    else f"{type(exc).__name__}: {exc}"
+                )
                 log.error("%s: training failed: %s", self.client_name, detail)
                 log.debug("%s", traceback.format_exc())
                 self.set_status(ClientStatus.TRAINING_EXCEPTION, detail)

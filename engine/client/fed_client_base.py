@@ -180,7 +180,9 @@ class FederatedClientBase:
         except FLCommunicationError as exc:
             if not exc.token_expired:
                 raise
-            log.warning("%s: the server no longer knows this site; registering again", self.client_name)
+            log.warning(
+                "%s: the server no longer knows this site; registering again", self.client_name
+            )
             self.register()
             return action(self.token)
 
@@ -189,7 +191,9 @@ class FederatedClientBase:
     def fetch_remote_model(self, task_name: str) -> RemoteModel:
         """Fetches the server's current model for ``task_name`` (waits for the next round)."""
         return self._with_token(
-            lambda token: self.communicator.getModel(self.servers, task_name, token, self.app_context)
+            lambda token: self.communicator.getModel(
+                self.servers, task_name, token, self.app_context
+            )
         )
 
     def pull_models(self) -> bool:
@@ -282,6 +286,7 @@ class FederatedClientBase:
 
     def push_best_model(self, task_name: str) -> str:
         """Sends this site's best local model to ``task_name`` for cross-site validation."""
+
         def submit(token: str) -> str:
             state = self.communicator.get_client_state(task_name, token)
             _, params = DataAssembler.get_best_local_model(self.model_manager, task_name, state)
@@ -293,15 +298,23 @@ class FederatedClientBase:
 
     def push_best_models(self) -> None:
         for task_name in self.servers:
-            log.info("%s: server reply to SubmitBestLocalModel: %s", self.client_name, self.push_best_model(task_name))
+            log.info(
+                "%s: server reply to SubmitBestLocalModel: %s",
+                self.client_name,
+                self.push_best_model(task_name),
+            )
 
     def get_validation_models(self, task_name: str) -> tuple[list[RemoteModel], bool]:
         """Models of other sites to validate, and whether more will come later."""
         return self._with_token(
-            lambda token: self.communicator.get_validation_models(self.client_name, self.servers, task_name, token)
+            lambda token: self.communicator.get_validation_models(
+                self.client_name, self.servers, task_name, token
+            )
         )
 
-    def submit_cross_site_validation_results(self, params: Mapping[str, Mapping[str, float]]) -> None:
+    def submit_cross_site_validation_results(
+        self, params: Mapping[str, Mapping[str, float]]
+    ) -> None:
         """Sends ``{model_owner: metrics}`` to every server."""
         owners = list(params)
         for task_name in self.servers:
@@ -331,7 +344,9 @@ class FederatedClientBase:
                     metrics = self.model_manager.validate_model(None, remote.params)
                     batch[remote.owner] = metrics
                     self.bus.publish(
-                        CrossSiteValidated(site=self.client_name, model_owner=remote.owner, metrics=metrics)
+                        CrossSiteValidated(
+                            site=self.client_name, model_owner=remote.owner, metrics=metrics
+                        )
                     )
                 if batch:
                     self.submit_cross_site_validation_results(batch)
@@ -339,7 +354,10 @@ class FederatedClientBase:
                 if not more:
                     break
                 if time.monotonic() > deadline:
-                    log.warning("%s: cross-site validation timed out; not all models arrived", self.client_name)
+                    log.warning(
+                        "%s: cross-site validation timed out; not all models arrived",
+                        self.client_name,
+                    )
                     break
                 if self.stop_event.wait(poll):
                     break

@@ -27,7 +27,8 @@ class ClientModelManager:
 
     Args:
         task_names: the servers' task names this site trains for.
-        exclude_vars: regex; matching variables stay local (never loaded from, nor sent to, the server).
+        exclude_vars: regex; matching variables stay local (not loaded from, nor sent to,
+            the server).
         privacy: a PrivacyProtocol applied to Δ before it leaves, or None.
         model_reader_writer: object with ``get_weights()`` / ``set_weights()``; default: the fitter.
         model_validator: object with ``validate(weights)``; default: the fitter.
@@ -101,16 +102,16 @@ class ClientModelManager:
             local = self._rw().get_weights()
             for name, value in shared.items():
                 if name not in local:
-                    raise ValueError(f"variable {name!r} of the global model is not in the local model")
+                    raise ValueError(
+                        f"variable {name!r} of the global model is not in the local model"
+                    )
                 if tuple(local[name].shape) != tuple(value.shape):
                     raise ValueError(
                         f"variable {name!r}: global shape {tuple(value.shape)} differs from local "
                         f"{tuple(local[name].shape)}"
                     )
             self._rw().set_weights(shared)
-            changed = changed or any(
-                not np.array_equal(local[k], v) for k, v in shared.items()
-            )
+            changed = changed or any(not np.array_equal(local[k], v) for k, v in shared.items())
             # Keep our own copy as the baseline of Δ: the fitter trains the loaded arrays.
             self._global[task_name] = {k: np.array(v, copy=True) for k, v in shared.items()}
             self._meta[task_name] = remote.meta
@@ -126,7 +127,9 @@ class ClientModelManager:
 
     # ------------------------------------------------------------------ local model
 
-    def get_current_model_data(self, local_model_params: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def get_current_model_data(
+        self, local_model_params: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         """The local model's weights (or ``local_model_params`` when given)."""
         if local_model_params is not None:
             return dict(local_model_params)
@@ -136,7 +139,9 @@ class ClientModelManager:
         """Writes weights into the local model."""
         self._rw().set_weights(local_model_params)
 
-    def read_current_model(self, task_name: str, type_str: str = "delta_w") -> dict[str, np.ndarray]:
+    def read_current_model(
+        self, task_name: str, type_str: str = "delta_w"
+    ) -> dict[str, np.ndarray]:
         """What to send: Δ = local − global over the shared variables, after privacy.
 
         Args:
@@ -177,7 +182,9 @@ class ClientModelManager:
 
     # ------------------------------------------------------------------ validation
 
-    def validate_model(self, cross_site_val_configer: Any, checkpoint: Mapping[str, np.ndarray] | None) -> dict[str, float]:
+    def validate_model(
+        self, cross_site_val_configer: Any, checkpoint: Mapping[str, np.ndarray] | None
+    ) -> dict[str, float]:
         """Metrics of ``checkpoint`` (or the local model) on this site's validation data."""
         validator = self.model_validator or self.fitter
         return dict(validator.validate(checkpoint))

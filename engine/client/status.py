@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 __all__ = ["ClientStatus"]
 
 
@@ -15,7 +17,7 @@ class ClientStatus:
     TRAINING_EXCEPTION = 4
     CROSS_SITE_VALIDATION = 5
 
-    status_messages = {
+    status_messages: ClassVar[dict[int, str]] = {
         TRAINING_NOT_STARTED: "training not started",
         TRAINING_STARTING: "training starting",
         TRAINING_STARTED: "training started",

@@ -32,8 +32,12 @@ class PrivacyProtocol(ABC):
 PRIVACY_PROTOCOLS: dict[str, type[PrivacyProtocol]] = {}
 
 
-def build_privacy(spec: ComponentSpec | None, search_paths: list[Path] | None = None) -> PrivacyProtocol | None:
+def build_privacy(
+    spec: ComponentSpec | None, search_paths: list[Path] | None = None
+) -> PrivacyProtocol | None:
     """The protocol an MMAR's ``privacy`` block names; None for ``{}``."""
     if spec is None:
         return None
-    return build_component(spec, PRIVACY_PROTOCOLS, "privacy protocol", PrivacyProtocol, search_paths)
+    return build_component(
+        spec, PRIVACY_PROTOCOLS, "privacy protocol", PrivacyProtocol, search_paths
+    )

@@ -1,4 +1,4 @@
-"""The reference FL server: the client's real counterpart for the demo, the tests and small sites."""
+"""The reference FL server: the client's real counterpart for the demo, tests and small sites."""
 
 from __future__ import annotations
 

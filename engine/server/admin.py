@@ -39,7 +39,11 @@ class AdminQueues(admin_pb2_grpc.AdminCommunicatingServicer):
         return str(site.name)
 
     def send_request(
-        self, site: str, topic: str, body: bytes | str = b"", headers: dict[str, str] | None = None,
+        self,
+        site: str,
+        topic: str,
+        body: bytes | str = b"",
+        headers: dict[str, str] | None = None,
         timeout: float = 10.0,
     ) -> apb.Message | None:
         """Queues a request for ``site`` and waits for its reply; None when it timed out."""

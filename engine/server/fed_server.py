@@ -1,4 +1,4 @@
-"""The reference FL server: registration, rounds, FedAvg, heartbeats, cross-site validation store."""
+"""The reference FL server: registration, rounds, FedAvg, heartbeats, cross-site store."""
 
 from __future__ import annotations
 
@@ -189,10 +189,11 @@ class FederatedServer:
         return None
 
     def _authenticate(self, state: pb.ClientState, context: grpc.ServicerContext) -> _Site:
-        token = state.token or dict(context.invocation_metadata()).get(TOKEN_HEADER, "")
+        metadata = {k: str(v) for k, v in context.invocation_metadata()}
+        token = state.token or metadata.get(TOKEN_HEADER, "")
         if not token:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "Could not read client token")
-        header = dict(context.invocation_metadata()).get(TOKEN_HEADER)
+        header = metadata.get(TOKEN_HEADER)
         if header is not None and header != token:
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "token in header and message differ")
         if state.meta.task and state.meta.task != self.config.task_name:
@@ -202,7 +203,9 @@ class FederatedServer:
             )
         site = self._site_by_token(token)
         if site is None:
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "Unknown client identity (register again)")
+            raise _Abort(
+                grpc.StatusCode.UNAUTHENTICATED, "Unknown client identity (register again)"
+            )
         return site
 
     def _run(self, context: grpc.ServicerContext, fn: Any, *args: Any) -> Any:
@@ -231,10 +234,14 @@ class FederatedServer:
 
     # ------------------------------------------------------------------ FederatedTraining
 
-    def Register(self, request: pb.ClientLogin, context: grpc.ServicerContext) -> pb.FederatedSummary:
+    def Register(
+        self, request: pb.ClientLogin, context: grpc.ServicerContext
+    ) -> pb.FederatedSummary:
         return self._run(context, self._register, request, context)
 
-    def _register(self, request: pb.ClientLogin, context: grpc.ServicerContext) -> pb.FederatedSummary:
+    def _register(
+        self, request: pb.ClientLogin, context: grpc.ServicerContext
+    ) -> pb.FederatedSummary:
         name = request.client_name
         if request.meta.task != self.config.task_name:
             raise _Abort(
@@ -246,7 +253,9 @@ class FederatedServer:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid client name {name!r}")
         with self._cond:
             if name not in self.sites and len(self.sites) >= self.config.max_num_clients:
-                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Maximum number of clients reached")
+                raise _Abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "Maximum number of clients reached"
+                )
             again = name in self.sites
             token = str(uuid.uuid4())
             now = time.monotonic()
@@ -254,7 +263,9 @@ class FederatedServer:
             if name in self.dropped:
                 self.dropped.remove(name)
             count = len(self.sites)
-        log.info("site %s %s (%d registered)", name, "registered again" if again else "joined", count)
+        log.info(
+            "site %s %s (%d registered)", name, "registered again" if again else "joined", count
+        )
         self.bus.publish(SiteJoined(site="server", site_name=name, num_sites=count))
         return pb.FederatedSummary(comment=f"Welcome {name}", token=token, meta=self._meta())
 
@@ -270,10 +281,14 @@ class FederatedServer:
         self._maybe_close_round()
         return pb.FederatedSummary(comment=f"Goodbye {site.name}", meta=self._meta())
 
-    def Heartbeat(self, request: pb.ClientState, context: grpc.ServicerContext) -> pb.FederatedSummary:
+    def Heartbeat(
+        self, request: pb.ClientState, context: grpc.ServicerContext
+    ) -> pb.FederatedSummary:
         return self._run(context, self._heartbeat, request, context)
 
-    def _heartbeat(self, request: pb.ClientState, context: grpc.ServicerContext) -> pb.FederatedSummary:
+    def _heartbeat(
+        self, request: pb.ClientState, context: grpc.ServicerContext
+    ) -> pb.FederatedSummary:
         self._authenticate(request, context)
         return pb.FederatedSummary(comment="ok", meta=self._meta())
 
@@ -303,10 +318,14 @@ class FederatedServer:
         header = pb.CurrentModel(meta=meta, owner=SERVER_OWNER)
         yield from serde.encode_model_stream(header, model)
 
-    def SubmitUpdate(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.FederatedSummary:
+    def SubmitUpdate(
+        self, frames: Iterator[bytes], context: grpc.ServicerContext
+    ) -> pb.FederatedSummary:
         return self._run(context, self._submit_update, frames, context)
 
-    def _submit_update(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.FederatedSummary:
+    def _submit_update(
+        self, frames: Iterator[bytes], context: grpc.ServicerContext
+    ) -> pb.FederatedSummary:
         first = next(frames, None)
         if first is None:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty contribution stream")
@@ -317,13 +336,17 @@ class FederatedServer:
         if not cid:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "contribution without contribution_id")
         if header.n_iter < 1:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"n_iter must be >= 1, got {header.n_iter}")
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"n_iter must be >= 1, got {header.n_iter}"
+            )
         with self._cond:
             if self.finished:
                 raise _Abort(grpc.StatusCode.OUT_OF_RANGE, "Server training has stopped")
             if cid in self._seen_ids:
                 log.info("duplicate contribution %s from %s ignored", cid, site.name)
-                return pb.FederatedSummary(comment="duplicate contribution ignored", meta=self._meta())
+                return pb.FederatedSummary(
+                    comment="duplicate contribution ignored", meta=self._meta()
+                )
             rnd = header.client.meta.current_round
             if rnd != self.current_round:
                 raise _Abort(
@@ -373,7 +396,9 @@ class FederatedServer:
             assembler.received_bytes / 1e6,
         )
         self._maybe_close_round()
-        return pb.FederatedSummary(comment=f"Received contribution for round {rnd}", meta=self._meta())
+        return pb.FederatedSummary(
+            comment=f"Received contribution for round {rnd}", meta=self._meta()
+        )
 
     # ------------------------------------------------------------------ rounds
 
@@ -443,10 +468,14 @@ class FederatedServer:
 
     # ------------------------------------------------------------------ cross-site validation
 
-    def SubmitBestLocalModel(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.FederatedSummary:
+    def SubmitBestLocalModel(
+        self, frames: Iterator[bytes], context: grpc.ServicerContext
+    ) -> pb.FederatedSummary:
         return self._run(context, self._submit_best, frames, context)
 
-    def _submit_best(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.FederatedSummary:
+    def _submit_best(
+        self, frames: Iterator[bytes], context: grpc.ServicerContext
+    ) -> pb.FederatedSummary:
         first = next(frames, None)
         if first is None:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty model stream")
@@ -463,11 +492,15 @@ class FederatedServer:
         comment = f"Received best model from {site.name}." if params else "not participating"
         return pb.FederatedSummary(comment=comment, meta=self._meta())
 
-    def GetValidationModels(self, request: pb.ClientState, context: grpc.ServicerContext) -> Iterator[bytes]:
+    def GetValidationModels(
+        self, request: pb.ClientState, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         site = self._run(context, self._authenticate, request, context)
         with self._cond:
             delivered = self._delivered.setdefault(site.name, set())
-            owners = [o for o in sorted(self.best_models) if o not in delivered and self.best_models[o]]
+            owners = [
+                o for o in sorted(self.best_models) if o not in delivered and self.best_models[o]
+            ]
             models = {o: self.best_models[o] for o in owners}
             if self.finished and SERVER_OWNER not in delivered:
                 owners.append(SERVER_OWNER)

@@ -18,7 +18,12 @@ def _fltui(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "fltui", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -30,9 +35,19 @@ def test_demo_json_runs_the_federation_and_keeps_every_file(tmp_path: Path) -> N
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert all("event" in e for e in events)
     names = {e["event"] for e in events}
-    assert {"StatusChanged", "RoundStarted", "PhaseChanged", "ProgressUpdated", "MetricsReported",
-            "RoundCompleted", "ModelTransferred", "ConnectionChanged", "FederationFinished",
-            "ServerRoundAggregated", "LogRecord"} <= names
+    assert {
+        "StatusChanged",
+        "RoundStarted",
+        "PhaseChanged",
+        "ProgressUpdated",
+        "MetricsReported",
+        "RoundCompleted",
+        "ModelTransferred",
+        "ConnectionChanged",
+        "FederationFinished",
+        "ServerRoundAggregated",
+        "LogRecord",
+    } <= names
     for site in SITES:
         rounds = [e for e in events if e["event"] == "RoundCompleted" and e["site"] == site]
         assert [e["round"] for e in rounds] == [1, 2, 3]
@@ -42,9 +57,15 @@ def test_demo_json_runs_the_federation_and_keeps_every_file(tmp_path: Path) -> N
     assert events[-1]["event"] == "Notice" and "demo finished" in events[-1]["message"]
     # everything the federation wrote is under the workspace
     server = ws / "server"
-    for path in ("config_fed_server.json", "state.json", "models/global_model.npz",
-                 "models/initial_model.npz", "cross_val_results.json", "logs/fltui.log",
-                 "logs/events.jsonl"):
+    for path in (
+        "config_fed_server.json",
+        "state.json",
+        "models/global_model.npz",
+        "models/initial_model.npz",
+        "cross_val_results.json",
+        "logs/fltui.log",
+        "logs/events.jsonl",
+    ):
         assert (server / path).is_file(), path
     state = json.loads((server / "state.json").read_text())
     assert state["finished"] and state["current_round"] == 3
@@ -68,7 +89,9 @@ def test_demo_human_output_without_workspace_says_where_it_went() -> None:
     first = proc.stdout.splitlines()[0]
     assert first.startswith("demo workspace: ")
     ws = Path(first.split(": ", 1)[1])
-    assert (ws / "server" / "state.json").is_file() and (ws / "site-2" / "logs" / "events.jsonl").is_file()
+    assert (ws / "server" / "state.json").is_file() and (
+        ws / "site-2" / "logs" / "events.jsonl"
+    ).is_file()
     assert "round 1/1 completed: global accuracy=" in proc.stdout
     assert "federation completed after 1 rounds" in proc.stdout
     assert not proc.stdout.lstrip().startswith("{")
@@ -82,18 +105,22 @@ def test_site_without_a_startup_kit_is_a_clear_config_error(tmp_path: Path) -> N
 
 def test_site_without_a_deployed_mmar_says_deploy_first(tmp_path: Path) -> None:
     (tmp_path / "startup").mkdir()
-    (tmp_path / "startup" / "fed_client.json").write_text(json.dumps({
-        "servers": [{"name": "t", "service": {"target": "127.0.0.1:9"}}],
-        "client": {"client_name": "site-9"},
-    }))
+    (tmp_path / "startup" / "fed_client.json").write_text(
+        json.dumps(
+            {
+                "servers": [{"name": "t", "service": {"target": "127.0.0.1:9"}}],
+                "client": {"client_name": "site-9"},
+            }
+        )
+    )
     proc = _fltui("--no-ui", "--workspace", str(tmp_path), timeout=60)
     assert proc.returncode == 2
     assert "no deployed MMAR" in proc.stderr and "deploy one first" in proc.stderr
 
 
 def test_server_unreachable_exits_1_with_the_reason(tmp_path: Path) -> None:
-    import socket
     import shutil
+    import socket
 
     from engine.training import demo_mmar_path
 
@@ -101,10 +128,16 @@ def test_server_unreachable_exits_1_with_the_reason(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     (tmp_path / "startup").mkdir()
-    (tmp_path / "startup" / "fed_client.json").write_text(json.dumps({
-        "servers": [{"name": "demo_federation", "service": {"target": f"127.0.0.1:{port}"}}],
-        "client": {"client_name": "site-9", "retry_timeout": 1},
-    }))
+    (tmp_path / "startup" / "fed_client.json").write_text(
+        json.dumps(
+            {
+                "servers": [
+                    {"name": "demo_federation", "service": {"target": f"127.0.0.1:{port}"}}
+                ],
+                "client": {"client_name": "site-9", "retry_timeout": 1},
+            }
+        )
+    )
     shutil.copytree(demo_mmar_path(), tmp_path / "run_1" / "mmar_site-9")
     cfg = tmp_path / "run_1" / "mmar_site-9" / "config" / "config_fed_client.json"
     data = json.loads(cfg.read_text())

@@ -62,7 +62,7 @@ def test_non_contiguous_and_big_endian_inputs_are_sent_as_their_values() -> None
 
 
 def test_object_dtype_is_refused_by_name() -> None:
-    with pytest.raises(SerdeError, match="'bad'.*cannot be sent"):
+    with pytest.raises(SerdeError, match=r"'bad'.*cannot be sent"):
         _frames({"bad": np.array([object()])})
 
 
@@ -71,7 +71,9 @@ def _decode(frames, expected=None):
 
 
 def _chunk_frame(index: int, offset: int, data: bytes) -> bytes:
-    return pb.ModelChunk(chunk=pb.TensorChunk(index=index, offset=offset, data=data)).SerializeToString()
+    return pb.ModelChunk(
+        chunk=pb.TensorChunk(index=index, offset=offset, data=data)
+    ).SerializeToString()
 
 
 @pytest.mark.parametrize(
@@ -86,13 +88,26 @@ def _chunk_frame(index: int, offset: int, data: bytes) -> bytes:
         (lambda f: [*f[:2], _chunk_frame(9, 0, b"x"), *f[2:]], r"tensor #9"),
         (lambda f: f[1:], r"before the stream header"),
         (lambda f: [f[0], f[0], *f[1:]], r"middle of a model"),
-        (lambda f: [*f[:-1], pb.ModelChunk(end=pb.StreamEnd(total_bytes=1)).SerializeToString()], r"totals do not add up"),
+        (
+            lambda f: [*f[:-1], pb.ModelChunk(end=pb.StreamEnd(total_bytes=1)).SerializeToString()],
+            r"totals do not add up",
+        ),
         (lambda f: [*f[:2], f[2][:-5], *f[3:]], r"truncated|does not match"),
         (lambda f: [*f[:2], b"\x12\xff", *f[2:]], r"truncated|does not match"),
     ],
     ids=[
-        "no-end", "missing-chunk", "reordered", "repeated", "overflow", "skipped-tensor",
-        "unknown-tensor", "no-header", "second-header", "wrong-totals", "cut-frame", "garbage",
+        "no-end",
+        "missing-chunk",
+        "reordered",
+        "repeated",
+        "overflow",
+        "skipped-tensor",
+        "unknown-tensor",
+        "no-header",
+        "second-header",
+        "wrong-totals",
+        "cut-frame",
+        "garbage",
     ],
 )
 def test_corrupt_streams_are_refused(mutate, message) -> None:
@@ -137,7 +152,7 @@ def test_inline_ndarray_round_trip_and_size_check() -> None:
     msg = serde.ndarray_to_proto(value, "v")
     np.testing.assert_array_equal(serde.proto_to_ndarray(msg, "v"), value)
     msg.data = msg.data[:-1]
-    with pytest.raises(SerdeError, match="'v'.*23 payload bytes"):
+    with pytest.raises(SerdeError, match=r"'v'.*23 payload bytes"):
         serde.proto_to_ndarray(msg, "v")
 
 
@@ -158,7 +173,9 @@ def test_a_tensor_over_2_gib_streams_with_offsets_beyond_32_bits() -> None:
     value = np.zeros(n, dtype=np.float32)
     value[-3:] = [1.0, 2.0, 3.0]
     value[(1 << 29) + 5] = 7.0  # a value past byte offset 2^31
-    _, got = serde.decode_model_stream(serde.encode_model_stream(pb.CurrentModel(), {"big": value}), pb.CurrentModel)
+    _, got = serde.decode_model_stream(
+        serde.encode_model_stream(pb.CurrentModel(), {"big": value}), pb.CurrentModel
+    )
     assert got["big"].shape == (n,)
     assert got["big"][-1] == 3.0 and got["big"][(1 << 29) + 5] == 7.0
     assert float(got["big"].sum()) == 13.0

@@ -28,13 +28,20 @@ from tests.conftest import Recorder
 SITES = ["site-1", "site-2", "site-3"]
 
 
-def _federation(tmp_path: Path, rounds: int, **client_overrides: Any) -> tuple[FederatedServer, list[SiteEngine], EventBus]:
+def _federation(
+    tmp_path: Path, rounds: int, **client_overrides: Any
+) -> tuple[FederatedServer, list[SiteEngine], EventBus]:
     prepare_workspace(tmp_path, num_sites=3, num_rounds=rounds, heartbeat_interval=0.5)
     initial = load_npz(tmp_path / "server" / "models" / "initial_model.npz")
     bus = EventBus()
     server = FederatedServer(
-        ServerConfig(task_name="demo_federation", target="127.0.0.1:0", min_num_clients=3, num_rounds=rounds),
-        tmp_path / "server", initial, bus, long_poll=0.5,
+        ServerConfig(
+            task_name="demo_federation", target="127.0.0.1:0", min_num_clients=3, num_rounds=rounds
+        ),
+        tmp_path / "server",
+        initial,
+        bus,
+        long_poll=0.5,
     )
     port = server.start()
     engines = []
@@ -43,7 +50,9 @@ def _federation(tmp_path: Path, rounds: int, **client_overrides: Any) -> tuple[F
         _set_port(paths.kit, port)
         cfg_path = paths.mmar(1, name) / "config" / "config_fed_client.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg["client"].update({"steps_aggregation": 20, "cross_site_validate": False, **client_overrides})
+        cfg["client"].update(
+            {"steps_aggregation": 20, "cross_site_validate": False, **client_overrides}
+        )
         cfg_path.write_text(json.dumps(cfg))
         engine = SiteEngine(tmp_path / name, bus)
         engine.build()
@@ -86,7 +95,9 @@ def test_three_sites_complete_rounds_and_every_step_is_an_event(tmp_path: Path) 
         statuses = [e.message for e in rec.of(StatusChanged) if e.site == site]
         assert statuses[:2] == ["training starting", "training started"]
         assert statuses[-1] == "training stopped"
-        uploads = [e for e in rec.of(ModelTransferred) if e.site == site and e.direction == "upload"]
+        uploads = [
+            e for e in rec.of(ModelTransferred) if e.site == site and e.direction == "upload"
+        ]
         assert [e.round for e in uploads] == [1, 2]
     # the final global model on disk is the server's
     saved = load_npz(tmp_path / "server" / "models" / "global_model.npz")
@@ -112,16 +123,22 @@ def test_exclude_vars_keeps_matching_variables_local(tmp_path: Path) -> None:
     assert not np.array_equal(heads[0], heads[1])
     # the shared variables are the global model's after the last pull
     for e in engines:
-        np.testing.assert_array_equal(e.fitter.get_weights()["net.0.weight"], server.global_model["net.0.weight"])
+        np.testing.assert_array_equal(
+            e.fitter.get_weights()["net.0.weight"], server.global_model["net.0.weight"]
+        )
 
 
 def test_bad_mmar_config_names_file_and_key(tmp_path: Path) -> None:
     from engine.config import ConfigError
 
     prepare_workspace(tmp_path, num_sites=1, num_rounds=1)
-    cfg_path = SitePaths(tmp_path / "site-1").mmar(1, "site-1") / "config" / "config_fed_client.json"
+    cfg_path = (
+        SitePaths(tmp_path / "site-1").mmar(1, "site-1") / "config" / "config_fed_client.json"
+    )
     cfg = json.loads(cfg_path.read_text())
     cfg["client"]["exclude_vars"] = "(unclosed"
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=r"config_fed_client.json: client.exclude_vars: not a valid regular"):
+    with pytest.raises(
+        ConfigError, match=r"config_fed_client.json: client.exclude_vars: not a valid regular"
+    ):
         SiteEngine(tmp_path / "site-1", EventBus())

@@ -29,20 +29,26 @@ def test_fedavg_matches_numpy_weighted_by_n_iter_and_site_weights(start_server):
     clients = [direct_client(server, n) for n in ("site-a", "site-b", "site-c")]
     rng = np.random.default_rng(1)
     deltas = [
-        {k: rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else np.array(2 * i, np.int64)
-         for k, v in init.items()}
+        {
+            k: rng.standard_normal(v.shape).astype(v.dtype)
+            if v.dtype.kind == "f"
+            else np.array(2 * i, np.int64)
+            for k, v in init.items()
+        }
         for i in range(3)
     ]
     n_iters = [10, 30, 20]
     for c in clients:
         got = c.pull_models_from_server()
         assert all(np.array_equal(got[k], init[k]) for k in init)
-    for c, d, n in zip(clients, deltas, n_iters):
+    for c, d, n in zip(clients, deltas, n_iters, strict=True):
         c.push_models_to_server(d, {"n_iter": n})
     assert server.current_round == 1
     weights = np.array([10 * 1.0, 30 * 1.0, 20 * 0.5])
     for name, value in init.items():
-        expect = value + sum(w * d[name] for w, d in zip(weights, deltas)) / weights.sum()
+        expect = (
+            value + sum(w * d[name] for w, d in zip(weights, deltas, strict=True)) / weights.sum()
+        )
         if value.dtype.kind == "i":
             expect = np.rint(expect).astype(value.dtype)
         np.testing.assert_allclose(server.global_model[name], expect, rtol=1e-6, atol=1e-6)
@@ -97,8 +103,11 @@ def test_wrong_shape_or_unknown_variable_is_refused_by_name(start_server):
 
 def test_site_that_stops_heartbeating_is_dropped_and_round_goes_on(start_server):
     server = start_server(
-        {"w": np.zeros(2, np.float32)}, min_num_clients=1, num_rounds=2,
-        heart_beat_timeout=0.6, wait_after_min_clients=60,
+        {"w": np.zeros(2, np.float32)},
+        min_num_clients=1,
+        num_rounds=2,
+        heart_beat_timeout=0.6,
+        wait_after_min_clients=60,
     )
     alive = direct_client(server, "site-alive", client_args={"heartbeat_interval": 0.1})
     alive.start_heartbeat()
@@ -124,7 +133,10 @@ def test_unknown_task_and_token_are_refused(start_server):
     from engine.config import ServerEndpoint
 
     wrong = DirectFederatedClient(
-        "site-x", {}, False, [ServerEndpoint(name="other_task", target=f"127.0.0.1:{server.port}")],
+        "site-x",
+        {},
+        False,
+        [ServerEndpoint(name="other_task", target=f"127.0.0.1:{server.port}")],
         retry_timeout=2,
     )
     with pytest.raises(FLCommunicationError, match="does not match"):

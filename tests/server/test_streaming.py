@@ -83,16 +83,26 @@ def _raw_contribution(token: str, frames: list[bytes]) -> Iterator[bytes]:
     yield from frames
 
 
-def test_corrupt_upload_is_refused_by_variable_and_the_global_model_is_untouched(start_server) -> None:
+def test_corrupt_upload_is_refused_by_variable_and_the_global_model_is_untouched(
+    start_server,
+) -> None:
     init = {"w": np.zeros(300_000, np.float32), "b": np.zeros(3, np.float32)}
     server = start_server(init, min_num_clients=1, num_rounds=2)
     client = direct_client(server, "site-a")
     client.pull_models_from_server()
     header = pb.Contribution(
-        client=pb.ClientState(client_name="site-a", token=client.token, meta=pb.ModelMetaData(task=TASK)),
-        n_iter=1, type="delta_w", contribution_id="c-1",
+        client=pb.ClientState(
+            client_name="site-a", token=client.token, meta=pb.ModelMetaData(task=TASK)
+        ),
+        n_iter=1,
+        type="delta_w",
+        contribution_id="c-1",
     )
-    frames = list(serde.encode_model_stream(header, {"w": np.ones(300_000, np.float32), "b": np.ones(3, np.float32)}))
+    frames = list(
+        serde.encode_model_stream(
+            header, {"w": np.ones(300_000, np.float32), "b": np.ones(3, np.float32)}
+        )
+    )
     stub = FederatedStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
     cases = [
         (frames[:2], r"'w'.*truncated"),  # cut inside "w"
@@ -113,7 +123,7 @@ def test_corrupt_upload_is_refused_by_variable_and_the_global_model_is_untouched
 
 
 class _HostileServer:
-    """A real gRPC server that answers GetModel with a broken stream (a test double for a bad peer)."""
+    """A real gRPC server answering GetModel with a broken stream (test double of a bad peer)."""
 
     def __init__(self, frames: list[bytes]) -> None:
         def get_model(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -152,8 +162,12 @@ def test_corrupt_download_is_refused_and_the_local_model_is_untouched() -> None:
     hostile = _HostileServer(good[:2] + good[3:])  # a chunk of "w" goes missing
     local = _Weights({"w": np.zeros(400_000, np.float32), "b": np.zeros(2, np.float32)})
     client = DirectFederatedClient(
-        "site-a", {}, False, [ServerEndpoint(name=TASK, target=f"127.0.0.1:{hostile.port}")],
-        retry_timeout=1, model_reader_writer=local,
+        "site-a",
+        {},
+        False,
+        [ServerEndpoint(name=TASK, target=f"127.0.0.1:{hostile.port}")],
+        retry_timeout=1,
+        model_reader_writer=local,
     )
     try:
         client.connect_to_server({"heart_beat": False})
@@ -171,11 +185,17 @@ def test_unreachable_server_is_retried_with_backoff_then_given_up_with_the_reaso
     with socket_port() as port:
         pass  # a port nobody listens on
     client = DirectFederatedClient(
-        "site-a", {}, False, [ServerEndpoint(name=TASK, target=f"127.0.0.1:{port}")],
-        retry_timeout=1.5, bus=bus,
+        "site-a",
+        {},
+        False,
+        [ServerEndpoint(name=TASK, target=f"127.0.0.1:{port}")],
+        retry_timeout=1.5,
+        bus=bus,
     )
     t0 = time.monotonic()
-    with pytest.raises(FLCommunicationError, match=r"gave up after \d+ attempts.*retry_timeout 1.5 s"):
+    with pytest.raises(
+        FLCommunicationError, match=r"gave up after \d+ attempts.*retry_timeout 1.5 s"
+    ):
         client.connect_to_server({"heart_beat": False})
     assert time.monotonic() - t0 < 10
     retries = [e for e in rec.of(ConnectionChanged) if e.state == "retrying"]
@@ -188,7 +208,9 @@ def test_refusals_are_not_retried(start_server) -> None:
     direct_client(server, "site-a")
     bus = EventBus()
     rec = Recorder(bus)
-    second = DirectFederatedClient("site-b", {}, False, [endpoint(server)], retry_timeout=30, bus=bus)
+    second = DirectFederatedClient(
+        "site-b", {}, False, [endpoint(server)], retry_timeout=30, bus=bus
+    )
     with pytest.raises(FLCommunicationError, match="Maximum number of clients"):
         second.connect_to_server({"heart_beat": False})
     assert not [e for e in rec.of(ConnectionChanged) if e.state == "retrying"]
