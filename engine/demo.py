@@ -135,6 +135,8 @@ class DemoFederation:
         self.peers: dict[str, subprocess.Popen[bytes]] = {}
         self._relays: list[threading.Thread] = []
         self.site_engine: SiteEngine | None = None
+        self._done = threading.Event()
+        self._aborted = threading.Event()
 
     def run(self, timeout: float = 900.0) -> DemoResult:
         """Runs the whole federation; returns when every site has ended."""
@@ -155,8 +157,12 @@ class DemoFederation:
                 _set_port(SitePaths(self.root / name).kit, port)
             for name in names[1:]:
                 self._start_peer(name)
+            watchdog = threading.Thread(target=self._watch_peers, name="demo-watchdog", daemon=True)
+            watchdog.start()
             outcome = self._run_site_1()
             result.outcomes[names[0]] = outcome
+            if outcome != "completed":
+                self.stop_peers()  # the federation cannot finish without this site
             for name, proc in self.peers.items():
                 try:
                     code = proc.wait(timeout=timeout)
@@ -169,6 +175,7 @@ class DemoFederation:
             result.server_finished = server.finished
             result.history = list(server.history)
         finally:
+            self._done.set()
             self.stop_peers()
             server.stop(grace=1)
             detach_server_logs()
@@ -182,8 +189,12 @@ class DemoFederation:
         root = self.root / "site-1"
         detach = attach_workspace_logs(root, self.bus, "site-1")
         try:
-            self.site_engine = SiteEngine(root, self.bus)
-            return self.site_engine.run()
+            engine = SiteEngine(root, self.bus)
+            engine.build()
+            self.site_engine = engine
+            if self._aborted.is_set():
+                engine.abort()
+            return engine.run()
         finally:
             detach()
 
@@ -212,6 +223,23 @@ class DemoFederation:
         relay.start()
         self._relays.append(relay)
 
+    def _watch_peers(self) -> None:
+        """A peer that dies before the end stops the demo (the others would wait for it forever)."""
+        while not self._done.is_set():
+            for name, proc in self.peers.items():
+                code = proc.poll()
+                if code not in (None, 0) and not self._done.is_set():
+                    log.error(
+                        "%s exited with code %s: %s",
+                        name,
+                        code,
+                        _tail(self.root / name / "logs" / "stderr.log"),
+                    )
+                    self.abort()
+                    return
+            if self._done.wait(0.5):
+                return
+
     def _relay(self, name: str, proc: subprocess.Popen[bytes]) -> None:
         """Re-publishes a peer's JSON event lines on our bus."""
         assert proc.stdout is not None
@@ -227,11 +255,13 @@ class DemoFederation:
 
     def abort(self) -> None:
         """Stops site-1 and the peers."""
+        self._aborted.set()
         if self.site_engine is not None:
             self.site_engine.abort()
         self.stop_peers()
 
     def stop_peers(self) -> None:
+        """Terminates the peers still running (SIGTERM, then SIGKILL after 10 s)."""
         for proc in self.peers.values():
             if proc.poll() is None:
                 proc.terminate()
@@ -240,3 +270,11 @@ class DemoFederation:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no stderr log)"
+    return " | ".join(text[-lines:]) or "(stderr empty)"

@@ -208,8 +208,10 @@ def _run_server(args: argparse.Namespace, bus: object, printer: object) -> int:
     try:
         server.start()
         printer.say(f"server listening on port {server.port}")  # type: ignore[attr-defined]
-        while not server.wait_finished(timeout=1.0):
+        # Ctrl-C stays responsive: wait in short steps.
+        while not server.wait_all_left(timeout=1.0):
             pass
+        printer.say("all rounds done and every site has left; server stopping")  # type: ignore[attr-defined]
         return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

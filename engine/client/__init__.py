@@ -5,7 +5,7 @@ from __future__ import annotations
 from engine.client.communicator import Communicator, FLCommunicationError, RemoteModel
 from engine.client.data_assembler import DataAssembler
 from engine.client.direct_client import DirectFederatedClient
-from engine.client.fed_client import FederatedClient
+from engine.client.fed_client import FederatedClient, TestFederatedClient
 from engine.client.fed_client_base import FederatedClientBase
 from engine.client.model_manager import ClientModelManager
 from engine.client.status import ClientStatus
@@ -20,4 +20,5 @@ __all__ = [
     "FederatedClient",
     "FederatedClientBase",
     "RemoteModel",
+    "TestFederatedClient",
 ]

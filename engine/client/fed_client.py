@@ -12,7 +12,7 @@ from engine.client.fed_client_base import FederatedClientBase
 from engine.client.status import ClientStatus
 from engine.events import FederationFinished, MetricsReported, RoundCompleted, RoundStarted
 
-__all__ = ["FederatedClient", "TrainingAbortedError"]
+__all__ = ["FederatedClient", "TestFederatedClient", "TrainingAbortedError"]
 
 log = logging.getLogger("engine.client")
 
@@ -161,3 +161,35 @@ class FederatedClient(FederatedClientBase):
             return True
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+
+class TestFederatedClient(FederatedClient):
+    """The lineage's test client: ``client_login`` registers with one server."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self,
+        client_id: str,
+        client_args: Any,
+        secure_train: bool,
+        server_args: Any = None,
+        exclude_vars: str | None = None,
+        privacy_params: Any = None,
+        req_processors: list[Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            client_id,
+            client_args,
+            secure_train,
+            server_args,
+            exclude_vars,
+            privacy=privacy_params,
+            req_processors=req_processors,
+            **kwargs,
+        )
+
+    def client_login(self, task_name: str) -> str:
+        """Registers with ``task_name``'s server; returns the token."""
+        return self.client_register(task_name)

@@ -165,6 +165,21 @@ class FederatedServer:
                 self._cond.wait(timeout=left if left is not None else 1.0)
         return True
 
+    def wait_all_left(self, timeout: float | None = None) -> bool:
+        """Blocks until every round is done and every site has left (quit or was dropped).
+
+        Sites still fetch the final model and run cross-site validation after the last round,
+        so a server that stops at ``finished`` would cut them off.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not (self.finished and not self.sites):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(timeout=min(left, 1.0) if left is not None else 1.0)
+        return True
+
     # ------------------------------------------------------------------ helpers
 
     def _new_round(self) -> _Round:

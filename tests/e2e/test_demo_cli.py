@@ -147,3 +147,54 @@ def test_server_unreachable_exits_1_with_the_reason(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     assert "status: training exception (gave up after" in proc.stdout
     assert "federation failed" in proc.stdout
+
+
+@pytest.mark.slow
+def test_fltui_server_and_a_site_as_separate_commands(tmp_path: Path) -> None:
+    """An operator's own small federation: `fltui server` and `fltui --no-ui` for one site."""
+    import re
+    import threading
+
+    from engine.demo import _set_port, prepare_workspace
+
+    prepare_workspace(tmp_path, num_sites=1, num_rounds=2)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fltui",
+            "server",
+            "--no-ui",
+            "--workspace",
+            str(tmp_path / "server"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert server.stdout is not None
+        lines: list[str] = []
+        port = None
+        for line in server.stdout:
+            lines.append(line)
+            if m := re.search(r"server listening on port (\d+)", line):
+                port = int(m.group(1))
+                break
+        assert port, "".join(lines)
+        rest: list[str] = []
+        reader = threading.Thread(target=lambda: rest.extend(server.stdout), daemon=True)
+        reader.start()
+        _set_port(tmp_path / "site-1" / "startup" / "fed_client.json", port)
+        site = _fltui("--no-ui", "--workspace", str(tmp_path / "site-1"))
+        assert site.returncode == 0, site.stdout[-3000:] + site.stderr[-2000:]
+        assert "round 2/2 completed" in site.stdout
+        assert server.wait(timeout=60) == 0
+        reader.join(timeout=5)
+        assert "round 2/2 aggregated from site-1" in "".join(rest)
+    finally:
+        if server.poll() is None:
+            server.kill()

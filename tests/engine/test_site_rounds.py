@@ -142,3 +142,82 @@ def test_bad_mmar_config_names_file_and_key(tmp_path: Path) -> None:
         ConfigError, match=r"config_fed_client.json: client.exclude_vars: not a valid regular"
     ):
         SiteEngine(tmp_path / "site-1", EventBus())
+
+
+PRIVACY = '''
+import numpy as np
+from engine.privacy import PrivacyProtocol
+
+
+class HalfDelta(PrivacyProtocol):
+    """A site's own protocol (BYO, from custom/): shares half of every change."""
+
+    def __init__(self, factor=0.5):
+        self.factor = factor
+
+    def apply(self, model_diff, train_ctx):
+        assert train_ctx["total_steps"] >= 1
+        return {k: (v * self.factor).astype(v.dtype) for k, v in model_diff.items()}
+'''
+
+
+def test_privacy_protocol_from_the_mmar_is_applied_to_the_delta(tmp_path: Path) -> None:
+    prepare_workspace(tmp_path, num_sites=1, num_rounds=1)
+    mmar = SitePaths(tmp_path / "site-1").mmar(1, "site-1")
+    (mmar / "custom" / "half_privacy.py").write_text(PRIVACY)
+    initial = load_npz(tmp_path / "server" / "models" / "initial_model.npz")
+    server = FederatedServer(
+        ServerConfig(task_name="demo_federation", target="127.0.0.1:0", num_rounds=1),
+        tmp_path / "server",
+        initial,
+        long_poll=0.5,
+    )
+    port = server.start()
+    _set_port(SitePaths(tmp_path / "site-1").kit, port)
+    cfg_path = mmar / "config" / "config_fed_client.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["client"].update(
+        {
+            "steps_aggregation": 5,
+            "cross_site_validate": False,
+            "privacy": {"path": "half_privacy.HalfDelta", "args": {"factor": 0.5}},
+        }
+    )
+    cfg_path.write_text(json.dumps(cfg))
+    engine = SiteEngine(tmp_path / "site-1", EventBus())
+    engine.build()
+    manager = engine.client.model_manager
+    # what the site trained, seen through the manager just before the upload
+    seen: dict[str, np.ndarray] = {}
+    original = manager.read_current_model
+
+    def spy(task_name: str, type_str: str = "delta_w") -> dict[str, np.ndarray]:
+        seen.update(manager.get_current_model_data())
+        return original(task_name, type_str)
+
+    manager.read_current_model = spy  # type: ignore[method-assign]
+    try:
+        assert engine.run() == "completed"
+    finally:
+        server.stop(grace=0)
+    assert manager.last_privacy["protocol"] == "HalfDelta"
+    for name, start in initial.items():
+        np.testing.assert_allclose(
+            server.global_model[name], start + 0.5 * (seen[name] - start), atol=1e-6
+        )
+
+
+def test_unknown_privacy_protocol_is_refused_when_the_config_loads(tmp_path: Path) -> None:
+    from engine.config import ConfigError
+
+    prepare_workspace(tmp_path, num_sites=1, num_rounds=1)
+    cfg_path = (
+        SitePaths(tmp_path / "site-1").mmar(1, "site-1") / "config" / "config_fed_client.json"
+    )
+    cfg = json.loads(cfg_path.read_text())
+    cfg["client"]["privacy"] = {"name": "NoSuchProtocol", "args": {}}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(
+        ConfigError, match=r"client.privacy: unknown privacy protocol 'NoSuchProtocol'"
+    ):
+        SiteEngine(tmp_path / "site-1", EventBus())
