@@ -51,6 +51,19 @@ def direct_client(server: FederatedServer, name: str, **kwargs: Any) -> DirectFe
     return client
 
 
+class DictModel:
+    """A model reader/writer over a dict of arrays (what a fitter does for the model manager)."""
+
+    def __init__(self, weights: dict[str, np.ndarray]) -> None:
+        self.weights = weights
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self.weights.items()}
+
+    def set_weights(self, new: dict[str, np.ndarray]) -> None:
+        self.weights.update({k: np.array(v) for k, v in new.items()})
+
+
 class Recorder:
     """Collects the events of a bus."""
 

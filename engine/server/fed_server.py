@@ -223,6 +223,16 @@ class FederatedServer:
             )
         return site
 
+    def _contribution_header(
+        self, frames: Iterator[bytes], context: grpc.ServicerContext
+    ) -> tuple[pb.Contribution, _Site]:
+        """Reads an upload's header frame and authenticates it, before any payload is read."""
+        first = next(frames, None)
+        if first is None:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty model stream")
+        header = serde.parse_header_frame(first, pb.Contribution)
+        return header, self._authenticate(header.client, context)
+
     def _run(self, context: grpc.ServicerContext, fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
@@ -341,12 +351,7 @@ class FederatedServer:
     def _submit_update(
         self, frames: Iterator[bytes], context: grpc.ServicerContext
     ) -> pb.FederatedSummary:
-        first = next(frames, None)
-        if first is None:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty contribution stream")
-        # Token and round are checked on the header, before any payload is read.
-        header = serde.parse_header_frame(first, pb.Contribution)
-        site = self._authenticate(header.client, context)
+        header, site = self._contribution_header(frames, context)
         cid = header.contribution_id
         if not cid:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "contribution without contribution_id")
@@ -491,11 +496,7 @@ class FederatedServer:
     def _submit_best(
         self, frames: Iterator[bytes], context: grpc.ServicerContext
     ) -> pb.FederatedSummary:
-        first = next(frames, None)
-        if first is None:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty model stream")
-        header = serde.parse_header_frame(first, pb.Contribution)
-        site = self._authenticate(header.client, context)
+        header, site = self._contribution_header(frames, context)
         assembler = serde.ModelAssembler(pb.Contribution, self._expected())
         assembler.on_header(header)
         params = serde.receive_model(assembler, frames)

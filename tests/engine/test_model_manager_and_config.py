@@ -13,23 +13,11 @@ from engine.client.model_manager import ClientModelManager, ModelDiffError
 from engine.config import ConfigError, load_client_kit, load_server_config
 from engine.events import EventBus, RoundCompleted, event_from_dict
 from protos import federated_pb2 as pb
+from tests.conftest import DictModel
 
 
-class _Weights:
-    """A model reader/writer over a dict (what a fitter does for the manager)."""
-
-    def __init__(self, weights: dict[str, np.ndarray]) -> None:
-        self.weights = weights
-
-    def get_weights(self) -> dict[str, np.ndarray]:
-        return {k: v.copy() for k, v in self.weights.items()}
-
-    def set_weights(self, new: dict[str, np.ndarray]) -> None:
-        self.weights.update({k: np.array(v) for k, v in new.items()})
-
-
-def _manager(exclude: str | None = None) -> tuple[ClientModelManager, _Weights]:
-    rw = _Weights({"w": np.zeros(3, np.float32), "head": np.full(2, 9, np.float32)})
+def _manager(exclude: str | None = None) -> tuple[ClientModelManager, DictModel]:
+    rw = DictModel({"w": np.zeros(3, np.float32), "head": np.full(2, 9, np.float32)})
     return ClientModelManager(["t"], exclude_vars=exclude, model_reader_writer=rw), rw
 
 

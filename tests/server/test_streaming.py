@@ -18,7 +18,7 @@ from engine.config import ServerEndpoint
 from engine.events import ConnectionChanged, EventBus
 from engine.rpc import SERVICE, FederatedStub
 from protos import federated_pb2 as pb
-from tests.conftest import TASK, Recorder, direct_client, endpoint
+from tests.conftest import TASK, DictModel, Recorder, direct_client, endpoint
 
 
 def _rss() -> int:
@@ -145,22 +145,11 @@ class _HostileServer:
         self.server.start()
 
 
-class _Weights:
-    def __init__(self, weights: dict[str, np.ndarray]) -> None:
-        self.weights = weights
-
-    def get_weights(self) -> dict[str, np.ndarray]:
-        return {k: v.copy() for k, v in self.weights.items()}
-
-    def set_weights(self, new: dict[str, np.ndarray]) -> None:
-        self.weights.update({k: np.array(v) for k, v in new.items()})
-
-
 def test_corrupt_download_is_refused_and_the_local_model_is_untouched() -> None:
     model = {"w": np.full(400_000, 5, np.float32), "b": np.ones(2, np.float32)}
     good = list(serde.encode_model_stream(pb.CurrentModel(meta=pb.ModelMetaData(task=TASK)), model))
     hostile = _HostileServer(good[:2] + good[3:])  # a chunk of "w" goes missing
-    local = _Weights({"w": np.zeros(400_000, np.float32), "b": np.zeros(2, np.float32)})
+    local = DictModel({"w": np.zeros(400_000, np.float32), "b": np.zeros(2, np.float32)})
     client = DirectFederatedClient(
         "site-a",
         {},
