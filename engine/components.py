@@ -64,4 +64,7 @@ def build_component(
     try:
         return cls(**spec.args)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(path, f"{key}.args", f"bad arguments for {spec.ref}: {exc}") from None
+        # A component may say which argument was wrong (``exc.arg``): the key then names it.
+        arg = getattr(exc, "arg", None)
+        where_key = f"{key}.args.{arg}" if arg else f"{key}.args"
+        raise ConfigError(path, where_key, f"bad arguments for {spec.ref}: {exc}") from None

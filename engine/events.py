@@ -22,6 +22,7 @@ __all__ = [
     "MetricsReported",
     "ModelTransferred",
     "PhaseChanged",
+    "PrivacyApplied",
     "ProgressUpdated",
     "RoundCompleted",
     "RoundStarted",
@@ -167,6 +168,23 @@ class ModelTransferred(Event):
         return (
             f"{self.what} {self.direction}ed: {self.nbytes / 1e6:.2f} MB in {self.seconds:.2f} s "
             f"({self.mb_per_s:.0f} MB/s)" + (f", round {self.round}" if self.round else "")
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyApplied(Event):
+    """A privacy protocol ran on this round's Δ before it was shared."""
+
+    round: int
+    protocol: str
+    shared_values: int
+    total_values: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (
+            f"round {self.round} privacy {self.protocol}: shared {self.shared_values} of "
+            f"{self.total_values} values in {self.seconds * 1000:.1f} ms"
         )
 
 

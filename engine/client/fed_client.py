@@ -10,7 +10,13 @@ from typing import Any
 from engine.client.communicator import FLCommunicationError
 from engine.client.fed_client_base import FederatedClientBase
 from engine.client.status import ClientStatus
-from engine.events import FederationFinished, MetricsReported, RoundCompleted, RoundStarted
+from engine.events import (
+    FederationFinished,
+    MetricsReported,
+    PrivacyApplied,
+    RoundCompleted,
+    RoundStarted,
+)
 
 __all__ = ["FederatedClient", "TestFederatedClient", "TrainingAbortedError"]
 
@@ -58,6 +64,9 @@ class FederatedClient(FederatedClientBase):
             self.phase("privacy")
         self.phase("submitting")
         self.push_models()
+        info = self.model_manager.last_privacy
+        if info is not None:
+            self.bus.publish(PrivacyApplied(site=self.client_name, round=rnd, **info))
         log.info("%s: round %d contribution sent (n_iter=%d)", self.client_name, rnd, n_iter)
         self.phase("waiting for the others")
         return True

@@ -17,6 +17,7 @@ from engine.events import (
     FederationFinished,
     ModelTransferred,
     PhaseChanged,
+    PrivacyApplied,
     RoundCompleted,
     StatusChanged,
 )
@@ -184,7 +185,9 @@ def test_privacy_protocol_from_the_mmar_is_applied_to_the_delta(tmp_path: Path) 
         }
     )
     cfg_path.write_text(json.dumps(cfg))
-    engine = SiteEngine(tmp_path / "site-1", EventBus())
+    bus = EventBus()
+    rec = Recorder(bus)
+    engine = SiteEngine(tmp_path / "site-1", bus)
     engine.build()
     manager = engine.client.model_manager
     # what the site trained, seen through the manager just before the upload
@@ -201,6 +204,10 @@ def test_privacy_protocol_from_the_mmar_is_applied_to_the_delta(tmp_path: Path) 
     finally:
         server.stop(grace=0)
     assert manager.last_privacy["protocol"] == "HalfDelta"
+    [applied] = rec.of(PrivacyApplied)
+    assert (applied.round, applied.protocol) == (1, "HalfDelta")
+    assert applied.total_values == sum(v.size for v in initial.values())
+    assert 0 < applied.shared_values <= applied.total_values
     for name, start in initial.items():
         np.testing.assert_allclose(
             server.global_model[name], start + 0.5 * (seen[name] - start), atol=1e-6
