@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -173,6 +174,16 @@ class SiteEngine:
         self.post_processors = build_processors(self.mmar_config.post_processors, custom)
         self.client: FederatedClient | None = None
         self._last_progress = 0.0
+        self.rank, self.world_size = 0, 1
+
+    def distributed(self, rank: int, world_size: int) -> None:
+        """Makes this engine one rank of a multi-GPU run (set before ``build``).
+
+        ``torch.distributed`` is initialised from the environment (MASTER_ADDR, MASTER_PORT):
+        NCCL on GPUs, gloo on CPU. Only rank 0 talks to the server; it broadcasts each global
+        model to the others, and all ranks train together (DistributedDataParallel).
+        """
+        self.rank, self.world_size = rank, world_size
 
     def _server_args(self) -> list[Any]:
         # The MMAR names the task; the startup kit says where its server is.
@@ -210,14 +221,20 @@ class SiteEngine:
         from engine.training import build_fitter
 
         cfg = self.mmar_config
+        device = None
+        if self.world_size > 1:
+            device = self._init_distributed()
         self.fitter = build_fitter(
             self.mmar,
             site_name=self.site,
             local_epochs=cfg.local_epochs,
             steps_aggregation=cfg.steps_aggregation,
-            on_progress=self._on_progress,
-            on_epoch_end=self._on_epoch_end,
+            on_progress=self._on_progress if self.rank == 0 else None,
+            on_epoch_end=self._on_epoch_end if self.rank == 0 else None,
+            device=device,
         )
+        if self.world_size > 1:
+            self.fitter.enable_distributed(self.rank, self.world_size)
         kit = self.kit
         self.client = FederatedClient(
             self.site,
@@ -240,11 +257,66 @@ class SiteEngine:
             compression=cfg.compression or kit.compression,
             bus=self.bus,
         )
+        if self.world_size > 1:
+            self.client.round_sync = self._sync_ranks
         return self.client
+
+    def _init_distributed(self) -> str:
+        import torch
+        import torch.distributed as dist
+
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", self.rank))
+            torch.cuda.set_device(local)
+            backend, device = "nccl", f"cuda:{local}"
+        else:
+            backend, device = "gloo", "cpu"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+        return device
+
+    def _sync_ranks(self, go_on: bool) -> None:
+        """Rank 0, after each pull: tells the other ranks whether to train, and with what."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if go_on else 0], device=self.fitter.device)
+        dist.broadcast(flag, src=0)
+        if go_on:
+            self.fitter.broadcast_weights(0)
+
+    def _follow(self) -> str:
+        """Ranks > 0: train each round on rank 0's global model until rank 0 says stop."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.zeros(1, dtype=torch.long, device=self.fitter.device)
+        while True:
+            dist.broadcast(flag, src=0)
+            if not int(flag.item()):
+                return "completed"
+            self.fitter.broadcast_weights(0)
+            self.fitter.train()
+
+    def validate_only(self) -> str:
+        """Cross-site validation on its own (the admin's ``validate``), with the best model."""
+        client = self.client or self.build()
+        client.model_manager.set_fitter(self.fitter)
+        try:
+            results = client.run_cross_site_validation()
+        except Exception as exc:
+            log.error("%s: cross-site validation failed: %s", self.site, exc)
+            return "failed"
+        finally:
+            client.communicator.close()
+        log.info("%s: cross-site validation done: %d models", self.site, len(results))
+        return "completed"
 
     def run(self) -> str:
         """Runs the federation to its end in this thread; returns the outcome."""
         client = self.client or self.build()
+        if self.rank > 0:
+            return self._follow()
         log.info(
             "%s: training %s (run %d) with server %s",
             self.site,

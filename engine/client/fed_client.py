@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from engine.client.communicator import FLCommunicationError
@@ -36,6 +37,11 @@ class FederatedClient(FederatedClientBase):
         self.outcome = ""
         self._reported_round = 0
         self._thread: threading.Thread | None = None
+        # A training worker under a site service uses the service's session (token, heartbeat)
+        # and must not end it: the service stays registered and administrable between runs.
+        self.owns_session = True
+        # Multi-GPU rank 0: called after each pull with "go on?" so the other ranks follow.
+        self.round_sync: Callable[[bool], None] | None = None
 
     # ------------------------------------------------------------------ one round
 
@@ -48,6 +54,8 @@ class FederatedClient(FederatedClientBase):
         self.phase("pulling model")
         self.pull_models()
         self._report_global_model(fitter)
+        if self.round_sync is not None:
+            self.round_sync(not self.train_end)
         if self.train_end:
             return False
         self._check_abort()
@@ -108,8 +116,10 @@ class FederatedClient(FederatedClientBase):
         self.set_status(ClientStatus.TRAINING_STARTING)
         detail = ""
         try:
-            self.register()
-            self.start_heartbeat()
+            if self.owns_session or self.token is None:
+                self.register()
+            if self.owns_session:
+                self.start_heartbeat()
             self.set_status(ClientStatus.TRAINING_STARTED)
             self.run_federated_steps(fitter)
             if self.cross_site_validate:
@@ -132,7 +142,11 @@ class FederatedClient(FederatedClientBase):
                 log.debug("%s", traceback.format_exc())
                 self.set_status(ClientStatus.TRAINING_EXCEPTION, detail)
         finally:
-            self.close()
+            if self.owns_session:
+                self.close()
+            else:
+                self.communicator.close()
+                self.model_manager.close()
         self.bus.publish(
             FederationFinished(
                 site=self.client_name,

@@ -196,6 +196,50 @@ class Fitter:
         self._validation_loader = DataLoader(
             validation_data, batch_size=config.validation_batch_size, pin_memory=pin
         )
+        self._train_data = train_data
+        self._forward: nn.Module = model  # the DDP wrapper under multi-GPU training
+        self.rank = 0
+        self.world_size = 1
+        self._sampler: Any = None
+
+    def enable_distributed(self, rank: int, world_size: int) -> None:
+        """Trains as one rank of ``world_size`` (torch.distributed must be initialised).
+
+        Each rank gets its own shard of the training data (DistributedSampler) and gradients are
+        averaged across ranks (DistributedDataParallel), so every rank keeps the same weights.
+        """
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data.distributed import DistributedSampler
+
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised")
+        with self._lock:
+            self.rank, self.world_size = rank, world_size
+            sampler = DistributedSampler(
+                self._train_data,
+                num_replicas=world_size,
+                rank=rank,
+                shuffle=True,
+                seed=self.config.seed,
+            )
+            self._sampler = sampler
+            self._train_loader = DataLoader(
+                self._train_data,
+                batch_size=self.config.batch_size,
+                sampler=sampler,
+                pin_memory=self.device.type == "cuda",
+            )
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._forward = DistributedDataParallel(self._model, device_ids=ids)
+
+    def broadcast_weights(self, src: int = 0) -> None:
+        """Makes every rank's model equal to rank ``src``'s (after rank 0 loaded a global model)."""
+        import torch.distributed as dist
+
+        with self._lock, torch.no_grad():
+            for tensor in self._model.state_dict().values():
+                dist.broadcast(tensor, src=src)
 
     # -- read-only facts ---------------------------------------------------------------------
 
@@ -270,8 +314,15 @@ class Fitter:
                     state[name].copy_(tensor)
 
     def best_weights(self) -> dict[str, np.ndarray] | None:
-        """The weights with the best key metric :meth:`validate` saw, or ``None`` before any."""
+        """The weights with the best key metric :meth:`validate` saw, or ``None`` before any.
+
+        A fitter that has not validated yet (a new process after a run) reads the best model
+        saved in ``models/best_model.pt`` by an earlier run, if there is one.
+        """
         with self._lock:
+            if self._best_weights is None and self.best_model_path.is_file():
+                state = torch.load(self.best_model_path, map_location="cpu", weights_only=True)
+                self._best_weights = _to_numpy(state)
             if self._best_weights is None:
                 return None
             return {name: array.copy() for name, array in self._best_weights.items()}
@@ -302,7 +353,9 @@ class Fitter:
             total = self.steps_per_round
             # A fresh, seeded shuffle per round: repeatable runs, different order each round.
             self._shuffle.manual_seed(_mix(self.config.seed, self._rounds))
-            model = self._model
+            if self.world_size > 1:
+                self._sampler.set_epoch(self._rounds)
+            model = self._forward
             was_training = model.training
             model.train()
             step = 0

@@ -1,0 +1,123 @@
+"""Training worker: the child process a site service starts for one run (``python -m ...``).
+
+The service writes ``<workspace>/client_token.txt`` (owner-only) with the session's token, the
+run number, the site name, the port of its local control listener and that listener's key. The
+worker connects to it, sends every event up (status, phase, progress, metrics) and takes
+``abort`` down. Under multi-GPU training each rank is one worker: rank 0 talks to the server and
+to the service; the other ranks train and follow rank 0 through ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from multiprocessing.connection import Client, Connection
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TOKEN_FILE", "main", "read_token_file", "write_token_file"]
+
+TOKEN_FILE = "client_token.txt"
+
+EXIT_COMPLETED = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ABORTED = 3
+
+
+def write_token_file(workspace: Path, info: dict[str, Any]) -> Path:
+    """Writes the worker's start information, readable by the owner only."""
+    path = workspace / TOKEN_FILE
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)
+    return path
+
+
+def read_token_file(workspace: Path) -> dict[str, Any]:
+    """Reads what ``write_token_file`` wrote."""
+    return dict(json.loads((workspace / TOKEN_FILE).read_text()))
+
+
+class _Uplink:
+    """Sends events to the service; takes commands from it (thread-safe sends)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        with self._lock:
+            try:
+                self.conn.send(message)
+            except (OSError, EOFError, ValueError):
+                self.closed = True  # the service went away; training still ends on its own
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.training.worker")
+    parser.add_argument("--workspace", type=Path, required=True)
+    parser.add_argument("--mode", choices=("train", "validate"), default="train")
+    args = parser.parse_args(argv)
+
+    from engine.events import EventBus, EventLogHandler
+    from engine.site import SiteEngine
+
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info = read_token_file(args.workspace)
+    bus = EventBus()
+    uplink: _Uplink | None = None
+    if rank == 0:
+        conn = Client(
+            ("127.0.0.1", int(info["listen_port"])), authkey=bytes.fromhex(info["authkey"])
+        )
+        uplink = _Uplink(conn)
+        bus.subscribe(lambda event: uplink.send({"event": event.to_dict()}))  # type: ignore[union-attr]
+        import logging
+
+        engine_log = logging.getLogger("engine")
+        engine_log.setLevel(logging.INFO)
+        engine_log.addHandler(EventLogHandler(bus, str(info["client_name"])))
+
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    engine = SiteEngine(args.workspace, bus, int(info["run_number"]))
+    if world > 1:
+        engine.distributed(rank, world)
+    client = engine.build()
+    client.token = str(info["token"])
+    client.owns_session = False
+
+    if uplink is not None:
+
+        def commands() -> None:
+            while True:
+                try:
+                    message = uplink.conn.recv()
+                except (EOFError, OSError):
+                    return
+                if message.get("command") == "abort":
+                    engine.abort()
+
+        threading.Thread(target=commands, name="worker-commands", daemon=True).start()
+
+    outcome = engine.validate_only() if args.mode == "validate" else engine.run()
+    if uplink is not None:
+        uplink.send({"outcome": outcome})
+    return {"completed": EXIT_COMPLETED, "aborted": EXIT_ABORTED}.get(outcome, EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
