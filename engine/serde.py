@@ -17,7 +17,7 @@ leaves the caller's model untouched.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -311,6 +311,8 @@ class ModelAssembler:
         header_type: ``pb.CurrentModel`` or ``pb.Contribution``.
         expected: when given, every announced variable must be in it with this dtype and shape.
         max_total_bytes: a header announcing more payload than this is refused.
+        allocate: makes the buffer for one tensor (default ``np.empty``); a receiver that gets
+            the same shapes every round can hand out buffers whose memory is already committed.
     """
 
     def __init__(
@@ -318,7 +320,9 @@ class ModelAssembler:
         header_type: type[H],
         expected: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
         max_total_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+        allocate: Callable[[TensorSpec], np.ndarray] | None = None,
     ) -> None:
+        self._allocate = allocate or (lambda s: np.empty(s.shape, dtype=s.dtype))
         self._header_type = header_type
         self._expected = expected
         self._max_total = max_total_bytes
@@ -374,7 +378,7 @@ class ModelAssembler:
             )
         self.specs = specs
         # np.empty maps pages lazily: memory is committed as payload arrives, not up front.
-        self._buffers = [np.empty(s.shape, dtype=s.dtype) for s in specs]
+        self._buffers = [self._allocate(s) for s in specs]
         self._bytes = [b.reshape(-1).view(np.uint8) for b in self._buffers]
         self._filled = [0] * len(specs)
         header.data.ClearField("params")
@@ -441,6 +445,10 @@ class ModelAssembler:
                 f"{self.received_bytes} bytes, {len(self.specs)} tensors, {self._chunks} chunks"
             )
         self.finished = True
+
+    def buffers(self) -> list[np.ndarray]:
+        """The buffers allocated so far (to recycle them when the stream is refused)."""
+        return list(self._buffers)
 
     def filled(self, index: int) -> int:
         """Payload bytes received so far for tensor ``index``."""

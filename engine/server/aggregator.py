@@ -56,6 +56,10 @@ class FedAvgAccumulator:
             self._weights[name] += weight
         self.contributors.append(site)
 
+    def holds(self, array: np.ndarray) -> bool:
+        """Whether ``array`` became accumulator storage (so it must not be recycled)."""
+        return any(a is array for a in self._sums.values())
+
     def apply(self, global_model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The new global model; variables nobody contributed keep their value.
 
@@ -72,6 +76,7 @@ class FedAvgAccumulator:
             acc += current
             if acc.dtype != current.dtype:
                 acc = (np.rint(acc) if current.dtype.kind in "iub" else acc).astype(current.dtype)
-            new[name] = acc.reshape(current.shape)
+            # reshape only when needed: a view would keep the buffer from being recycled
+            new[name] = acc if acc.shape == current.shape else acc.reshape(current.shape)
         self._sums.clear()
         return new

@@ -25,6 +25,7 @@ from engine.fileio import load_npz, save_json_atomic, save_npz_atomic
 from engine.rpc import TOKEN_HEADER, federated_generic_handler
 from engine.server.admin import AdminQueues
 from engine.server.aggregator import FedAvgAccumulator
+from engine.server.buffers import BufferPool
 from protos import admin_pb2_grpc
 from protos import federated_pb2 as pb
 
@@ -101,6 +102,11 @@ class FederatedServer:
         self._cond = threading.Condition()
         self._fold_lock = threading.Lock()
         self._round = self._new_round()
+        model_bytes = sum(int(v.nbytes) for v in self.global_model.values())
+        self._pool = BufferPool(max_bytes=2 * model_bytes)
+        self._readers: dict[int, int] = {}
+        self._retired: dict[int, list[np.ndarray]] = {}
+        self._readers_lock = threading.Lock()
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
         self._monitor: threading.Thread | None = None
@@ -179,6 +185,34 @@ class FederatedServer:
                     return False
                 self._cond.wait(timeout=min(left, 1.0) if left is not None else 1.0)
         return True
+
+    # ------------------------------------------------------------------ buffer reuse
+
+    def _hold(self, model: dict[str, np.ndarray]) -> None:
+        """Marks ``model`` as being read (a download, a save): it is not recycled meanwhile."""
+        with self._readers_lock:
+            self._readers[id(model)] = self._readers.get(id(model), 0) + 1
+
+    def _release(self, model: dict[str, np.ndarray]) -> None:
+        with self._readers_lock:
+            left = self._readers.get(id(model), 1) - 1
+            if left > 0:
+                self._readers[id(model)] = left
+                return
+            self._readers.pop(id(model), None)
+            retired = self._retired.pop(id(model), None)
+        if retired is not None:
+            self._pool.give(retired)
+
+    def _retire(self, old: dict[str, np.ndarray]) -> None:
+        """The previous global model's arrays go to the pool once nobody reads them."""
+        keep = {id(a) for a in self.global_model.values()}  # arrays carried over unchanged
+        free = [a for a in old.values() if id(a) not in keep]
+        with self._readers_lock:
+            if self._readers.get(id(old)):
+                self._retired[id(old)] = free
+                return
+        self._pool.give(free)
 
     # ------------------------------------------------------------------ helpers
 
@@ -340,8 +374,12 @@ class FederatedServer:
             model, meta = self.global_model, self._meta()
             if not self.finished:
                 self._round.expected.add(site.name)
-        header = pb.CurrentModel(meta=meta, owner=SERVER_OWNER)
-        yield from serde.encode_model_stream(header, model)
+            self._hold(model)
+        try:
+            header = pb.CurrentModel(meta=meta, owner=SERVER_OWNER)
+            yield from serde.encode_model_stream(header, model)
+        finally:
+            self._release(model)
 
     def SubmitUpdate(
         self, frames: Iterator[bytes], context: grpc.ServicerContext
@@ -383,9 +421,13 @@ class FederatedServer:
             self._round.receiving.add(cid)
             expected = self._expected()
         try:
-            assembler = serde.ModelAssembler(pb.Contribution, expected)
+            assembler = serde.ModelAssembler(pb.Contribution, expected, allocate=self._pool.take)
             assembler.on_header(header)
-            delta = serde.receive_model(assembler, frames)
+            try:
+                delta = serde.receive_model(assembler, frames)
+            except BaseException:
+                self._pool.give(assembler.buffers())  # nobody else has seen them
+                raise
             weight = float(header.n_iter) * self.config.aggregation_weights.get(site.name, 1.0)
             with self._cond:
                 if rnd != self.current_round or self.finished:
@@ -396,6 +438,8 @@ class FederatedServer:
                 rnd_state = self._round
             with self._fold_lock:
                 rnd_state.accumulator.add(site.name, delta, weight)
+                # What was added (not taken over as the running sum) is free for the next upload.
+                self._pool.give(a for a in delta.values() if not rnd_state.accumulator.holds(a))
             with self._cond:
                 rnd_state.contributions[site.name] = cid
                 self._seen_ids.add(cid)
@@ -438,7 +482,9 @@ class FederatedServer:
                 return  # an upload is in flight: close when it lands (or fails)
             t0 = time.perf_counter()
             with self._fold_lock:
-                self.global_model = rnd.accumulator.apply(self.global_model)
+                old = self.global_model
+                self.global_model = rnd.accumulator.apply(old)
+                self._retire(old)
             contributors = sorted(rnd.contributions)
             missing = sorted((set(waiting) | rnd.expected) - set(contributors))
             self.current_round += 1
@@ -449,8 +495,12 @@ class FederatedServer:
             self._round = self._new_round()
             model = self.global_model
             seconds = time.perf_counter() - t0
+            self._hold(model)  # the save below reads it
             self._cond.notify_all()
-        save_npz_atomic(self.workspace / "models" / "global_model.npz", model)
+        try:
+            save_npz_atomic(self.workspace / "models" / "global_model.npz", model)
+        finally:
+            self._release(model)
         self._save_state()
         self.bus.publish(
             ServerRoundAggregated(

@@ -146,3 +146,39 @@ def test_unknown_task_and_token_are_refused(start_server):
     # the server forgets unknown tokens; the client registers again once and goes on
     a.pull_models_from_server()
     assert a.token != "not-a-token"
+
+
+def test_buffers_are_recycled_across_rounds_without_corrupting_a_slow_download(start_server):
+    import grpc
+
+    from engine import serde
+    from engine.rpc import FederatedStub
+    from protos import federated_pb2 as pb
+    from tests.conftest import TASK
+
+    rng = np.random.default_rng(3)
+    init = {"w": rng.standard_normal(800_000).astype(np.float32), "b": np.zeros(4, np.float32)}
+    server = start_server(init, min_num_clients=1, num_rounds=4, wait_after_min_clients=0)
+    fast = direct_client(server, "site-fast")
+    slow = direct_client(server, "site-slow")
+    # site-slow opens a download of the round-0 model and stops after its first chunk
+    state = pb.ClientState(
+        client_name="site-slow", token=slow.token, meta=pb.ModelMetaData(task=TASK)
+    )
+    frames = FederatedStub(grpc.insecure_channel(f"127.0.0.1:{server.port}")).GetModel(state)
+    first = [next(frames), next(frames)]
+    expected = dict(server.global_model)
+    expected = {k: v.copy() for k, v in expected.items()}
+    model = dict(init)
+    for _ in range(3):
+        fast.pull_models_from_server()
+        delta = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in init.items()}
+        fast.push_models_to_server(delta, {"n_iter": 2})
+        model = {k: model[k] + delta[k] for k in model}  # one contributor: new = old + delta
+        for name, value in model.items():
+            np.testing.assert_allclose(server.global_model[name], value, rtol=1e-5, atol=1e-5)
+    # the slow download still delivers the round-0 model exactly
+    _, got = serde.decode_model_stream([*first, *frames], pb.CurrentModel)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value)
+    assert server._pool.reused > 0  # later uploads landed in recycled buffers
