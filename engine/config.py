@@ -39,6 +39,10 @@ class ConfigError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows (use a finite number)")
+
+
 def load_json(path: Path) -> dict[str, Any]:
     """Reads a JSON object from ``path``; any problem is a ConfigError naming the file."""
     try:
@@ -48,8 +52,10 @@ def load_json(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(path, "", f"cannot be read: {exc.strerror}") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
+        data = json.loads(text, parse_constant=_no_constant)
+    except ValueError as exc:
+        if not isinstance(exc, json.JSONDecodeError):
+            raise ConfigError(path, "", str(exc)) from None
         raise ConfigError(path, "", f"not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if not isinstance(data, dict):
         raise ConfigError(path, "", f"expected a JSON object, got {type(data).__name__}")

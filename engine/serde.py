@@ -17,6 +17,7 @@ leaves the caller's model untouched.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -102,7 +103,8 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        # Python ints: np.prod in int64 wraps around on hostile shapes such as [2**62, 4].
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
 
 # ---------------------------------------------------------------------------- single tensors
@@ -378,7 +380,15 @@ class ModelAssembler:
             )
         self.specs = specs
         # np.empty maps pages lazily: memory is committed as payload arrives, not up front.
-        self._buffers = [self._allocate(s) for s in specs]
+        self._buffers = []
+        for s in specs:
+            try:
+                self._buffers.append(self._allocate(s))
+            except (MemoryError, ValueError) as exc:
+                raise SerdeError(
+                    f"cannot allocate {s.nbytes} bytes for dtype {s.dtype} shape {s.shape}: {exc}",
+                    s.name,
+                ) from None
         self._bytes = [b.reshape(-1).view(np.uint8) for b in self._buffers]
         self._filled = [0] * len(specs)
         header.data.ClearField("params")

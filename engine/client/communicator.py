@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import socket
 import threading
 import time
@@ -37,7 +38,14 @@ _RETRYABLE = {
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN,
 }
-_TLS_WORDS = ("ssl", "tls", "handshake", "certificate", "x509")
+# Whole words only: a host named "fedtls.example" that does not resolve is not a TLS failure.
+_TLS_WORDS = re.compile(r"\b(ssl|tls|handshake|certificate|x509)\b", re.IGNORECASE)
+CALL_TIMEOUT = 30.0  # seconds for one unary call; streams rely on keepalive instead
+# Streams have no deadline (a model may take minutes): HTTP/2 keepalive notices a dead peer.
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+]
 _BACKOFF_BASE = 0.25
 _BACKOFF_CAP = 5.0
 _NO_TOKEN_POLL = 0.2
@@ -150,6 +158,7 @@ class Communicator:
                 options = [
                     ("grpc.max_receive_message_length", 8 << 20),
                     ("grpc.max_send_message_length", 8 << 20),
+                    *KEEPALIVE_OPTIONS,
                     *[tuple(o) for o in channel_dict.get("options", [])],
                 ]
                 compression = getattr(grpc.Compression, self.compression or "NoCompression")
@@ -209,7 +218,7 @@ class Communicator:
         self.should_stop = False
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("No token"):
             raise _Wait()
-        tls = any(w in details.lower() for w in _TLS_WORDS)
+        tls = bool(_TLS_WORDS.search(details))
         if code not in _RETRYABLE or tls:
             reason = f"TLS failure talking to {service}: {details}" if tls else details
             self._set_connected(False, service, "failed", reason)
@@ -289,7 +298,9 @@ class Communicator:
         self.bus.publish(
             ConnectionChanged(site=self.site, state="connecting", server=servers[task_name].target)
         )
-        reply = self._call(servers, task_name, "Register", lambda: stub.Register(login))
+        reply = self._call(
+            servers, task_name, "Register", lambda: stub.Register(login, timeout=CALL_TIMEOUT)
+        )
         self.bus.publish(
             ConnectionChanged(
                 site=self.site,
@@ -413,14 +424,17 @@ class Communicator:
         """One heartbeat (a single attempt: the heartbeat thread is the retry loop)."""
         stub = self._stub(servers, task_name)
         state = self.get_client_state(task_name, token)
-        return stub.Heartbeat(state, metadata=self._metadata(token), timeout=10)
+        return stub.Heartbeat(state, metadata=self._metadata(token), timeout=CALL_TIMEOUT)
 
     def quit_remote(self, servers: Mapping[str, ServerEndpoint], task_name: str, token: str) -> str:
         """Tells the server this site leaves; returns the server's comment."""
         stub = self._stub(servers, task_name)
         state = self.get_client_state(task_name, token)
         reply = self._call(
-            servers, task_name, "Quit", lambda: stub.Quit(state, metadata=self._metadata(token))
+            servers,
+            task_name,
+            "Quit",
+            lambda: stub.Quit(state, metadata=self._metadata(token), timeout=CALL_TIMEOUT),
         )
         self.bus.publish(
             ConnectionChanged(
@@ -469,12 +483,20 @@ class Communicator:
             models: list[RemoteModel] = []
             more = False
             frames = stub.GetValidationModels(state, metadata=self._metadata(token))
-            for item in serde.decode_model_streams(frames, pb.CurrentModel):
-                if isinstance(item, bool):
-                    more = item
-                else:
-                    header, params = item
-                    models.append(RemoteModel(meta=header.meta, params=params, owner=header.owner))
+            try:
+                for item in serde.decode_model_streams(frames, pb.CurrentModel):
+                    if isinstance(item, bool):
+                        more = item
+                    else:
+                        header, params = item
+                        models.append(
+                            RemoteModel(meta=header.meta, params=params, owner=header.owner)
+                        )
+            except serde.SerdeError as exc:
+                frames.cancel()
+                raise FLCommunicationError(
+                    "GetValidationModels", None, f"model stream refused: {exc}"
+                ) from exc
             return models, more
 
         return self._call(servers, task_name, "GetValidationModels", fetch)
@@ -502,7 +524,9 @@ class Communicator:
             servers,
             task_name,
             "SubmitCrossSiteValidationResults",
-            lambda: stub.SubmitCrossSiteValidationResults(request, metadata=self._metadata(token)),
+            lambda: stub.SubmitCrossSiteValidationResults(
+                request, metadata=self._metadata(token), timeout=CALL_TIMEOUT
+            ),
         )
         return reply.comment
 

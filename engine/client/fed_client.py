@@ -8,6 +8,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import grpc
+
 from engine.client.communicator import FLCommunicationError
 from engine.client.fed_client_base import FederatedClientBase
 from engine.client.status import ClientStatus
@@ -71,7 +73,18 @@ class FederatedClient(FederatedClientBase):
         if self.model_manager.privacy is not None:
             self.phase("privacy")
         self.phase("submitting")
-        self.push_models()
+        try:
+            self.push_models()
+        except FLCommunicationError as exc:
+            # The round closed without us (we were late) or training ended meanwhile: the
+            # update is dropped, not the site. The next pull says what comes next.
+            late = exc.code == grpc.StatusCode.FAILED_PRECONDITION and exc.reason.startswith(
+                "Contrib"
+            )
+            if not (late or exc.code == grpc.StatusCode.OUT_OF_RANGE):
+                raise
+            log.warning("%s: round %d update not counted: %s", self.client_name, rnd, exc.reason)
+            return True
         info = self.model_manager.last_privacy
         if info is not None:
             self.bus.publish(PrivacyApplied(site=self.client_name, round=rnd, **info))
@@ -127,7 +140,11 @@ class FederatedClient(FederatedClientBase):
             self.outcome = "completed"
             self.set_status(ClientStatus.TRAINING_STOPPED)
         except Exception as exc:  # every ending is reported, never swallowed
-            aborted = self.stop_event.is_set() or type(exc).__name__ == "TrainingAborted"
+            from engine.training.errors import TrainingAborted
+
+            aborted = self.stop_event.is_set() or isinstance(
+                exc, (TrainingAborted, TrainingAbortedError)
+            )
             if aborted:
                 self.outcome, detail = "aborted", "stopped by request"
                 self.set_status(ClientStatus.TRAINING_STOPPED, detail)

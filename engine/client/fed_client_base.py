@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any
+
+import grpc
 
 from engine.client.communicator import Communicator, FLCommunicationError, RemoteModel
 from engine.client.data_assembler import DataAssembler
@@ -262,6 +265,22 @@ class FederatedClientBase:
         for task_name in self.servers:
             try:
                 self.send_heartbeat(task_name)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    # Dropped (silent too long) or the server restarted: join again.
+                    log.warning(
+                        "%s: the server no longer knows this site; registering again",
+                        self.client_name,
+                    )
+                    with contextlib.suppress(Exception):
+                        self.client_register(task_name)
+                else:
+                    log.warning(
+                        "%s: heartbeat to %s failed: %s",
+                        self.client_name,
+                        task_name,
+                        exc.details() if hasattr(exc, "details") else exc,
+                    )
             except Exception as exc:  # the next beat tries again
                 log.warning("%s: heartbeat to %s failed: %s", self.client_name, task_name, exc)
 

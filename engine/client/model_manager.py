@@ -159,7 +159,14 @@ class ClientModelManager:
         for name, g in base.items():
             value = np.asarray(local[name])
             if type_str == "delta_w":
-                value = (value - g).astype(g.dtype, copy=False)
+                if g.dtype.kind == "b":
+                    continue  # a bool variable has no difference to average: it stays local
+                if g.dtype.kind in "iu":
+                    # Integer Δ in a wide signed type, then wrapped into the variable's own
+                    # dtype for the wire; the server reads it back as signed.
+                    value = (value.astype(np.int64) - g.astype(np.int64)).astype(g.dtype)
+                else:
+                    value = (value - g).astype(g.dtype, copy=False)
             elif type_str != "weights":
                 raise ValueError(f"type_str must be 'delta_w' or 'weights', got {type_str!r}")
             if value.dtype.kind in "fc" and not np.isfinite(value).all():

@@ -36,11 +36,20 @@ class FedAvgAccumulator:
     def excluded(self, name: str) -> bool:
         return bool(self._exclude and self._exclude.search(name))
 
+    @staticmethod
+    def _signed(value: np.ndarray) -> np.ndarray:
+        # An unsigned Δ wrapped around (3 − 5 = 254 in uint8); read as signed it is −2 again.
+        if value.dtype.kind == "u":
+            return value.view(np.dtype(f"<i{value.dtype.itemsize}"))
+        return value
+
     def add(self, site: str, delta: Mapping[str, np.ndarray], weight: float) -> None:
         """Adds ``weight · Δ``; the arrays of ``delta`` may be reused as accumulator storage."""
         for name, value in delta.items():
-            if self.excluded(name) or weight <= 0:
+            # bool variables (masks, flags) have no average: they keep the server's value.
+            if self.excluded(name) or weight <= 0 or value.dtype.kind == "b":
                 continue
+            value = self._signed(value)
             dtype = _acc_dtype(value.dtype)
             # Scale in place, in the received buffer where it already has the right dtype: the
             # first contribution's buffers become the accumulator, so no new memory is taken.
@@ -75,7 +84,10 @@ class FedAvgAccumulator:
             acc /= acc.dtype.type(total)
             acc += current
             if acc.dtype != current.dtype:
-                acc = (np.rint(acc) if current.dtype.kind in "iub" else acc).astype(current.dtype)
+                if current.dtype.kind in "iu":
+                    info = np.iinfo(current.dtype)
+                    acc = np.clip(np.rint(acc), info.min, info.max)
+                acc = acc.astype(current.dtype)
             # reshape only when needed: a view would keep the buffer from being recycled
             new[name] = acc if acc.shape == current.shape else acc.reshape(current.shape)
         self._sums.clear()

@@ -50,7 +50,7 @@ class _Round:
     number: int
     accumulator: FedAvgAccumulator
     contributions: dict[str, str] = field(default_factory=dict)  # site -> contribution id
-    receiving: set[str] = field(default_factory=set)  # contribution ids being received
+    receiving: dict[str, str] = field(default_factory=dict)  # contribution id -> site, in flight
     expected: set[str] = field(default_factory=set)  # sites that fetched this round's model
     min_reached_at: float | None = None
     started: float = field(default_factory=time.monotonic)
@@ -71,6 +71,8 @@ class FederatedServer:
         initial_model: the model of round ``start_round`` (named numpy arrays).
         bus: where server events go (site "server").
         long_poll: how long GetModel waits for the next round before answering "No token".
+        max_concurrent_uploads: uploads received at once (each needs a model-sized buffer);
+            the others wait, their streams held back by gRPC flow control.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class FederatedServer:
         initial_model: Mapping[str, np.ndarray],
         bus: EventBus | None = None,
         long_poll: float = 2.0,
+        max_concurrent_uploads: int = 4,
     ) -> None:
         if not initial_model:
             raise ValueError("the server needs an initial model with at least one variable")
@@ -107,6 +110,9 @@ class FederatedServer:
         self._readers: dict[int, int] = {}
         self._retired: dict[int, list[np.ndarray]] = {}
         self._readers_lock = threading.Lock()
+        self._receive_slots = threading.BoundedSemaphore(max_concurrent_uploads)
+        self._save_lock = threading.Lock()
+        self._saved_round = -1
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
         self._monitor: threading.Thread | None = None
@@ -123,6 +129,9 @@ class FederatedServer:
         options = [
             ("grpc.max_receive_message_length", 8 << 20),
             ("grpc.max_send_message_length", 8 << 20),
+            # Clients ping during long transfers (keepalive); allow it instead of GOAWAY.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
             *self.config.options,
         ]
         compression = getattr(grpc.Compression, self.config.compression or "NoCompression")
@@ -279,17 +288,16 @@ class FederatedServer:
         return {k: (v.dtype.name, tuple(v.shape)) for k, v in self.global_model.items()}
 
     def _save_state(self) -> None:
-        save_json_atomic(
-            self.workspace / "state.json",
-            {
+        with self._cond:  # a snapshot: Register and round closes change these meanwhile
+            state = {
                 "task": self.config.task_name,
                 "current_round": self.current_round,
                 "num_rounds": self.config.num_rounds,
                 "finished": self.finished,
                 "sites": sorted(self.sites),
-                "history": self.history,
-            },
-        )
+                "history": [dict(h) for h in self.history],
+            }
+        save_json_atomic(self.workspace / "state.json", state)
 
     # ------------------------------------------------------------------ FederatedTraining
 
@@ -398,49 +406,56 @@ class FederatedServer:
                 grpc.StatusCode.INVALID_ARGUMENT, f"n_iter must be >= 1, got {header.n_iter}"
             )
         with self._cond:
-            if self.finished:
-                raise _Abort(grpc.StatusCode.OUT_OF_RANGE, "Server training has stopped")
+            # A retry of an upload that was counted gets "ignored", even after the last round.
             if cid in self._seen_ids:
                 log.info("duplicate contribution %s from %s ignored", cid, site.name)
                 return pb.FederatedSummary(
                     comment="duplicate contribution ignored", meta=self._meta()
                 )
+            if self.finished:
+                raise _Abort(grpc.StatusCode.OUT_OF_RANGE, "Server training has stopped")
             rnd = header.client.meta.current_round
             if rnd != self.current_round:
                 raise _Abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"Contrib: round {rnd} is not the current round {self.current_round}",
                 )
-            if site.name in self._round.contributions:
+            rnd_state = self._round
+            if site.name in rnd_state.contributions:
                 raise _Abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"Contrib: {site.name} already contributed to round {rnd}",
                 )
-            if cid in self._round.receiving:
-                raise _Abort(grpc.StatusCode.ABORTED, "the same contribution is being received")
-            self._round.receiving.add(cid)
+            if site.name in rnd_state.receiving.values():
+                raise _Abort(
+                    grpc.StatusCode.ABORTED, f"an upload from {site.name} is being received"
+                )
+            rnd_state.receiving[cid] = site.name
             expected = self._expected()
         try:
-            assembler = serde.ModelAssembler(pb.Contribution, expected, allocate=self._pool.take)
-            assembler.on_header(header)
-            try:
-                delta = serde.receive_model(assembler, frames)
-            except BaseException:
-                self._pool.give(assembler.buffers())  # nobody else has seen them
-                raise
+            # At most a few uploads are received at once: each holds a model-sized buffer.
+            with self._receive_slots:
+                assembler = serde.ModelAssembler(
+                    pb.Contribution, expected, allocate=self._pool.take
+                )
+                assembler.on_header(header)
+                try:
+                    delta = serde.receive_model(assembler, frames)
+                except BaseException:
+                    self._pool.give(assembler.buffers())  # nobody else has seen them
+                    raise
             weight = float(header.n_iter) * self.config.aggregation_weights.get(site.name, 1.0)
-            with self._cond:
-                if rnd != self.current_round or self.finished:
+            # Checking the round and folding in one critical section: a round cannot close
+            # between the two, and a site cannot be counted twice.
+            with self._cond, self._fold_lock:
+                if rnd_state is not self._round or self.finished:
                     raise _Abort(
                         grpc.StatusCode.FAILED_PRECONDITION,
                         f"Contrib: round {rnd} closed while the contribution was received",
                     )
-                rnd_state = self._round
-            with self._fold_lock:
                 rnd_state.accumulator.add(site.name, delta, weight)
                 # What was added (not taken over as the running sum) is free for the next upload.
                 self._pool.give(a for a in delta.values() if not rnd_state.accumulator.holds(a))
-            with self._cond:
                 rnd_state.contributions[site.name] = cid
                 self._seen_ids.add(cid)
                 if (
@@ -451,7 +466,7 @@ class FederatedServer:
                 self._cond.notify_all()
         finally:
             with self._cond:
-                self._round.receiving.discard(cid)
+                rnd_state.receiving.pop(cid, None)
         log.info(
             "round %d: contribution from %s (n_iter=%d, %.1f MB)",
             rnd,
@@ -478,7 +493,7 @@ class FederatedServer:
             )
             if waiting and not timed_out:
                 return
-            if rnd.receiving:
+            if rnd.receiving and not timed_out:
                 return  # an upload is in flight: close when it lands (or fails)
             t0 = time.perf_counter()
             with self._fold_lock:
@@ -498,7 +513,11 @@ class FederatedServer:
             self._hold(model)  # the save below reads it
             self._cond.notify_all()
         try:
-            save_npz_atomic(self.workspace / "models" / "global_model.npz", model)
+            # Two quick round closes may save concurrently: the older model never wins.
+            with self._save_lock:
+                if rnd.number > self._saved_round:
+                    save_npz_atomic(self.workspace / "models" / "global_model.npz", model)
+                    self._saved_round = rnd.number
         finally:
             self._release(model)
         self._save_state()
@@ -520,21 +539,27 @@ class FederatedServer:
     def _monitor_loop(self) -> None:
         period = max(0.05, min(1.0, self.config.heart_beat_timeout / 4))
         while not self._stop.wait(period):
-            now = time.monotonic()
-            dead = []
-            with self._cond:
-                for name, site in list(self.sites.items()):
-                    if now - site.last_seen > self.config.heart_beat_timeout:
-                        del self.sites[name]
-                        self.dropped.append(name)
-                        dead.append(name)
-                if dead:
-                    self._cond.notify_all()
-            for name in dead:
-                reason = f"no heartbeat for {self.config.heart_beat_timeout:g} s"
-                log.warning("site %s dropped: %s", name, reason)
-                self.bus.publish(SiteLeft(site="server", site_name=name, reason=reason))
-            self._maybe_close_round()
+            try:
+                self._check_sites()
+            except Exception:  # a full disk must not end heartbeat drops and round timeouts
+                log.exception("server monitor: checking sites and rounds failed; will retry")
+
+    def _check_sites(self) -> None:
+        now = time.monotonic()
+        dead = []
+        with self._cond:
+            for name, site in list(self.sites.items()):
+                if now - site.last_seen > self.config.heart_beat_timeout:
+                    del self.sites[name]
+                    self.dropped.append(name)
+                    dead.append(name)
+            if dead:
+                self._cond.notify_all()
+        for name in dead:
+            reason = f"no heartbeat for {self.config.heart_beat_timeout:g} s"
+            log.warning("site %s dropped: %s", name, reason)
+            self.bus.publish(SiteLeft(site="server", site_name=name, reason=reason))
+        self._maybe_close_round()
 
     # ------------------------------------------------------------------ cross-site validation
 
@@ -573,12 +598,14 @@ class FederatedServer:
                 models[SERVER_OWNER] = self.global_model
             # More will come from registered sites that have not submitted their best model yet.
             more = any(s not in self.best_models for s in self.sites) or not self.finished
-            delivered.update(owners)
         for owner in owners:
             yield from serde.encode_model_stream(
                 pb.CurrentModel(meta=self._meta(), owner=owner), models[owner]
             )
         yield serde.encode_done_frame(more)
+        # Only a stream that went through counts: after a broken one the site gets them again.
+        with self._cond:
+            delivered.update(owners)
 
     def SubmitCrossSiteValidationResults(
         self, request: pb.CrossValidationResults, context: grpc.ServicerContext

@@ -216,7 +216,7 @@ class Fitter:
             raise RuntimeError("torch.distributed is not initialised")
         with self._lock:
             self.rank, self.world_size = rank, world_size
-            sampler = DistributedSampler(
+            sampler: Any = DistributedSampler(
                 self._train_data,
                 num_replicas=world_size,
                 rank=rank,

@@ -153,3 +153,23 @@ def test_events_round_trip_through_json_and_a_broken_subscriber_does_not_stop_ot
     unsubscribe()
     bus.publish(event)
     assert got == [event]
+
+
+def test_integer_delta_wraps_in_its_dtype_and_bool_stays_local() -> None:
+    rw = DictModel({"count": np.array([5], np.uint8), "mask": np.array([True])})
+    mm = ClientModelManager(["t"], model_reader_writer=rw)
+    mm.assign_current_model(_remote(count=np.array([5], np.uint8), mask=np.array([True])))
+    rw.weights["count"] = np.array([3], np.uint8)
+    delta = mm.read_current_model("t")
+    assert list(delta) == ["count"]
+    assert delta["count"].dtype == np.uint8 and delta["count"].view(np.int8)[0] == -2
+
+
+def test_nan_and_infinity_in_config_are_refused(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "fed_client.json",
+        '{"servers": [{"name": "t", "service": {"target": "h:1"}}],'
+        ' "client": {"client_name": "s", "retry_timeout": Infinity}}',
+    )
+    with pytest.raises(ConfigError, match="Infinity is not a number JSON allows"):
+        load_client_kit(path)

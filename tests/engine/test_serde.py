@@ -179,3 +179,11 @@ def test_a_tensor_over_2_gib_streams_with_offsets_beyond_32_bits() -> None:
     assert got["big"].shape == (n,)
     assert got["big"][-1] == 3.0 and got["big"][(1 << 29) + 5] == 7.0
     assert float(got["big"].sum()) == 13.0
+
+
+def test_a_shape_whose_byte_count_wraps_around_is_refused_by_name() -> None:
+    header = pb.CurrentModel()
+    header.data.params.add(name="wrap", array=pb.NDArray(dtype="float64", shape=[2**62, 4]))
+    frame = b"\x0a" + serde._varint(header.ByteSize()) + header.SerializeToString()
+    with pytest.raises(SerdeError, match="limit"):
+        _decode([frame])

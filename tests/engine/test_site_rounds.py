@@ -228,3 +228,70 @@ def test_unknown_privacy_protocol_is_refused_when_the_config_loads(tmp_path: Pat
         ConfigError, match=r"client.privacy: unknown privacy protocol 'NoSuchProtocol'"
     ):
         SiteEngine(tmp_path / "site-1", EventBus())
+
+
+class _GatedFitter:
+    """A training double whose first round waits for a gate (to make a site late on purpose)."""
+
+    def __init__(self, gate) -> None:
+        self.weights = {"w": np.zeros(3, np.float32)}
+        self.gate = gate
+        self.n_iter = 0
+        self.best_metric = None
+        self.rounds = 0
+
+    def get_weights(self):
+        return {k: v.copy() for k, v in self.weights.items()}
+
+    def set_weights(self, new):
+        self.weights.update({k: np.array(v) for k, v in new.items()})
+
+    def train(self) -> int:
+        self.rounds += 1
+        if self.rounds == 1:
+            assert self.gate(), "the gate never opened"
+        self.weights["w"] = self.weights["w"] + 1
+        self.n_iter = 1
+        return 1
+
+    def validate(self, weights=None):
+        return {"accuracy": 0.5}
+
+    def best_weights(self):
+        return None
+
+    def abort(self) -> None:
+        pass
+
+
+def test_a_late_update_is_dropped_and_the_site_goes_on(start_server, caplog) -> None:
+    import time
+
+    from engine.client import FederatedClient
+    from tests.conftest import direct_client, endpoint
+
+    server = start_server(
+        {"w": np.zeros(3, np.float32)}, min_num_clients=1, num_rounds=2, wait_after_min_clients=0
+    )
+    fast = direct_client(server, "site-fast")
+
+    def round_closed_without_me() -> bool:
+        deadline = time.monotonic() + 10
+        while server.current_round == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return server.current_round == 1
+
+    bus = EventBus()
+    rec = Recorder(bus)
+    slow = FederatedClient("site-slow", {}, False, [endpoint(server)], retry_timeout=5, bus=bus)
+    thread = slow.run(_GatedFitter(round_closed_without_me))
+    time.sleep(0.3)  # site-slow has pulled round 0 and is "training"
+    fast.pull_models_from_server()
+    fast.push_models_to_server({"w": np.ones(3, np.float32)})
+    thread.join(timeout=30)
+    assert slow.outcome == "completed"
+    assert [h["contributors"] for h in server.history] == [["site-fast"], ["site-slow"]]
+    assert "site-slow: round 1 update not counted: Contrib: round 0 is not the current round 1" in (
+        caplog.text
+    )
+    assert [e.outcome for e in rec.of(FederationFinished)] == ["completed"]

@@ -182,3 +182,62 @@ def test_buffers_are_recycled_across_rounds_without_corrupting_a_slow_download(s
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value)
     assert server._pool.reused > 0  # later uploads landed in recycled buffers
+
+
+def test_a_retried_upload_of_the_last_round_is_ignored_not_refused(start_server):
+    server = start_server({"w": np.zeros(2, np.float32)}, min_num_clients=1, num_rounds=1)
+    a = direct_client(server, "site-a")
+    a.pull_models_from_server()
+    a.push_models_to_server({"w": np.ones(2, np.float32)}, {"contribution_id": "last"})
+    assert server.finished
+    assert "duplicate" in a.push_models_to_server(
+        {"w": np.ones(2, np.float32)}, {"contribution_id": "last"}
+    )
+
+
+def test_two_uploads_from_one_site_at_once_count_once(start_server):
+    import threading
+
+    server = start_server({"w": np.zeros(300_000, np.float32)}, min_num_clients=2, num_rounds=1)
+    a, b = direct_client(server, "site-a"), direct_client(server, "site-b")
+    a.pull_models_from_server(), b.pull_models_from_server()
+    results: list[str] = []
+
+    def push(value: float, cid: str) -> None:
+        try:
+            results.append(
+                a.push_models_to_server(
+                    {"w": np.full(300_000, value, np.float32)}, {"contribution_id": cid}
+                )
+            )
+        except FLCommunicationError as exc:
+            results.append(exc.reason)
+
+    threads = [threading.Thread(target=push, args=(v, f"a-{v}")) for v in (1.0, 5.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum("Received" in r for r in results) == 1, results
+    b.push_models_to_server({"w": np.full(300_000, 3, np.float32)})
+    assert server.finished and server.history[0]["contributors"] == ["site-a", "site-b"]
+    assert float(server.global_model["w"][0]) in (2.0, 4.0)  # (1 or 5, + 3) / 2
+
+
+def test_integer_and_bool_variables_average_without_wrapping(start_server):
+    init = {
+        "count": np.array([5, 200], np.uint8),
+        "steps": np.array(10, np.int64),
+        "mask": np.array([True, False]),
+        "w": np.zeros(2, np.float32),
+    }
+    server = start_server(init, min_num_clients=2, num_rounds=1)
+    a, b = direct_client(server, "site-a"), direct_client(server, "site-b")
+    a.pull_models_from_server(), b.pull_models_from_server()
+    # Δ as a site computes it: in the variable's dtype, wrapped (uint8 3 - 5 = 254)
+    a.push_models_to_server({"count": np.array([254, 10], np.uint8), "w": np.ones(2, np.float32)})
+    b.push_models_to_server({"count": np.array([252, 100], np.uint8), "w": np.ones(2, np.float32)})
+    # mean Δ = (-2 + -4) / 2 = -3 -> 2; (10 + 100) / 2 = 55 -> 255 (clipped, not wrapped to 255+)
+    np.testing.assert_array_equal(server.global_model["count"], [2, 255])
+    np.testing.assert_array_equal(server.global_model["mask"], [True, False])
+    assert server.global_model["count"].dtype == np.uint8
