@@ -1,0 +1,391 @@
+"""MMAR zips checked in full, then extracted beside the target and swapped in only when complete."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = [
+    "REQUIRED_CONFIGS",
+    "DeployError",
+    "check_zip",
+    "deploy_mmar",
+    "extract_zip",
+    "make_mmar_zip",
+]
+
+REQUIRED_CONFIGS = ("config/config_fed_client.json", "config/config_train.json")
+MAX_RATIO = 200
+RATIO_MIN_SIZE = 1 << 20  # small entries compress absurdly well (a file of zeros) and are harmless
+MAX_CONFIG_BYTES = 16 << 20
+_CHUNK = 1 << 20
+_SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Files under custom/ that are not code: an MMAR without BYOC often ships custom/ with these.
+_NOT_CODE_RE = re.compile(r"^(\.gitkeep|README.*)$", re.IGNORECASE)
+# macOS Finder adds these to zips; they are never part of an MMAR.
+_MAC_JUNK = "__MACOSX"
+
+
+class DeployError(ValueError):
+    """A zip or MMAR that cannot be deployed; nothing was written."""
+
+
+def _norm(name: str) -> str:
+    """The entry's path with "." and empty components dropped ("a//./b/" -> "a/b")."""
+    return "/".join(p for p in name.split("/") if p not in ("", "."))
+
+
+def _check_name(info: zipfile.ZipInfo) -> str:
+    name = info.filename
+    if not name:
+        raise DeployError("the zip holds an entry with an empty name")
+    if any(ord(c) < 32 for c in name):
+        raise DeployError(f"entry {name!r}: control characters in the name are not allowed")
+    if "\\" in name:
+        raise DeployError(f"entry {name!r}: backslashes in names are not allowed")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise DeployError(f"entry {name!r}: absolute paths are not allowed")
+    if ".." in name.split("/"):
+        raise DeployError(f"entry {name!r}: a '..' path component is not allowed")
+    if info.flag_bits & 0x1:
+        raise DeployError(f"entry {name!r}: encrypted entries are not supported")
+    mode = info.external_attr >> 16
+    kind = stat.S_IFMT(mode)
+    if stat.S_ISLNK(mode):
+        raise DeployError(f"entry {name!r}: symbolic links are not allowed")
+    if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+        what = {
+            stat.S_IFCHR: "a character device",
+            stat.S_IFBLK: "a block device",
+            stat.S_IFIFO: "a FIFO",
+            stat.S_IFSOCK: "a socket",
+        }.get(kind, f"a special file (mode {mode:o})")
+        raise DeployError(f"entry {name!r}: {what} is not allowed")
+    norm = _norm(name)
+    if not norm and not info.is_dir():
+        raise DeployError(f"entry {name!r}: a file entry needs a name")
+    return norm
+
+
+def _open(data: bytes) -> zipfile.ZipFile:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DeployError(f"expected the zip as bytes, got {type(data).__name__}")
+    try:
+        return zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        raise DeployError(f"not a zip file ({len(data)} bytes): {exc}") from None
+
+
+def _check(zf: zipfile.ZipFile, max_bytes: int, max_files: int) -> list[zipfile.ZipInfo]:
+    infos = zf.infolist()
+    if len(infos) > max_files:
+        raise DeployError(f"the zip holds {len(infos)} entries; at most {max_files} are allowed")
+    seen: dict[str, str] = {}
+    files: set[str] = set()
+    total = 0
+    for info in infos:
+        norm = _check_name(info)
+        if norm:
+            if norm in seen:
+                raise DeployError(
+                    f"entry {info.filename!r}: duplicates entry {seen[norm]!r} ({norm})"
+                )
+            seen[norm] = info.filename
+            if not info.is_dir():
+                files.add(norm)
+        if info.is_dir():
+            continue
+        total += info.file_size
+        if total > max_bytes:
+            raise DeployError(
+                f"entry {info.filename!r}: the zip's declared size reaches {total} bytes, over "
+                f"the limit of {max_bytes} bytes"
+            )
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > RATIO_MIN_SIZE and ratio > MAX_RATIO:
+            raise DeployError(
+                f"entry {info.filename!r} looks like a zip bomb: {info.file_size} bytes from "
+                f"{info.compress_size} compressed (ratio {ratio:.0f} > {MAX_RATIO})"
+            )
+    # A file "a" and an entry "a/b" cannot both be extracted.
+    for norm, original in seen.items():
+        parts = norm.split("/")
+        for k in range(1, len(parts)):
+            parent = "/".join(parts[:k])
+            if parent in files:
+                raise DeployError(
+                    f"entry {original!r}: lies under {seen[parent]!r}, which is a file"
+                )
+    return infos
+
+
+def check_zip(data: bytes, max_bytes: int, max_files: int = 10_000) -> list[zipfile.ZipInfo]:
+    """Checks every entry of a zip before anything is extracted.
+
+    Refused: data that is not a zip, more than ``max_files`` entries, empty or absolute names
+    (``/x``, ``C:\\x``, ``\\\\x``), backslashes, ``..`` components, duplicate names after
+    normalisation, symlinks, devices, FIFOs and sockets, encrypted entries, a total declared
+    size over ``max_bytes``, and entries over 1 MiB that claim a compression ratio over 200.
+
+    Args:
+        data: the zip file's bytes.
+        max_bytes: the most bytes the extracted files may hold together.
+        max_files: the most entries the zip may hold.
+
+    Returns:
+        The zip's entries, in archive order.
+
+    Raises:
+        DeployError: the zip is refused; the text names the entry.
+    """
+    with _open(data) as zf:
+        return _check(zf, max_bytes, max_files)
+
+
+def _cleanup(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _extract(
+    zf: zipfile.ZipFile,
+    members: Sequence[tuple[zipfile.ZipInfo, str]],
+    dest: Path,
+    max_bytes: int,
+) -> list[Path]:
+    """Extracts ``(entry, relative path)`` pairs to ``dest``, replacing it only on success."""
+    dest = Path(dest)
+    # Parent folders this call creates go again when it fails: a failed deploy writes nothing.
+    created: list[Path] = []
+    parent = dest.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=dest.parent))
+    written = 0
+    out: list[Path] = []
+    try:
+        for info, rel in members:
+            target = tmp / rel
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as src, open(target, "xb") as dst:
+                    while chunk := src.read(_CHUNK):
+                        # Count what really comes out: the sizes in the headers may lie.
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise DeployError(
+                                f"entry {info.filename!r}: extracting went past the limit of "
+                                f"{max_bytes} bytes (the zip's headers understate its size)"
+                            )
+                        dst.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+                raise DeployError(f"entry {info.filename!r} cannot be extracted: {exc}") from None
+            out.append(dest / rel)
+        _swap(tmp, dest)
+    except BaseException:
+        _cleanup(tmp)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    return out
+
+
+def _swap(new: Path, dest: Path) -> None:
+    """Puts ``new`` at ``dest``; an old ``dest`` is removed only once the new one is in place."""
+    if not (dest.exists() or dest.is_symlink()):
+        os.rename(new, dest)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    aside = old / dest.name
+    os.rename(dest, aside)
+    try:
+        os.rename(new, dest)
+    except BaseException:
+        os.rename(aside, dest)
+        _cleanup(old)
+        raise
+    _cleanup(old)
+
+
+def extract_zip(data: bytes, dest: Path, max_bytes: int, max_files: int = 10_000) -> list[Path]:
+    """Checks a zip in full, then extracts it to ``dest``, replacing what was there.
+
+    The files are written to a temporary folder beside ``dest`` (counting the bytes actually
+    written, which must stay within ``max_bytes`` even when the headers lie); only when all are
+    written does the new folder replace ``dest``. A failure leaves an old ``dest`` as it was and
+    writes nothing there.
+
+    Args:
+        data: the zip file's bytes.
+        dest: the folder to create or replace.
+        max_bytes: the most bytes the extracted files may hold together.
+        max_files: the most entries the zip may hold.
+
+    Returns:
+        The extracted files' paths under ``dest``, in archive order.
+
+    Raises:
+        DeployError: the zip is refused or cannot be extracted.
+    """
+    with _open(data) as zf:
+        infos = _check(zf, max_bytes, max_files)
+        members = [(info, _norm(info.filename)) for info in infos if _norm(info.filename)]
+        return _extract(zf, members, Path(dest), max_bytes)
+
+
+def _mmar_members(infos: list[zipfile.ZipInfo]) -> list[tuple[zipfile.ZipInfo, str]]:
+    """Maps entries to MMAR-relative paths, stripping one common top folder when there is one."""
+    members = []
+    for info in infos:
+        norm = _norm(info.filename)
+        if norm and norm.split("/")[0] != _MAC_JUNK and norm.rsplit("/", 1)[-1] != ".DS_Store":
+            members.append((info, norm))
+    names = {rel for info, rel in members if not info.is_dir()}
+    if REQUIRED_CONFIGS[0] in names or REQUIRED_CONFIGS[1] in names:
+        return members
+    tops = {rel.split("/")[0] for _, rel in members}
+    if len(tops) == 1:
+        top = tops.pop()
+        if top not in names:  # a folder, not a lone file
+            prefix = top + "/"
+            return [(i, rel[len(prefix) :]) for i, rel in members if rel.startswith(prefix)]
+    return members
+
+
+def deploy_mmar(
+    data: bytes,
+    workspace: Path,
+    run_number: int,
+    site: str,
+    *,
+    max_bytes: int,
+    allow_byoc: bool,
+) -> Path:
+    """Deploys an MMAR zip to ``<workspace>/run_<N>/mmar_<site>``.
+
+    The MMAR's files may lie at the top of the zip or under one top folder (stripped). It must
+    hold ``config/config_fed_client.json`` and ``config/config_train.json`` (JSON objects). Code
+    under ``custom/`` (any file but ``.gitkeep`` and ``README*``) needs ``allow_byoc``. All is
+    checked before anything is written; an earlier deployment is replaced only on success.
+
+    Args:
+        data: the MMAR zip's bytes.
+        workspace: the site's workspace.
+        run_number: the run, an int >= 1.
+        site: this site's name.
+        max_bytes: the most bytes the extracted MMAR may hold.
+        allow_byoc: whether the site's policy lets custom code run.
+
+    Returns:
+        The deployed MMAR's folder.
+
+    Raises:
+        DeployError: the MMAR is refused or cannot be extracted; the text says why.
+    """
+    if isinstance(run_number, bool) or not isinstance(run_number, int) or run_number < 1:
+        raise DeployError(f"the run number must be a whole number >= 1, got {run_number!r}")
+    if not isinstance(site, str) or not _SITE_RE.match(site):
+        raise DeployError(
+            f"site name {site!r} must start with a letter or digit and hold only letters, "
+            "digits, '.', '_' and '-'"
+        )
+    with _open(data) as zf:
+        infos = _check(zf, max_bytes, 10_000)
+        members = _mmar_members(infos)
+        by_name = {rel: info for info, rel in members if not info.is_dir()}
+        missing = [c for c in REQUIRED_CONFIGS if c not in by_name]
+        if missing:
+            raise DeployError(
+                f"the MMAR lacks {' and '.join(missing)} (an MMAR needs "
+                f"{' and '.join(REQUIRED_CONFIGS)}, at the top of the zip or under one folder)"
+            )
+        for config in REQUIRED_CONFIGS:
+            _check_config(zf, by_name[config], config)
+        custom = sorted(
+            rel
+            for rel in by_name
+            if rel.startswith("custom/") and not _NOT_CODE_RE.match(rel.rsplit("/", 1)[-1])
+        )
+        if custom and not allow_byoc:
+            shown = ", ".join(custom[:5]) + (
+                f" and {len(custom) - 5} more" if len(custom) > 5 else ""
+            )
+            raise DeployError(
+                f"the MMAR contains custom code under custom/ ({shown}), which this site's "
+                "policy (allow_byoc=false in startup/site_policy.json) does not allow"
+            )
+        dest = Path(workspace) / f"run_{run_number}" / f"mmar_{site}"
+        _extract(zf, members, dest, max_bytes)
+    return dest
+
+
+def _check_config(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> None:
+    if info.file_size > MAX_CONFIG_BYTES:
+        raise DeployError(f"the MMAR's {name} is {info.file_size} bytes, too large for a config")
+    try:
+        with zf.open(info) as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        raise DeployError(f"the MMAR's {name} cannot be read: {exc}") from None
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DeployError(f"the MMAR's {name} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise DeployError(
+            f"the MMAR's {name} is not valid JSON (line {exc.lineno}: {exc.msg})"
+        ) from None
+    if not isinstance(value, dict):
+        raise DeployError(f"the MMAR's {name} must be a JSON object, got {type(value).__name__}")
+
+
+def make_mmar_zip(folder: Path) -> bytes:
+    """Zips a folder (its contents at the top of the zip), as the server does for deploy.
+
+    Args:
+        folder: the MMAR folder.
+
+    Returns:
+        The zip's bytes; empty folders are kept as folder entries.
+
+    Raises:
+        DeployError: ``folder`` is not a folder, or holds a symlink or special file (a symlink
+            could carry files from outside the MMAR to every site).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise DeployError(f"{root} is not a folder")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, strict_timestamps=False) as zf:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            here = Path(dirpath)
+            for name in sorted(dirnames) + sorted(filenames):
+                path = here / name
+                rel = path.relative_to(root).as_posix()
+                if path.is_symlink():
+                    raise DeployError(f"{path} is a symlink; an MMAR may hold only plain files")
+                if path.is_dir():
+                    if not any(path.iterdir()):
+                        zf.write(path, rel + "/")
+                elif path.is_file():
+                    zf.write(path, rel)
+                else:
+                    raise DeployError(f"{path} is not a plain file")
+    return buf.getvalue()
