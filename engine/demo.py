@@ -16,13 +16,14 @@ from typing import Any
 from engine.config import load_server_config
 from engine.events import Event, EventBus, LogRecord, event_from_dict
 from engine.fileio import load_npz, save_json_atomic, save_npz_atomic
-from engine.site import SiteEngine, SitePaths, attach_workspace_logs
+from engine.site import SitePaths, SiteService, attach_workspace_logs
 
 __all__ = ["DemoFederation", "DemoResult", "prepare_workspace"]
 
 log = logging.getLogger("engine.demo")
 
 TASK = "demo_federation"
+PEER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _site_names(num_sites: int) -> list[str]:
@@ -134,7 +135,7 @@ class DemoFederation:
         self.num_rounds = num_rounds
         self.peers: dict[str, subprocess.Popen[bytes]] = {}
         self._relays: list[threading.Thread] = []
-        self.site_engine: SiteEngine | None = None
+        self.site_service: SiteService | None = None
         self._done = threading.Event()
         self._aborted = threading.Event()
 
@@ -182,31 +183,23 @@ class DemoFederation:
         return result
 
     def _run_site_1(self) -> str:
-        import torch
-
-        # Three sites share this machine's cores: one thread each avoids oversubscription.
-        torch.set_num_threads(1)
         root = self.root / "site-1"
         detach = attach_workspace_logs(root, self.bus, "site-1")
         try:
-            engine = SiteEngine(root, self.bus)
-            engine.build()
-            self.site_engine = engine
+            service = SiteService(root, self.bus)
+            # Several sites share this machine's cores: one thread each avoids oversubscription.
+            service.executor.extra_env.update(PEER_ENV)
+            self.site_service = service
             if self._aborted.is_set():
-                engine.abort()
-            return engine.run()
+                return "aborted"
+            return service.run(auto_start=True)
         finally:
             detach()
 
     def _start_peer(self, name: str) -> None:
         root = self.root / name
         (root / "logs").mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
+        env = {**os.environ, **PEER_ENV, "PYTHONUNBUFFERED": "1"}
         stderr = (root / "logs" / "stderr.log").open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "fltui", "--no-ui", "--json", "--workspace", str(root)],
@@ -256,8 +249,11 @@ class DemoFederation:
     def abort(self) -> None:
         """Stops site-1 and the peers."""
         self._aborted.set()
-        if self.site_engine is not None:
-            self.site_engine.abort()
+        if self.site_service is not None:
+            self.site_service.interface.local(
+                "train.abort", self.site_service.interface.abort_client
+            )
+            self.site_service.request_stop()
         self.stop_peers()
 
     def stop_peers(self) -> None:

@@ -24,7 +24,13 @@ from engine.config import (
 from engine.events import Event, EventBus, EventLogHandler, MetricsReported, ProgressUpdated
 from engine.privacy import build_privacy
 
-__all__ = ["SiteEngine", "SitePaths", "attach_workspace_logs", "find_deployed_mmar"]
+__all__ = [
+    "SiteEngine",
+    "SitePaths",
+    "SiteService",
+    "attach_workspace_logs",
+    "find_deployed_mmar",
+]
 
 log = logging.getLogger("engine.site")
 
@@ -150,6 +156,19 @@ def attach_workspace_logs(root: Path, bus: EventBus, site: str) -> Any:
         writer.close()
 
     return detach
+
+
+def check_mmar(mmar: Path) -> None:
+    """Parses an MMAR's federated config and builds its components (no torch).
+
+    Raises:
+        ConfigError: naming the file, the key and what is expected.
+    """
+    config = load_mmar_client_config(mmar)
+    custom = [mmar / "custom"]
+    build_privacy(config.privacy, custom)
+    build_processors(config.pre_processors, custom)
+    build_processors(config.post_processors, custom)
 
 
 class SiteEngine:
@@ -329,3 +348,157 @@ class SiteEngine:
     def abort(self) -> None:
         if self.client is not None:
             self.client.abort()
+
+
+class SiteService:
+    """The site's long-running engine: a registered session, the admin agent and an executor.
+
+    The service registers and heart-beats for the site; training runs in a worker process
+    (or a thread) that uses the service's session, so the site stays administrable between
+    runs. Local actions (``interface.local``) and the federation's requests go through the same
+    ClientAdminInterface and into the same audit log.
+
+    Args:
+        workspace: the site workspace.
+        bus: where every event goes (the worker's included).
+        executor: "process" (default: a child process group per run) or "thread".
+    """
+
+    def __init__(self, workspace: Path, bus: EventBus, executor: str = "process") -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from engine.client.admin import AdminMessageSender, FedAdminAgent
+        from engine.client.admin_interface import ClientAdminInterface
+        from engine.client.executor import ProcessExecutor, ThreadExecutor
+        from engine.client.fed_client_base import FederatedClientBase
+        from engine.client.policy import AuditLog, load_site_policy
+        from engine.client.processors import all_processors
+
+        self.paths = SitePaths(Path(workspace))
+        self.bus = bus
+        self.kit = load_client_kit(self.paths.kit)
+        self.site = self.kit.client_name
+        self.policy = load_site_policy(self.paths.startup / "site_policy.json")
+        self.audit = AuditLog(self.paths.logs / "audit.jsonl")
+        server = self.kit.servers[0]
+        ssl = {
+            "ssl_root_cert": self.kit.ssl_root_cert,
+            "ssl_cert": self.kit.ssl_cert,
+            "ssl_private_key": self.kit.ssl_private_key,
+        }
+        self.session = FederatedClientBase(
+            self.site,
+            {
+                "heartbeat_interval": self.kit.heartbeat_interval,
+                "ssl_args": ssl,
+                "workspace": self.paths.root,
+            },
+            self.kit.secure_train,
+            [server],
+            retry_timeout=self.kit.retry_timeout,
+            compression=self.kit.compression,
+            bus=bus,
+        )
+        if executor == "thread":
+            self.executor: Any = ThreadExecutor(self.session, ThreadPoolExecutor(1))
+        elif executor == "process":
+            threads = os.environ.get("OMP_NUM_THREADS")
+            self.executor = ProcessExecutor(
+                self.paths.root, {"OMP_NUM_THREADS": threads} if threads else None
+            )
+        else:
+            raise ValueError(f"executor must be 'process' or 'thread', got {executor!r}")
+        self.sender = AdminMessageSender(
+            lambda: self.session.token or "",
+            root_cert=str(self.kit.ssl_root_cert) if self.kit.ssl_root_cert else None,
+            ssl_cert=str(self.kit.ssl_cert) if self.kit.ssl_cert else None,
+            private_key=str(self.kit.ssl_private_key) if self.kit.ssl_private_key else None,
+            server_args={"target": server.target, "options": server.options},
+            secure=self.kit.secure_train,
+        )
+        self.interface = ClientAdminInterface(
+            self.session,
+            self.site,
+            self.sender,
+            {
+                "workspace": self.paths.root,
+                "executor": self.executor,
+                "policy": self.policy,
+                "audit": self.audit,
+                "bus": bus,
+                "on_shutdown": self._on_shutdown,
+            },
+        )
+        self.agent = FedAdminAgent(self.site, self.sender, self.interface)
+        for processor in all_processors():
+            self.agent.register_processor(processor)
+        self.interface.set_agent(self.agent)
+        self.restart_requested = False
+        self._done = threading.Event()
+
+    def _on_shutdown(self, restart: bool) -> None:
+        self.restart_requested = restart
+        self._done.set()
+
+    def request_stop(self) -> None:
+        """Ends ``run`` (as a shutdown request would)."""
+        self._done.set()
+
+    def run(self, auto_start: bool = True, run_number: int | None = None) -> str:
+        """Registers, serves admin requests and, with ``auto_start``, trains a deployed run.
+
+        Returns:
+            with ``auto_start``: the training's outcome ("completed", "aborted", "failed");
+            otherwise "stopped" after a shutdown or restart request.
+        """
+        from engine.admin_defs import Topic
+        from engine.client.admin_interface import AdminError
+        from engine.client.communicator import FLCommunicationError
+        from engine.client.status import ClientStatus
+        from engine.events import FederationFinished
+
+        number = None
+        if auto_start:
+            number, mmar = find_deployed_mmar(self.paths.root, self.site, run_number)
+            # Config mistakes are found here, with file and key, before anything starts.
+            check_mmar(mmar)
+        try:
+            self.session.register()
+        except FLCommunicationError as exc:
+            self.session.set_status(ClientStatus.TRAINING_EXCEPTION, exc.reason)
+            self.bus.publish(
+                FederationFinished(site=self.site, outcome="failed", rounds=0, detail=exc.reason)
+            )
+            self.session.communicator.close()
+            return "failed"
+        self.session.start_heartbeat()
+        self.agent.start()
+        try:
+            if not auto_start:
+                self._done.wait()
+                return "stopped"
+            try:
+                self.interface.local(Topic.START, self.interface.start_client, number)
+            except AdminError as exc:
+                log.error("%s: cannot start run %s: %s", self.site, number, exc)
+                return "failed"
+            while not self._done.is_set():
+                if self.executor.wait_process_complete(self.session, timeout=0.5):
+                    break
+            if self._done.is_set():
+                return "aborted"
+            outcome = getattr(self.executor, "outcome", None)
+            if outcome is None:
+                future = getattr(self.executor, "_future", None)
+                outcome = future.result() if future is not None else None
+            return outcome or "failed"
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stops training, the agent and the session (Quit), in that order."""
+        self.agent.shutdown()
+        self.executor.close()
+        self.session.close()
+        self.sender.close()
+        self.interface.close()

@@ -58,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="train deployed run N (default: the latest)",
     )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="stay up and wait for the federation's admin commands instead of training at once",
+    )
+    parser.add_argument(
+        "--executor",
+        choices=("process", "thread"),
+        default="process",
+        help="run training in a child process group (default) or in a thread",
+    )
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="run a demo federation on this machine (server + 3 sites)")
     _common(demo, suppress=True)
@@ -121,32 +132,33 @@ def _on_sigterm(stop: threading.Event) -> None:
 
 def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
     from engine.config import ConfigError
-    from engine.site import SiteEngine, attach_workspace_logs
+    from engine.site import SiteService, attach_workspace_logs
 
     root = _workspace(args)
-    try:
-        engine = SiteEngine(root, bus, args.run)  # type: ignore[arg-type]
-    except ConfigError as exc:
-        return _config_error(printer, exc)
-    import torch
-
-    if os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    detach = attach_workspace_logs(root, bus, engine.site)  # type: ignore[arg-type]
     stop = threading.Event()
     _on_sigterm(stop)
-    try:
+    while True:
         try:
-            engine.build()
+            service = SiteService(root, bus, executor=args.executor)  # type: ignore[arg-type]
         except ConfigError as exc:
             return _config_error(printer, exc)
-        outcome = engine.run()
-    except KeyboardInterrupt:
-        engine.abort()
-        return EXIT_INTERRUPTED
-    finally:
-        detach()
-    return EXIT_OK if outcome == "completed" else EXIT_FAILED
+        detach = attach_workspace_logs(root, bus, service.site)  # type: ignore[arg-type]
+        try:
+            outcome = service.run(auto_start=not args.serve, run_number=args.run)
+        except ConfigError as exc:
+            return _config_error(printer, exc)
+        except KeyboardInterrupt:
+            service.request_stop()
+            service.stop()
+            return EXIT_INTERRUPTED
+        finally:
+            detach()
+        if service.restart_requested:
+            printer.say(f"{service.site}: restarting the site engine")  # type: ignore[attr-defined]
+            continue
+        if args.serve:
+            return EXIT_OK
+        return EXIT_OK if outcome == "completed" else EXIT_FAILED
 
 
 def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:

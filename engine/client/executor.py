@@ -273,7 +273,8 @@ class ProcessExecutor(ClientExecutor):
             if client.status != ClientStatus.TRAINING_STOPPED:
                 client.set_status(ClientStatus.TRAINING_STOPPED, "aborted" if aborting else "")
         else:
-            detail = f"worker exited with code {code}; see {self.workspace / 'logs' / 'worker.log'}"
+            log_path = self.workspace / "logs" / "worker.log"
+            detail = f"worker exited with code {code}: {_tail(log_path)} (see {log_path})"
             if conn is None:
                 detail = "worker did not start; " + detail
             client.set_status(ClientStatus.TRAINING_EXCEPTION, detail)
@@ -445,3 +446,11 @@ class ThreadExecutor(ClientExecutor):
         except Exception:
             return self._future.done()
         return True
+
+
+def _tail(path: Path, lines: int = 2) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no worker log"
+    return " | ".join(text[-lines:]) or "worker log empty"

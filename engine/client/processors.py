@@ -1,0 +1,151 @@
+"""Request processors: one per admin topic, each calling the ClientAdminInterface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.admin_defs import Message, MsgHeader, Topic, error_reply, ok_reply
+from engine.client.admin import RequestProcessor
+from engine.client.admin_interface import AdminError
+from engine.client.deploy import DeployError
+from engine.client.shell import ShellCommandError, run_shell_command
+
+__all__ = [
+    "AbortClientProcessor",
+    "ClientStatusProcessor",
+    "DeleteRunNumberProcessor",
+    "DeployProcessor",
+    "RestartClientProcessor",
+    "ShellCommandProcessor",
+    "ShutdownClientProcessor",
+    "StartClientMGpuProcessor",
+    "StartClientProcessor",
+    "SysInfoProcessor",
+    "ValidateRequestProcessor",
+    "all_processors",
+]
+
+
+class _Processor(RequestProcessor):
+    topic = ""
+
+    def get_topics(self) -> list[str]:
+        return [self.topic]
+
+    def process(self, req: Message, app_ctx: Any) -> Message | None:
+        try:
+            text = self.run(req, app_ctx)
+        except (AdminError, DeployError, ShellCommandError) as exc:
+            return error_reply(str(exc))
+        return ok_reply(f"reply_{self.topic}", text)
+
+    def run(self, req: Message, app_ctx: Any) -> str:
+        raise NotImplementedError
+
+
+class StartClientProcessor(_Processor):
+    topic = Topic.START
+
+    def run(self, req: Message, app_ctx: Any) -> str:
+        return str(app_ctx.start_client(req.get_header(MsgHeader.RUN_NUMBER)))
+
+
+class StartClientMGpuProcessor(_Processor):
+    topic = Topic.START_MGPU
+
+    def run(self, req: Message, app_ctx: Any) -> str:
+        return str(
+            app_ctx.start_mgpu_client(
+                req.get_header(MsgHeader.RUN_NUMBER), req.get_header("gpu_number")
+            )
+        )
+
+
+class AbortClientProcessor(_Processor):
+    topic = Topic.ABORT
+
+    def run(self, req: Message, app_ctx: Any) -> str:
+        return str(app_ctx.abort_client())
+
+
+class ClientStatusProcessor(_Processor):
+    topic = Topic.CHECK_STATUS
+
+    def run(self, req: Message, app_ctx: Any) -> str:
+        return str(app_ctx.client_status())
+
+
+class ShutdownClientProcessor(_Processor):
+    topic = Topic.SHUTDOWN
+
+    def run(self, req: Message, app_ctx: Any) -> str:
+        return str(app_ctx.shutdown_client())
+
+
+class RestartClientProcessor(_Processor):
+    topic = Topic.RESTART
+
+    def run(self, req: Message, app_ctx: Any) -> str:
+        return str(app_ctx.restart_client())
+
+
+class DeployProcessor(_Processor):
+    topic = Topic.DEPLOY
+
+    def run(self, req: Message, app_ctx: Any) -> str:
+        return str(app_ctx.deploy_mmar(req))
+
+
+class DeleteRunNumberProcessor(_Processor):
+    topic = Topic.DELETE_RUN
+
+    def run(self, req: Message, app_ctx: Any) -> str:
+        return str(app_ctx.delete_run_number(req.get_header(MsgHeader.RUN_NUMBER)))
+
+
+class ValidateRequestProcessor(_Processor):
+    topic = Topic.VALIDATE
+
+    def run(self, req: Message, app_ctx: Any) -> str:
+        return str(app_ctx.do_validate(req))
+
+
+class ShellCommandProcessor(_Processor):
+    """Runs one read-only command, re-validated here: the server's check is not trusted."""
+
+    topic = Topic.SHELL
+
+    def run(self, req: Message, app_ctx: Any) -> str:
+        if not isinstance(req.body, str):
+            raise ShellCommandError("the shell request carries no command text")
+        policy = app_ctx.policy
+        return run_shell_command(
+            req.body,
+            app_ctx.workspace,
+            timeout=policy.shell_timeout,
+            max_output=policy.shell_max_output,
+        )
+
+
+class SysInfoProcessor(_Processor):
+    topic = Topic.SYS_INFO
+
+    def run(self, req: Message, app_ctx: Any) -> str:
+        return str(app_ctx.sys_info())
+
+
+def all_processors() -> list[RequestProcessor]:
+    """One instance of every processor (the lineage's ``req_processors``)."""
+    return [
+        StartClientProcessor(),
+        StartClientMGpuProcessor(),
+        AbortClientProcessor(),
+        ClientStatusProcessor(),
+        ShutdownClientProcessor(),
+        RestartClientProcessor(),
+        DeployProcessor(),
+        DeleteRunNumberProcessor(),
+        ValidateRequestProcessor(),
+        ShellCommandProcessor(),
+        SysInfoProcessor(),
+    ]
