@@ -69,6 +69,13 @@ def prepare_workspace(
             shutil.copytree(demo, scratch)
         fitter = build_fitter(scratch, site_name="server")
         save_npz_atomic(server_dir / "models" / "initial_model.npz", fitter.get_weights())
+    admin = root / "admin"
+    save_json_atomic(
+        admin / "startup" / "fed_admin.json",
+        {"admin": {"name": "admin@demo", "target": "127.0.0.1:0"}},
+    )
+    if not (admin / "transfer" / "demo_mmar").exists():
+        shutil.copytree(demo, admin / "transfer" / "demo_mmar")
     for name in _site_names(num_sites):
         paths = SitePaths(root / name)
         save_json_atomic(
@@ -97,6 +104,13 @@ def _set_port(kit: Path, port: int) -> None:
     for server in data["servers"]:
         server["service"]["target"] = f"127.0.0.1:{port}"
     save_json_atomic(kit, data)
+
+
+def _set_admin_port(kit: Path, port: int) -> None:
+    path = kit / "startup" / "fed_admin.json"
+    data = json.loads(path.read_text())
+    data["admin"]["target"] = f"127.0.0.1:{port}"
+    save_json_atomic(path, data)
 
 
 @dataclass
@@ -156,6 +170,7 @@ class DemoFederation:
             names = _site_names(self.num_sites)
             for name in names:
                 _set_port(SitePaths(self.root / name).kit, port)
+            _set_admin_port(self.root / "admin", port)
             for name in names[1:]:
                 self._start_peer(name)
             watchdog = threading.Thread(target=self._watch_peers, name="demo-watchdog", daemon=True)

@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--rounds", type=int, default=5, help="rounds of federated averaging (default 5)"
     )
+    admin = sub.add_parser(
+        "admin",
+        help="the federation admin's console (interactive, or one command: "
+        "fltui admin --workspace KIT check_status client site-1)",
+    )
+    _common(admin, suppress=True)
+    admin.add_argument("words", nargs=argparse.REMAINDER, help="one command to run, then exit")
     server = sub.add_parser("server", help="run the reference FL server from a server workspace")
     _common(server, suppress=True)
     server.add_argument(
@@ -93,6 +100,10 @@ def _workspace(args: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "admin":
+        from fltui.admin import run_admin
+
+        return run_admin(_workspace(args), list(args.words), json_out=args.json)
     from engine.events import EventBus
     from fltui.headless import HeadlessPrinter
 

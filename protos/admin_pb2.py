@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/admin.proto\x12\x05\x61\x64min\"+\n\x08Messages\x12\x1f\n\x07message\x18\x01 \x03(\x0b\x32\x0e.admin.Message\"\xa3\x01\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x11\n\tbody_type\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x12,\n\x07headers\x18\x05 \x03(\x0b\x32\x1b.admin.Message.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x07\n\x05\x45mpty\"\x1d\n\x06\x43lient\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\"=\n\x05Reply\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x1f\n\x07message\x18\x02 \x01(\x0b\x32\x0e.admin.Message2\x93\x01\n\x12\x41\x64minCommunicating\x12*\n\x08Retrieve\x12\r.admin.Client\x1a\x0f.admin.Messages\x12\'\n\tSendReply\x12\x0c.admin.Reply\x1a\x0c.admin.Empty\x12(\n\nSendResult\x12\x0c.admin.Reply\x1a\x0c.admin.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/admin.proto\x12\x05\x61\x64min\"+\n\x08Messages\x12\x1f\n\x07message\x18\x01 \x03(\x0b\x32\x0e.admin.Message\"\xa3\x01\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x11\n\tbody_type\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x12,\n\x07headers\x18\x05 \x03(\x0b\x32\x1b.admin.Message.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x07\n\x05\x45mpty\"\x1d\n\x06\x43lient\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\"=\n\x05Reply\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x1f\n\x07message\x18\x02 \x01(\x0b\x32\x0e.admin.Message\"C\n\x0e\x43onsoleCommand\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x12\n\nattachment\x18\x03 \x01(\x0c\"6\n\x0c\x43onsoleReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04json\x18\x03 \x01(\t2\x93\x01\n\x12\x41\x64minCommunicating\x12*\n\x08Retrieve\x12\r.admin.Client\x1a\x0f.admin.Messages\x12\'\n\tSendReply\x12\x0c.admin.Reply\x1a\x0c.admin.Empty\x12(\n\nSendResult\x12\x0c.admin.Reply\x1a\x0c.admin.Empty2E\n\x0c\x41\x64minConsole\x12\x35\n\x07\x45xecute\x12\x15.admin.ConsoleCommand\x1a\x13.admin.ConsoleReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,6 +45,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIENT']._serialized_end=278
   _globals['_REPLY']._serialized_start=280
   _globals['_REPLY']._serialized_end=341
-  _globals['_ADMINCOMMUNICATING']._serialized_start=344
-  _globals['_ADMINCOMMUNICATING']._serialized_end=491
+  _globals['_CONSOLECOMMAND']._serialized_start=343
+  _globals['_CONSOLECOMMAND']._serialized_end=410
+  _globals['_CONSOLEREPLY']._serialized_start=412
+  _globals['_CONSOLEREPLY']._serialized_end=466
+  _globals['_ADMINCOMMUNICATING']._serialized_start=469
+  _globals['_ADMINCOMMUNICATING']._serialized_end=616
+  _globals['_ADMINCONSOLE']._serialized_start=618
+  _globals['_ADMINCONSOLE']._serialized_end=687
 # @@protoc_insertion_point(module_scope)

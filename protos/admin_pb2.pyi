@@ -50,3 +50,23 @@ class Reply(_message.Message):
     client_name: str
     message: Message
     def __init__(self, client_name: _Optional[str] = ..., message: _Optional[_Union[Message, _Mapping]] = ...) -> None: ...
+
+class ConsoleCommand(_message.Message):
+    __slots__ = ("user", "command", "attachment")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ATTACHMENT_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    command: str
+    attachment: bytes
+    def __init__(self, user: _Optional[str] = ..., command: _Optional[str] = ..., attachment: _Optional[bytes] = ...) -> None: ...
+
+class ConsoleReply(_message.Message):
+    __slots__ = ("ok", "text", "json")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    text: str
+    json: str
+    def __init__(self, ok: _Optional[bool] = ..., text: _Optional[str] = ..., json: _Optional[str] = ...) -> None: ...

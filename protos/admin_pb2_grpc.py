@@ -184,3 +184,78 @@ class AdminCommunicating:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminConsoleStub:
+    """The admin console's side (`fltui admin`): one command line in, the server's answer out.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Execute = channel.unary_unary(
+                '/admin.AdminConsole/Execute',
+                request_serializer=protos_dot_admin__pb2.ConsoleCommand.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.ConsoleReply.FromString,
+                _registered_method=True)
+
+
+class AdminConsoleServicer:
+    """The admin console's side (`fltui admin`): one command line in, the server's answer out.
+    """
+
+    def Execute(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminConsoleServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Execute': grpc.unary_unary_rpc_method_handler(
+                    servicer.Execute,
+                    request_deserializer=protos_dot_admin__pb2.ConsoleCommand.FromString,
+                    response_serializer=protos_dot_admin__pb2.ConsoleReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'admin.AdminConsole', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('admin.AdminConsole', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdminConsole:
+    """The admin console's side (`fltui admin`): one command line in, the server's answer out.
+    """
+
+    @staticmethod
+    def Execute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/admin.AdminConsole/Execute',
+            protos_dot_admin__pb2.ConsoleCommand.SerializeToString,
+            protos_dot_admin__pb2.ConsoleReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -24,6 +24,7 @@ from engine.events import EventBus, ServerRoundAggregated, SiteJoined, SiteLeft
 from engine.fileio import load_npz, save_json_atomic, save_npz_atomic
 from engine.rpc import TOKEN_HEADER, federated_generic_handler
 from engine.server.admin import AdminQueues
+from engine.server.admin_console import AdminConsoleService
 from engine.server.aggregator import FedAvgAccumulator
 from engine.server.buffers import BufferPool
 from protos import admin_pb2_grpc
@@ -117,6 +118,7 @@ class FederatedServer:
         self._server: grpc.Server | None = None
         self._monitor: threading.Thread | None = None
         self.admin = AdminQueues(self._site_by_token)
+        self.console = AdminConsoleService(self)
         self.port = 0
         self.created = time.time()
 
@@ -142,6 +144,7 @@ class FederatedServer:
         )
         server.add_generic_rpc_handlers((federated_generic_handler(self),))
         admin_pb2_grpc.add_AdminCommunicatingServicer_to_server(self.admin, server)
+        admin_pb2_grpc.add_AdminConsoleServicer_to_server(self.console, server)
         self.port = server.add_insecure_port(target)
         if self.port == 0:
             raise OSError(f"cannot listen on {target}")
@@ -625,6 +628,17 @@ class FederatedServer:
         return pb.FederatedSummary(
             comment=f"Received Cross Validation results from {site.name}.", meta=self._meta()
         )
+
+    def reset_cross_site_delivery(self, sites: list[str]) -> None:
+        """An admin's ``validate``: these sites get every model again."""
+        with self._cond:
+            for site in sites:
+                self._delivered.pop(site, None)
+
+    def cross_val_results_snapshot(self) -> dict[str, dict[str, Any]]:
+        """``{data_site: {model_owner: metrics}}`` as received so far."""
+        with self._cond:
+            return {k: dict(v) for k, v in self.cross_val_results.items()}
 
     # ------------------------------------------------------------------ persistence
 
