@@ -202,16 +202,16 @@ class ProcessExecutor(ClientExecutor):
             with (logs / "worker.log").open("ab") as out:
                 for rank in range(world):
                     rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+                    # The first rank leads a new process group; the others join it, so abort
+                    # can signal every rank (and anything they start) at once. A group, not a
+                    # session: a process may only join a group of its own session.
                     proc = subprocess.Popen(
                         cmd,
                         env=rank_env,
                         stdin=subprocess.DEVNULL,
                         stdout=out,
                         stderr=out,
-                        # The first rank leads a new process group; the others join it, so abort
-                        # can signal every rank (and anything they start) at once.
-                        start_new_session=rank == 0,
-                        preexec_fn=None if rank == 0 else _join_group(self._pgid),
+                        **_group_kwargs(self._pgid or 0),
                     )
                     if rank == 0:
                         self._pgid = proc.pid
@@ -376,12 +376,11 @@ class _Anonymous:
         self.status = status
 
 
-def _join_group(pgid: int | None) -> Any:
-    def join() -> None:
-        if pgid is not None:
-            os.setpgid(0, pgid)
-
-    return join
+def _group_kwargs(pgid: int) -> dict[str, Any]:
+    """Popen arguments that put the child in process group ``pgid`` (0: a new group)."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": pgid}  # no preexec_fn: safe beside gRPC's threads
+    return {"preexec_fn": lambda: os.setpgid(0, pgid)}
 
 
 class ThreadExecutor(ClientExecutor):

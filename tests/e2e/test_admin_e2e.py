@@ -1,4 +1,4 @@
-"""The federation's admin drives two real sites through `fltui admin`: deploy → validate → delete."""
+"""The admin drives two real sites through `fltui admin`: deploy → validate → delete."""
 
 from __future__ import annotations
 

@@ -1,0 +1,131 @@
+"""The admin agent and its processors: refusals, policy, audit, and nothing written or run."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from engine.admin_defs import Message, MsgHeader, ReturnCode, Topic
+from engine.client.policy import AuditLog
+from engine.demo import prepare_workspace
+from engine.events import AdminRequestHandled, EventBus
+from engine.site import SiteService
+from tests.conftest import Recorder
+
+
+@pytest.fixture
+def service(tmp_path: Path):
+    prepare_workspace(tmp_path, num_sites=1, num_rounds=1)
+    bus = EventBus()
+    svc = SiteService(tmp_path / "site-1", bus, executor="thread")
+    svc.recorder = Recorder(bus)  # type: ignore[attr-defined]
+    yield svc
+    svc.interface.close()
+
+
+def _request(topic: str, body: str | bytes = "", **headers: str) -> Message:
+    return Message(topic, body, {MsgHeader.USER_NAME: "admin@test", **headers})
+
+
+def _zip(entries: dict[str, bytes], links: tuple[str, ...] = ()) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+        for name in links:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = 0o120777 << 16
+            zf.writestr(info, "/etc/passwd")
+    return buf.getvalue()
+
+
+GOOD = {"config/config_fed_client.json": b"{}", "config/config_train.json": b"{}"}
+
+
+def _refused(svc: SiteService, req: Message, words: str) -> str:
+    reply = svc.agent.process(req)
+    assert reply.get_header(MsgHeader.RETURN_CODE) == ReturnCode.ERROR, reply.body
+    assert reply.get_header(MsgHeader.REF_MSG_ID) == req.id
+    assert words in reply.body, reply.body
+    return str(reply.body)
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (_zip({**GOOD, "../evil.py": b"x"}), ".."),
+        (_zip({**GOOD, "/abs/evil.py": b"x"}), "absolute"),
+        (_zip(GOOD, links=("config/link",)), "link"),
+        (_zip({**GOOD, "big.bin": b"\0" * (3 << 20)}), "limit"),
+    ],
+    ids=["dotdot", "absolute", "symlink", "bomb"],
+)
+def test_bad_deploys_are_refused_and_nothing_is_written(service, data: bytes, words: str) -> None:
+    from dataclasses import replace
+
+    service.interface.policy = replace(service.policy, max_deploy_bytes=2 << 20)
+    before = sorted(p.relative_to(service.paths.root) for p in service.paths.root.rglob("*"))
+    _refused(service, _request(Topic.DEPLOY, data, run_number="7"), words)
+    after = sorted(p.relative_to(service.paths.root) for p in service.paths.root.rglob("*"))
+    assert [p for p in after if p not in before and "logs" not in p.parts] == []
+
+
+@pytest.mark.parametrize(
+    ("command", "words"),
+    [
+        ("cat ../../etc/passwd", ".."),
+        ("ls; rm -rf /", ";"),
+        ("grep -r x /", "-r"),
+        ("rm -rf logs", "rm"),
+    ],
+)
+def test_shell_requests_are_revalidated_by_the_site(service, command: str, words: str) -> None:
+    _refused(service, _request(Topic.SHELL, command), words)
+    assert (service.paths.root / "logs").exists()
+
+
+def test_unknown_topic_and_policy_refusals_are_replied_and_audited(service) -> None:
+    _refused(service, _request("train.self_destruct"), "train.self_destruct")
+    from dataclasses import replace
+
+    service.interface.policy = replace(service.policy, allowed_commands=frozenset({"check_status"}))
+    service.agent.app_ctx = service.interface
+    _refused(service, _request(Topic.SHELL, "pwd"), "shell")
+    ok = service.agent.process(_request(Topic.CHECK_STATUS))
+    assert ok.get_header(MsgHeader.RETURN_CODE) != ReturnCode.ERROR
+    assert "status: training not started" in ok.body
+    lines = AuditLog.read(service.paths.logs / "audit.jsonl")
+    assert [(a["origin"], a["topic"], a["outcome"]) for a in lines] == [
+        ("admin@test", "train.self_destruct", "refused"),
+        ("admin@test", "sys.shell", "refused"),
+        ("admin@test", "train.check_status", "ok"),
+    ]
+    events = service.recorder.of(AdminRequestHandled)
+    assert [e.outcome for e in events] == ["refused", "refused", "ok"]
+
+
+def test_byoc_code_is_refused_when_the_site_policy_forbids_it(service) -> None:
+    mmar = service.paths.mmar(1, "site-1")
+    (mmar / "custom" / "steal.py").write_text("import os\n")
+    text = _refused(service, _request(Topic.START, run_number="1"), "allow_byoc is false")
+    assert "custom/steal.py" in text
+    assert service.session.status == 0  # nothing started
+
+
+def test_a_processor_exception_becomes_an_error_reply(service) -> None:
+    def boom() -> str:
+        raise KeyError("lost")
+
+    service.interface.client_status = boom  # type: ignore[method-assign]
+    _refused(service, _request(Topic.CHECK_STATUS), "exception_occurred: KeyError")
+
+
+def test_sys_info_reports_the_machine_and_why_there_is_no_gpu(service) -> None:
+    reply = service.agent.process(_request(Topic.SYS_INFO))
+    info = json.loads(reply.body)
+    assert info["site"] == "site-1" and info["cpu_count"] >= 1 and "memtotal" in info
+    assert info["gpu_count"] == 0 or "gpu_device_0" in info
