@@ -122,7 +122,11 @@ class ClientAdminInterface:
         """The lineage's status line (the token is shortened: tokens stay out of logs)."""
         token = self.client.token or ""
         shown = f"{token[:8]}..." if token else "(not registered)"
-        status = ClientStatus.get_status_message(self.client.status)
+        status = (
+            self.executor.check_status(self.client)
+            if self.executor.is_running()
+            else ClientStatus.get_status_message(self.client.status)
+        )
         text = f"client name: {self.client_name}\ttoken: {shown}\tstatus: {status}"
         if self.run_number is not None:
             text += f"\trun: {self.run_number}\tmmar: {self.mmar_name}"

@@ -107,6 +107,10 @@ def listen_command(client: Any, conn: Connection) -> str | None:
             client.bus.publish(event)
         elif "outcome" in message:
             outcome = str(message["outcome"])
+        elif "status_reply" in message:
+            replies = getattr(client, "status_replies", None)
+            if replies is not None:
+                replies.put(str(message["status_reply"]))
 
 
 def _free_port() -> int:
@@ -295,6 +299,21 @@ class ProcessExecutor(ClientExecutor):
     # ------------------------------------------------------------------ abort
 
     def check_status(self, client: Any) -> str:
+        """Asks the worker itself (over its connection); the last known status otherwise."""
+        import queue
+
+        with self._lock:
+            conn = self._conn
+        if conn is not None:
+            replies: queue.Queue[str] = queue.Queue()
+            client.status_replies = replies
+            try:
+                conn.send({"command": "check_status"})
+                return replies.get(timeout=2.0)
+            except (OSError, ValueError, queue.Empty):
+                pass
+            finally:
+                client.status_replies = None
         return ClientStatus.get_status_message(client.status)
 
     def abort_train(self, client: Any) -> str:

@@ -108,8 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     message = uplink.conn.recv()
                 except (EOFError, OSError):
                     return
-                if message.get("command") == "abort":
+                command = message.get("command")
+                if command == "abort":
                     engine.abort()
+                elif command == "check_status" and engine.client is not None:
+                    from engine.client.status import ClientStatus
+
+                    uplink.send(
+                        {"status_reply": ClientStatus.get_status_message(engine.client.status)}
+                    )
 
         threading.Thread(target=commands, name="worker-commands", daemon=True).start()
 

@@ -133,6 +133,11 @@ def test_admin_deploys_starts_aborts_restarts_validates_and_deletes(tmp_path: Pa
         assert delete.returncode == 0, delete.stdout
         assert not (ws / "site-1" / "run_2").exists()
 
+        restart = _admin(ws, "restart", "client", "site-2")
+        assert restart.returncode == 0 and "Restart the client" in restart.stdout
+        _until(ws, ["check_status", "client", "site-2"], r"site-2: client name: site-2")
+        assert sites[1].poll() is None  # the same process, a fresh engine and session
+
         assert _admin(ws, "shutdown", "client", "all").returncode == 0
         for proc in sites:
             assert proc.wait(timeout=60) == 0
