@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+from engine.privacy._checks import NonFiniteDiffError, PrivacyArgumentError
 from engine.privacy.base import PRIVACY_PROTOCOLS, PrivacyProtocol, build_privacy
+from engine.privacy.laplacian import LaplacianProtocol
+from engine.privacy.percentile import PercentileProtocol
+from engine.privacy.svt import SVTProtocol
 
-__all__ = ["PRIVACY_PROTOCOLS", "PrivacyProtocol", "build_privacy"]
+__all__ = [
+    "PRIVACY_PROTOCOLS",
+    "LaplacianProtocol",
+    "NonFiniteDiffError",
+    "PercentileProtocol",
+    "PrivacyArgumentError",
+    "PrivacyProtocol",
+    "SVTProtocol",
+    "build_privacy",
+]

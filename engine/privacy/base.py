@@ -28,7 +28,8 @@ class PrivacyProtocol(ABC):
         """
 
 
-# Built-in protocols register here by name (Percentile, SVT, Laplacian come with their issue).
+# Built-in protocols, by the name an MMAR's ``privacy`` block gives; filled in at the end of this
+# module, since they subclass PrivacyProtocol.
 PRIVACY_PROTOCOLS: dict[str, type[PrivacyProtocol]] = {}
 
 
@@ -41,3 +42,16 @@ def build_privacy(
     return build_component(
         spec, PRIVACY_PROTOCOLS, "privacy protocol", PrivacyProtocol, search_paths
     )
+
+
+from engine.privacy.laplacian import LaplacianProtocol  # noqa: E402
+from engine.privacy.percentile import PercentileProtocol  # noqa: E402
+from engine.privacy.svt import SVTProtocol  # noqa: E402
+
+PRIVACY_PROTOCOLS.update(
+    {
+        "PercentileProtocol": PercentileProtocol,
+        "SVTProtocol": SVTProtocol,
+        "LaplacianProtocol": LaplacianProtocol,
+    }
+)
