@@ -295,3 +295,40 @@ def test_a_late_update_is_dropped_and_the_site_goes_on(start_server, caplog) -> 
         caplog.text
     )
     assert [e.outcome for e in rec.of(FederationFinished)] == ["completed"]
+
+
+def test_a_built_in_protocol_named_in_the_mmar_runs_on_every_upload(tmp_path: Path) -> None:
+    prepare_workspace(tmp_path, num_sites=1, num_rounds=2)
+    mmar = SitePaths(tmp_path / "site-1").mmar(1, "site-1")
+    initial = load_npz(tmp_path / "server" / "models" / "initial_model.npz")
+    server = FederatedServer(
+        ServerConfig(task_name="demo_federation", target="127.0.0.1:0", num_rounds=2),
+        tmp_path / "server",
+        initial,
+        long_poll=0.5,
+    )
+    _set_port(SitePaths(tmp_path / "site-1").kit, server.start())
+    cfg_path = mmar / "config" / "config_fed_client.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["client"].update(
+        {
+            "steps_aggregation": 5,
+            "cross_site_validate": False,
+            "privacy": {"name": "PercentileProtocol", "args": {"percentile": 90, "gamma": 1.0}},
+        }
+    )
+    cfg_path.write_text(json.dumps(cfg))
+    bus = EventBus()
+    rec = Recorder(bus)
+    engine = SiteEngine(tmp_path / "site-1", bus)
+    try:
+        assert engine.run() == "completed"
+    finally:
+        server.stop(grace=0)
+    applied = rec.of(PrivacyApplied)
+    assert [(e.round, e.protocol) for e in applied] == [
+        (1, "PercentileProtocol"),
+        (2, "PercentileProtocol"),
+    ]
+    for e in applied:
+        assert 0.05 < e.shared_values / e.total_values < 0.15  # about (100 - 90) % shared
