@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.config import load_server_config
 from engine.events import Event, EventBus, LogRecord, event_from_dict
-from engine.fileio import load_npz, save_json_atomic, save_npz_atomic
+from engine.fileio import load_npz, save_json_atomic
 from engine.site import SitePaths, SiteService, attach_workspace_logs
 
 __all__ = ["DemoFederation", "DemoResult", "prepare_workspace"]
@@ -35,13 +35,16 @@ def prepare_workspace(
     num_sites: int = 3,
     num_rounds: int = 5,
     heartbeat_interval: float = 5.0,
+    torch_in_subprocess: bool = False,
 ) -> None:
     """Lays out a demo federation under ``root``: ``server/`` and ``site-1/`` … ``site-N/``.
 
     Each site gets a startup kit (server port filled in by ``DemoFederation`` once the server
-    listens), the demo MMAR offered in ``transfer/`` and deployed as run 1.
+    listens), the demo MMAR offered in ``transfer/`` and deployed as run 1. With
+    ``torch_in_subprocess`` the initial model is built by a child process, so that this one
+    (the console's) never imports torch.
     """
-    from engine.training import build_fitter, demo_mmar_path
+    from engine.training import demo_mmar_path
 
     server_dir = root / "server"
     config = {
@@ -67,8 +70,17 @@ def prepare_workspace(
         scratch = server_dir / "mmar"
         if not scratch.exists():
             shutil.copytree(demo, scratch)
-        fitter = build_fitter(scratch, site_name="server")
-        save_npz_atomic(server_dir / "models" / "initial_model.npz", fitter.get_weights())
+        out = server_dir / "models" / "initial_model.npz"
+        if torch_in_subprocess:
+            subprocess.run(
+                [sys.executable, "-m", "engine.training.initial_model", str(scratch), str(out)],
+                check=True,
+                stdin=subprocess.DEVNULL,
+            )
+        else:
+            from engine.training.initial_model import write_initial_model
+
+            write_initial_model(scratch, out)
     admin = root / "admin"
     save_json_atomic(
         admin / "startup" / "fed_admin.json",
@@ -97,6 +109,7 @@ def prepare_workspace(
         deployed = paths.mmar(1, name)
         if not deployed.exists():
             shutil.copytree(demo, deployed)
+            (deployed.parent / "fl_app.txt").write_text("demo_mmar\n")
 
 
 def _set_port(kit: Path, port: int) -> None:
@@ -140,13 +153,24 @@ class DemoFederation:
         num_rounds: rounds of FedAvg.
     """
 
-    def __init__(self, root: Path, bus: EventBus, num_sites: int = 3, num_rounds: int = 5) -> None:
+    def __init__(
+        self,
+        root: Path,
+        bus: EventBus,
+        num_sites: int = 3,
+        num_rounds: int = 5,
+        torch_in_subprocess: bool = False,
+        site_1_stays: bool = False,
+    ) -> None:
         if num_sites < 1:
             raise ValueError(f"the demo needs at least one site, got {num_sites}")
         self.root = Path(root)
         self.bus = bus
         self.num_sites = num_sites
         self.num_rounds = num_rounds
+        self.torch_in_subprocess = torch_in_subprocess
+        # Under a console, site-1 stays up after its training (abort, then start again).
+        self.site_1_stays = site_1_stays
         self.peers: dict[str, subprocess.Popen[bytes]] = {}
         self._relays: list[threading.Thread] = []
         self.site_service: SiteService | None = None
@@ -157,7 +181,9 @@ class DemoFederation:
         """Runs the whole federation; returns when every site has ended."""
         from engine.server import FederatedServer
 
-        prepare_workspace(self.root, self.num_sites, self.num_rounds)
+        prepare_workspace(
+            self.root, self.num_sites, self.num_rounds, torch_in_subprocess=self.torch_in_subprocess
+        )
         server_dir = self.root / "server"
         detach_server_logs = attach_workspace_logs(server_dir, self.bus, "server")
         config = load_server_config(server_dir / "config_fed_server.json")
@@ -177,7 +203,7 @@ class DemoFederation:
             watchdog.start()
             outcome = self._run_site_1()
             result.outcomes[names[0]] = outcome
-            if outcome != "completed":
+            if outcome != "completed" and not self.site_1_stays:
                 self.stop_peers()  # the federation cannot finish without this site
             for name, proc in self.peers.items():
                 try:
@@ -207,7 +233,7 @@ class DemoFederation:
             self.site_service = service
             if self._aborted.is_set():
                 return "aborted"
-            return service.run(auto_start=True)
+            return service.run(auto_start=True, stay=self.site_1_stays)
         finally:
             detach()
 

@@ -18,6 +18,8 @@ __all__ = [
     "EventBus",
     "EventLogHandler",
     "FederationFinished",
+    "GpuSampled",
+    "HeartbeatAcknowledged",
     "LogRecord",
     "MetricsReported",
     "ModelTransferred",
@@ -26,7 +28,9 @@ __all__ = [
     "ProgressUpdated",
     "RoundCompleted",
     "RoundStarted",
+    "RunChanged",
     "ServerRoundAggregated",
+    "SiteConfigured",
     "SiteJoined",
     "SiteLeft",
     "StatusChanged",
@@ -242,6 +246,94 @@ class AdminRequestHandled(Event):
         return f"admin {self.topic} from {self.origin}: {self.outcome}" + (
             f" ({self.detail})" if self.detail else ""
         )
+
+
+def _gib(nbytes: Any) -> str:
+    return f"{nbytes / 2**30:.1f}" if isinstance(nbytes, (int, float)) else "N/A"
+
+
+def _fmt_gpu(gpu: dict[str, Any]) -> str:
+    def num(key: str, unit: str, fmt: str = ".0f") -> str:
+        value = gpu.get(key)
+        return f"{value:{fmt}}{unit}" if isinstance(value, (int, float)) else "N/A"
+
+    name = str(gpu.get("name", "?")).removeprefix("NVIDIA ")
+    return (
+        f"{gpu.get('index', '?')} {name} {num('utilization', '%')} "
+        f"{_gib(gpu.get('memory_used'))}/{_gib(gpu.get('memory_total'))} GiB "
+        f"{num('temperature', '°C')} {num('power', ' W')}"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuSampled(Event):
+    """One NVML sample of every GPU, or why there is none.
+
+    Attributes:
+        available: whether GPUs could be read.
+        reason: why ``gpus`` is empty (no NVML library, no driver, no GPU, an NVML error).
+        gpus: one ``engine.gpu.GpuInfo.to_dict()`` per GPU (None values mean N/A).
+        simulated: the values are SIMULATED (``--simulate-gpus``), not read from hardware.
+    """
+
+    available: bool
+    reason: str = ""
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    simulated: bool = False
+
+    def summary(self) -> str:
+        label = "SIMULATED " if self.simulated else ""
+        if not self.gpus:
+            return f"{label}no GPU: {self.reason or 'unknown reason'}"
+        count = len(self.gpus)
+        gpus = "; ".join(_fmt_gpu(g) for g in self.gpus)
+        return f"{label}{count} GPU{'s' if count != 1 else ''}: {gpus}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteConfigured(Event):
+    """A site engine came up: which server it talks to, and how."""
+
+    server: str
+    tls: bool
+    workspace: str
+    executor: str = "process"
+
+    def summary(self) -> str:
+        return (
+            f"site engine up: server {self.server}, TLS {'on' if self.tls else 'off'}, "
+            f"{self.executor} executor, workspace {self.workspace}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeartbeatAcknowledged(Event):
+    """The server answered a heartbeat; ``rtt_ms`` is the round trip."""
+
+    rtt_ms: float
+
+    def summary(self) -> str:
+        return f"heartbeat ok ({self.rtt_ms:.1f} ms)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunChanged(Event):
+    """A training run started or ended on this site (run number, MMAR, executor, worker)."""
+
+    running: bool
+    run_number: int
+    mmar: str
+    executor: str
+    pid: int | None = None
+    detail: str = ""
+
+    def summary(self) -> str:
+        if self.running:
+            pid = f", worker pid {self.pid}" if self.pid else ""
+            return (
+                f"run {self.run_number} ({self.mmar}) started on the {self.executor} executor{pid}"
+            )
+        return f"run {self.run_number} ended" + (f": {self.detail}" if self.detail else "")
 
 
 @dataclass(frozen=True, kw_only=True)

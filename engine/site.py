@@ -444,8 +444,15 @@ class SiteService:
         """Ends ``run`` (as a shutdown request would)."""
         self._done.set()
 
-    def run(self, auto_start: bool = True, run_number: int | None = None) -> str:
+    def run(
+        self, auto_start: bool = True, run_number: int | None = None, stay: bool = False
+    ) -> str:
         """Registers, serves admin requests and, with ``auto_start``, trains a deployed run.
+
+        Args:
+            auto_start: train the deployed run at once.
+            run_number: which run (default: the latest).
+            stay: keep serving after that training ends, until a stop request (a console).
 
         Returns:
             with ``auto_start``: the training's outcome ("completed", "aborted", "failed");
@@ -462,6 +469,17 @@ class SiteService:
             number, mmar = find_deployed_mmar(self.paths.root, self.site, run_number)
             # Config mistakes are found here, with file and key, before anything starts.
             check_mmar(mmar)
+        from engine.events import SiteConfigured
+
+        self.bus.publish(
+            SiteConfigured(
+                site=self.site,
+                server=self.kit.servers[0].target,
+                tls=self.kit.secure_train,
+                workspace=str(self.paths.root),
+                executor=self.executor.kind,
+            )
+        )
         try:
             self.session.register()
         except FLCommunicationError as exc:
@@ -491,6 +509,8 @@ class SiteService:
             if outcome is None:
                 future = getattr(self.executor, "_future", None)
                 outcome = future.result() if future is not None else None
+            if stay:
+                self._done.wait()
             return outcome or "failed"
         finally:
             self.stop()

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without a command: run this site from its workspace (DIR, $FLTUI_WORKSPACE or .).",
     )
     parser.add_argument("--version", action="version", version=f"fltui {__version__}")
+    parser.add_argument(
+        "--theme",
+        default="dark",
+        help="colour theme of the console: dark, light or high_contrast (default dark)",
+    )
     _common(parser, suppress=False)
     parser.add_argument(
         "--run",
@@ -100,6 +105,8 @@ def _workspace(args: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.no_ui and args.command in (None, "demo"):
+        return _run_console(args)
     if args.command == "admin":
         from fltui.admin import run_admin
 
@@ -113,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         json_lines=args.json, min_log_level="INFO" if args.json else "WARNING"
     )
     bus.subscribe(printer)
-    if not args.no_ui:
-        printer.say("note: the full-screen console is not built yet; running headless (--no-ui).")
+    if not args.no_ui and args.command == "server":
+        printer.say("note: the server has no console; running headless.")
     logging.getLogger("engine").setLevel(logging.INFO)
     try:
         if args.command == "demo":
@@ -125,6 +132,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         printer.say("interrupted")
         return EXIT_INTERRUPTED
+
+
+def _run_console(args: argparse.Namespace) -> int:
+    """The full-screen console (the engine runs in this process, torch in its workers)."""
+    from fltui.app import create_app
+    from fltui.themes import load_themes
+
+    themes = load_themes()
+    if args.theme not in themes:
+        print(f"fltui: unknown theme {args.theme!r} (themes: {', '.join(themes)})", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "demo":
+        if args.workspace is not None:
+            root = Path(args.workspace).resolve()
+            root.mkdir(parents=True, exist_ok=True)
+        else:
+            root = Path(tempfile.mkdtemp(prefix="fltui-demo-"))
+        app = create_app(
+            root, demo=True, theme=args.theme, demo_sites=args.sites, demo_rounds=args.rounds
+        )
+    else:
+        app = create_app(_workspace(args), theme=args.theme)
+    app.run()
+    return EXIT_OK
 
 
 def _config_error(printer: object, exc: Exception) -> int:

@@ -17,7 +17,7 @@ from engine.admin_defs import Message, MsgHeader, Topic, new_message
 from engine.client.deploy import DeployError, deploy_mmar
 from engine.client.policy import AuditLog, SitePolicy
 from engine.client.status import ClientStatus
-from engine.events import AdminRequestHandled, CrossSiteValidated, Event
+from engine.events import AdminRequestHandled, CrossSiteValidated, Event, RunChanged
 
 __all__ = ["AdminError", "ClientAdminInterface"]
 
@@ -217,6 +217,7 @@ class ClientAdminInterface:
             self.remove_custom_path()
             self.run_number, self.mmar_name = number, _app_name(self._run_dir(number))
             self.executor.start_train(self.client, {"run_number": number}, mmar)
+            self._announce_run()
         return "Start the client app..."
 
     def start_mgpu_client(self, run_number: Any, gpu_number: Any) -> str:
@@ -231,7 +232,20 @@ class ClientAdminInterface:
             mmar = self._check_start(number)
             self.run_number, self.mmar_name = number, _app_name(self._run_dir(number))
             self.executor.start_mgpu_train(self.client, {"run_number": number}, mmar, gpus)
+            self._announce_run()
         return f"Start the client app on {gpus} GPU rank(s)..."
+
+    def _announce_run(self) -> None:
+        self.bus.publish(
+            RunChanged(
+                site=self.client_name,
+                running=True,
+                run_number=self.run_number or 0,
+                mmar=self.mmar_name,
+                executor=self.executor.kind,
+                pid=self.executor.pid,
+            )
+        )
 
     def abort_client(self) -> str:
         status = self.client.status

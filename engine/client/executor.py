@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.client.status import ClientStatus
-from engine.events import StatusChanged, event_from_dict
+from engine.events import RunChanged, StatusChanged, event_from_dict
 
 __all__ = [
     "ClientExecutor",
@@ -140,6 +140,7 @@ class ProcessExecutor(ClientExecutor):
         self._aborting = False
         self.outcome: str | None = None
         self.gpu_number = 0
+        self.run_number = 0
 
     # ------------------------------------------------------------------ start
 
@@ -203,6 +204,7 @@ class ProcessExecutor(ClientExecutor):
             self._aborting = False
             self.outcome = None
             self.gpu_number = world if world > 1 else 0
+            self.run_number = int(args["run_number"])
             with (logs / "worker.log").open("ab") as out:
                 for rank in range(world):
                     rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
@@ -233,6 +235,11 @@ class ProcessExecutor(ClientExecutor):
             world,
             "s" if world > 1 else "",
         )
+
+    @property
+    def kind(self) -> str:
+        """How training runs: "process", or "N GPUs" under multi-GPU training."""
+        return f"{self.gpu_number} GPUs" if self.gpu_number > 1 else "process"
 
     @property
     def pid(self) -> int | None:
@@ -273,6 +280,16 @@ class ProcessExecutor(ClientExecutor):
         with self._lock:
             self._conn = None
             aborting = self._aborting
+        client.bus.publish(
+            RunChanged(
+                site=client.client_name,
+                running=False,
+                run_number=self.run_number,
+                mmar="",
+                executor=self.kind,
+                detail="aborted" if aborting else f"worker exited with code {code}",
+            )
+        )
         if aborting or code in (0, 3):
             if client.status != ClientStatus.TRAINING_STOPPED:
                 client.set_status(ClientStatus.TRAINING_STOPPED, "aborted" if aborting else "")
@@ -403,6 +420,9 @@ def _group_kwargs(pgid: int) -> dict[str, Any]:
 
 
 class ThreadExecutor(ClientExecutor):
+    kind = "thread"
+    pid = None
+
     """Runs training in this process (tests, tiny models): a SiteEngine in a worker thread.
 
     Args:
@@ -436,6 +456,16 @@ class ThreadExecutor(ClientExecutor):
         def run() -> str:
             outcome = engine.validate_only() if args.get("mode") == "validate" else engine.run()
             client.status = trainer.status
+            client.bus.publish(
+                RunChanged(
+                    site=client.client_name,
+                    running=False,
+                    run_number=int(args["run_number"]),
+                    mmar="",
+                    executor="thread",
+                    detail=outcome,
+                )
+            )
             return outcome
 
         self._future = self.executor.submit(run)

@@ -20,6 +20,7 @@ from engine.config import ServerEndpoint
 from engine.events import (
     CrossSiteValidated,
     EventBus,
+    HeartbeatAcknowledged,
     PhaseChanged,
     StatusChanged,
 )
@@ -264,7 +265,11 @@ class FederatedClientBase:
         """Sends one heartbeat to every server; failures are logged, never raised."""
         for task_name in self.servers:
             try:
+                t0 = time.perf_counter()
                 self.send_heartbeat(task_name)
+                if self.token is not None:
+                    rtt = (time.perf_counter() - t0) * 1000
+                    self.bus.publish(HeartbeatAcknowledged(site=self.client_name, rtt_ms=rtt))
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                     # Dropped (silent too long) or the server restarted: join again.

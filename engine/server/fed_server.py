@@ -582,6 +582,8 @@ class FederatedServer:
             save_npz_atomic(self.workspace / "cross_site" / site.name / "best_model.npz", params)
         with self._cond:
             self.best_models[site.name] = params
+            # A site's validation begins with its best model: it gets every model again.
+            self._delivered.pop(site.name, None)
             self._cond.notify_all()
         comment = f"Received best model from {site.name}." if params else "not participating"
         return pb.FederatedSummary(comment=comment, meta=self._meta())

@@ -1,0 +1,215 @@
+"""SiteState: a site as it is now, folded from its events (for consoles and snapshots)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.client.status import ClientStatus
+from engine.events import (
+    AdminRequestHandled,
+    ConnectionChanged,
+    Event,
+    FederationFinished,
+    HeartbeatAcknowledged,
+    LogRecord,
+    MetricsReported,
+    ModelTransferred,
+    PhaseChanged,
+    ProgressUpdated,
+    RoundCompleted,
+    RoundStarted,
+    RunChanged,
+    SiteConfigured,
+    StatusChanged,
+)
+
+__all__ = ["PARTS", "SiteState"]
+
+PARTS = ("header", "client", "round", "gpu", "requests", "logs")
+MAX_REQUESTS = 200
+MAX_LOGS = 2000
+
+
+@dataclass
+class SiteState:
+    """One site's live state; ``apply`` folds an event in and says which parts changed.
+
+    Only events about this site (and, for logs, the server) are taken; a demo bus carries the
+    peers' events too.
+    """
+
+    site: str = ""
+    server: str = ""
+    tls: bool = False
+    workspace: str = ""
+    connection: str = "not connected"
+    connection_detail: str = ""
+    registered_at: float | None = None
+    last_heartbeat: float | None = None
+    heartbeat_rtt_ms: float | None = None
+    status: int = ClientStatus.TRAINING_NOT_STARTED
+    last_error: str = ""
+    run_number: int | None = None
+    mmar: str = ""
+    executor: str = ""
+    worker_pid: int | None = None
+    round: int = 0
+    num_rounds: int = 0
+    phase: str = ""
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    loss: float | None = None
+    train_started: float | None = None
+    transfer: str = ""
+    round_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    local_metrics: dict[str, float] = field(default_factory=dict)
+    outcome: str = ""
+    outcome_detail: str = ""
+    gpu: Any = None  # the last GpuSampled
+    requests: deque[AdminRequestHandled] = field(default_factory=lambda: deque(maxlen=MAX_REQUESTS))
+    logs: deque[LogRecord] = field(default_factory=lambda: deque(maxlen=MAX_LOGS))
+
+    @property
+    def status_message(self) -> str:
+        return ClientStatus.get_status_message(self.status)
+
+    def token_age(self, now: float | None = None) -> float | None:
+        if self.registered_at is None:
+            return None
+        return (now or time.time()) - self.registered_at
+
+    def eta_seconds(self, now: float | None = None) -> float | None:
+        """Seconds until local training ends, from the pace so far."""
+        if not self.train_started or self.step <= 0 or self.total_steps <= self.step:
+            return None
+        elapsed = (now or time.time()) - self.train_started
+        return elapsed / self.step * (self.total_steps - self.step)
+
+    def apply(self, event: Event) -> set[str]:
+        """Folds ``event`` in; returns the parts (``PARTS``) whose display must change."""
+        if isinstance(event, LogRecord):
+            if not self.site or event.site in (self.site, "server"):
+                self.logs.append(event)
+                return {"logs"}
+            return set()
+        if type(event).__name__ == "GpuSampled":
+            self.gpu = event
+            return {"gpu"}
+        if self.site and event.site != self.site:
+            return set()
+        handler = getattr(self, f"_on_{type(event).__name__}", None)
+        return set(handler(event)) if handler is not None else set()
+
+    # -- one handler per event type -----------------------------------------------------------
+
+    def _on_SiteConfigured(self, e: SiteConfigured) -> set[str]:
+        self.site = self.site or e.site
+        self.server, self.tls, self.workspace, self.executor = (
+            e.server,
+            e.tls,
+            e.workspace,
+            e.executor,
+        )
+        return {"header", "client"}
+
+    def _on_ConnectionChanged(self, e: ConnectionChanged) -> set[str]:
+        self.connection, self.connection_detail = e.state, e.detail
+        self.server = e.server or self.server
+        if e.state == "registered":
+            self.registered_at = e.ts
+        if e.state == "failed":
+            self.last_error = e.detail
+        return {"header", "client"} if e.state == "failed" else {"header"}
+
+    def _on_HeartbeatAcknowledged(self, e: HeartbeatAcknowledged) -> set[str]:
+        self.last_heartbeat, self.heartbeat_rtt_ms = e.ts, e.rtt_ms
+        return {"header"}
+
+    def _on_StatusChanged(self, e: StatusChanged) -> set[str]:
+        self.status = e.status
+        if e.status == ClientStatus.TRAINING_EXCEPTION:
+            self.last_error = e.detail or e.message
+        elif e.status in (ClientStatus.TRAINING_STARTING, ClientStatus.TRAINING_STARTED):
+            self.outcome = ""
+        return {"client", "round"}
+
+    def _on_RunChanged(self, e: RunChanged) -> set[str]:
+        if e.running:
+            self.run_number, self.mmar, self.executor, self.worker_pid = (
+                e.run_number,
+                e.mmar,
+                e.executor,
+                e.pid,
+            )
+            self.round_metrics, self.round, self.phase, self.outcome = [], 0, "", ""
+        else:
+            self.worker_pid = None
+        return {"client", "round"}
+
+    def _on_RoundStarted(self, e: RoundStarted) -> set[str]:
+        self.round, self.num_rounds = e.round, e.num_rounds
+        self.step, self.total_steps, self.loss, self.train_started = 0, 0, None, None
+        return {"round"}
+
+    def _on_PhaseChanged(self, e: PhaseChanged) -> set[str]:
+        self.phase = e.phase
+        if e.phase == "training":
+            self.train_started = e.ts
+        return {"round"}
+
+    def _on_ProgressUpdated(self, e: ProgressUpdated) -> set[str]:
+        self.round = e.round or self.round
+        self.step, self.total_steps, self.epoch, self.loss = e.step, e.total_steps, e.epoch, e.loss
+        return {"round"}
+
+    def _on_ModelTransferred(self, e: ModelTransferred) -> set[str]:
+        arrow = "↓" if e.direction == "download" else "↑"
+        self.transfer = f"{arrow} {e.what} {e.nbytes / 1e6:.1f} MB at {e.mb_per_s:.0f} MB/s"
+        return {"round"}
+
+    def _on_MetricsReported(self, e: MetricsReported) -> set[str]:
+        if e.scope == "local model":
+            self.local_metrics = dict(e.metrics)
+            return {"round"}
+        return set()
+
+    def _on_RoundCompleted(self, e: RoundCompleted) -> set[str]:
+        self.num_rounds = e.num_rounds
+        self.round_metrics = [m for m in self.round_metrics if m[0] != e.round]
+        self.round_metrics.append((e.round, dict(e.metrics)))
+        return {"round"}
+
+    def _on_FederationFinished(self, e: FederationFinished) -> set[str]:
+        self.outcome, self.outcome_detail = e.outcome, e.detail
+        self.phase = ""
+        return {"round", "client"}
+
+    def _on_AdminRequestHandled(self, e: AdminRequestHandled) -> set[str]:
+        self.requests.append(e)
+        return {"requests"}
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready picture of everything but the logs and requests."""
+        return {
+            "site": self.site,
+            "server": self.server,
+            "tls": self.tls,
+            "connection": self.connection,
+            "status": self.status_message,
+            "run_number": self.run_number,
+            "mmar": self.mmar,
+            "executor": self.executor,
+            "worker_pid": self.worker_pid,
+            "round": self.round,
+            "num_rounds": self.num_rounds,
+            "phase": self.phase,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "round_metrics": self.round_metrics,
+            "outcome": self.outcome,
+            "last_error": self.last_error,
+        }

@@ -1,0 +1,168 @@
+"""Dashboard: the site at a glance, refreshed from engine events, one key per action."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer
+
+from engine.state import SiteState
+from fltui.bridge import BridgeError, SiteBridge
+from fltui.screens.confirm import ConfirmScreen
+from fltui.screens.deploy import DeployScreen
+from fltui.screens.help import HelpScreen
+from fltui.screens.start import StartScreen
+from fltui.widgets.client_panel import ClientPanel
+from fltui.widgets.gpu_panel import GpuPanel
+from fltui.widgets.log_panel import LogPanel
+from fltui.widgets.requests_panel import RequestsPanel
+from fltui.widgets.round_panel import RoundPanel
+from fltui.widgets.site_header import SiteHeader
+
+__all__ = ["Dashboard"]
+
+REFRESH_S = 0.25  # events are drained and shown four times a second
+
+
+class Dashboard(Screen[None]):
+    """The main screen."""
+
+    BINDINGS = [
+        Binding("d", "deploy", "deploy"),
+        Binding("s", "start", "start"),
+        Binding("a", "abort", "abort"),
+        Binding("r", "restart", "restart"),
+        Binding("v", "validate", "validate"),
+        Binding("l", "log_level", "log level", show=False),
+        Binding("slash", "search", "search logs", show=False),
+        Binding("question_mark", "help", "help"),
+        Binding("q", "quit", "quit"),
+    ]
+
+    def __init__(self, bridge: SiteBridge) -> None:
+        super().__init__()
+        self.bridge = bridge
+        self.state = SiteState()
+        self.last_action = ""
+
+    def compose(self) -> ComposeResult:
+        yield SiteHeader(id="header")
+        with Horizontal(id="top"):
+            with Vertical(id="left"):
+                yield ClientPanel(id="client")
+                yield RoundPanel(id="round")
+            yield GpuPanel(id="gpu")
+        with Horizontal(id="bottom"):
+            yield RequestsPanel(id="requests")
+            yield LogPanel(id="logs")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.set_interval(REFRESH_S, self.pump)
+        self.pump(force=True)
+
+    # ------------------------------------------------------------------ events → widgets
+
+    def pump(self, force: bool = False) -> None:
+        """Folds the events that arrived into the state; redraws only the parts that changed."""
+        changed: set[str] = set()
+        for event in self.bridge.drain():
+            changed |= self.state.apply(event)
+        if force:
+            changed |= {"header", "client", "round", "requests", "logs"}
+        # The header shows ages ("3 s ago"): redraw it on every tick, it is one line.
+        now = self.app.clock() if hasattr(self.app, "clock") else None
+        self.query_one(SiteHeader).refresh_from(self.state, self.bridge.mode, now)
+        if "client" in changed:
+            self.query_one(ClientPanel).refresh_from(self.state)
+        if "round" in changed:
+            self.query_one(RoundPanel).refresh_from(self.state, now)
+        if "gpu" in changed and self.state.gpu is not None:
+            self.query_one(GpuPanel).update_sample(self.state.gpu)
+        if "requests" in changed:
+            self.query_one(RequestsPanel).refresh_from(self.state)
+        if "logs" in changed:
+            self.query_one(LogPanel).refresh_from(self.state)
+
+    # ------------------------------------------------------------------ actions
+
+    def _report(self, text: str, error: bool = False) -> None:
+        self.last_action = text
+        self.notify(text, severity="error" if error else "information", timeout=6)
+
+    @work(thread=True, exclusive=True, group="action")
+    def run_engine_action(self, label: str, fn: Any, *args: Any) -> None:
+        """Runs an engine action off the UI thread and reports its outcome."""
+        try:
+            text = fn(*args)
+        except BridgeError as exc:
+            self.app.call_from_thread(self._report, f"{label}: {exc}", True)
+        except Exception as exc:  # the console stays up; the operator sees what broke
+            self.app.call_from_thread(
+                self._report, f"{label} failed: {type(exc).__name__}: {exc}", True
+            )
+        else:
+            self.app.call_from_thread(self._report, f"{label}: {text}")
+
+    def action_deploy(self) -> None:
+        def chosen(result: tuple[str, int] | None) -> None:
+            if result is not None:
+                self.run_engine_action("deploy", self.bridge.deploy, *result)
+
+        next_run = (self.bridge.latest_run() or 0) + 1
+        self.app.push_screen(DeployScreen(self.bridge.transfer_mmars(), next_run), chosen)
+
+    def action_start(self) -> None:
+        def chosen(result: tuple[int, int] | None) -> None:
+            if result is not None:
+                self.run_engine_action("start", self.bridge.start_training, *result)
+
+        self.app.push_screen(StartScreen(self.bridge.latest_run(), self.bridge.gpu_count()), chosen)
+
+    def action_abort(self) -> None:
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.run_engine_action("abort", self.bridge.abort)
+
+        self.app.push_screen(
+            ConfirmScreen(f"Abort training on {self.state.site or 'this site'}?"), confirmed
+        )
+
+    def action_restart(self) -> None:
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.run_engine_action("restart", self.bridge.restart)
+
+        self.app.push_screen(
+            ConfirmScreen(
+                f"Restart the site engine of {self.state.site or 'this site'}? Training stops and "
+                "the site registers again."
+            ),
+            confirmed,
+        )
+
+    def action_validate(self) -> None:
+        self.run_engine_action("validate", self.bridge.validate)
+
+    def action_log_level(self) -> None:
+        level = self.query_one(LogPanel).cycle_level(self.state)
+        self.notify(f"logs at {level} and above", timeout=2)
+
+    def action_search(self) -> None:
+        self.query_one(LogPanel).open_search()
+
+    def on_input_submitted(self, event: Any) -> None:
+        if event.input.id == "search":
+            self.query_one(LogPanel).apply_search(event.value, self.state)
+            self.query_one(RequestsPanel).focus()
+
+    def action_help(self) -> None:
+        self.app.push_screen(HelpScreen())
+
+    async def action_quit(self) -> None:
+        self.app.exit()

@@ -1,0 +1,42 @@
+"""HelpScreen: the keys and what they do."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+__all__ = ["HELP_TEXT", "HelpScreen"]
+
+HELP_TEXT = """\
+d  deploy    pick an MMAR from transfer/ (or a path) and a run number
+s  start     train a deployed run (asks the run number, and GPUs where there are several)
+a  abort     stop training (asks first); no worker process is left
+r  restart   restart the site engine: a new session with the server (asks first)
+v  validate  cross-site validation of every site's model on this site's data
+l  logs      cycle the log level filter          /  search the logs
+t  theme     next colour theme                   ctrl+p  command palette (every action)
+?  help      this screen                         q  quit
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    """Lists the keys; any key closes it."""
+
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > Vertical {
+        width: 84; height: auto; border: thick $primary; background: $surface; padding: 1 2;
+    }
+    """
+    BINDINGS = [Binding("escape,q,question_mark", "close", "close")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static("fltui — keys", classes="title")
+            yield Static(HELP_TEXT)
+
+    def action_close(self) -> None:
+        self.dismiss(None)

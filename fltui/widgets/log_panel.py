@@ -1,0 +1,88 @@
+"""LogPanel: live logs with a level filter and a search, from a bounded buffer."""
+
+from __future__ import annotations
+
+import time
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Input, RichLog
+
+from engine.events import LogRecord
+from engine.state import SiteState
+
+__all__ = ["LEVELS", "LogPanel"]
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_RANK = {name: i for i, name in enumerate(LEVELS)}
+_STYLE = {"WARNING": "yellow", "ERROR": "bold red", "CRITICAL": "bold red", "DEBUG": "dim"}
+
+
+class LogPanel(Vertical):
+    """Logs of this site (and the embedded server)."""
+
+    DEFAULT_CSS = """
+    LogPanel { border: round $panel-lighten-2; height: 1fr; }
+    LogPanel RichLog { height: 1fr; background: $surface; }
+    LogPanel Input { height: 3; display: none; }
+    LogPanel Input.-shown { display: block; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield RichLog(max_lines=2000, wrap=False, markup=False, id="log")
+        yield Input(placeholder="search the logs (Enter applies, Esc clears)", id="search")
+
+    def on_mount(self) -> None:
+        self.level = "INFO"
+        self.search = ""
+        self._shown = 0
+        self._title()
+
+    def _title(self) -> None:
+        search = f" · search {self.search!r}" if self.search else ""
+        self.border_title = f"Logs ≥ {self.level}{search}  (l level, / search)"
+
+    def _visible(self, record: LogRecord) -> bool:
+        if _RANK.get(record.level, 1) < _RANK[self.level]:
+            return False
+        return not self.search or self.search.lower() in record.message.lower()
+
+    def _write(self, record: LogRecord) -> None:
+        from rich.text import Text
+
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.ts))
+        line = Text(f"{stamp} {record.site:<7} {record.level[:4]:<4} {record.message}")
+        style = _STYLE.get(record.level)
+        if style:
+            line.stylize(style)
+        self.query_one("#log", RichLog).write(line)
+
+    def refresh_from(self, state: SiteState, rebuild: bool = False) -> None:
+        records = list(state.logs)
+        log = self.query_one("#log", RichLog)
+        if rebuild or len(records) < self._shown:
+            log.clear()
+            self._shown = 0
+        for record in records[self._shown :]:
+            if self._visible(record):
+                self._write(record)
+        self._shown = len(records)
+
+    def cycle_level(self, state: SiteState) -> str:
+        self.level = LEVELS[(LEVELS.index(self.level) + 1) % len(LEVELS)]
+        self._title()
+        self.refresh_from(state, rebuild=True)
+        return self.level
+
+    def open_search(self) -> None:
+        search = self.query_one("#search", Input)
+        search.add_class("-shown")
+        search.focus()
+
+    def apply_search(self, text: str, state: SiteState) -> None:
+        self.search = text.strip()
+        search = self.query_one("#search", Input)
+        if not self.search:
+            search.remove_class("-shown")
+        self._title()
+        self.refresh_from(state, rebuild=True)

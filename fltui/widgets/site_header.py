@@ -1,0 +1,51 @@
+"""SiteHeader: site, server, TLS, connection, token age, last heartbeat and its round trip."""
+
+from __future__ import annotations
+
+import time
+
+from textual.widgets import Static
+
+from engine.state import SiteState
+
+__all__ = ["SiteHeader", "ago"]
+
+
+def ago(seconds: float | None) -> str:
+    """'3 s', '4 min', '2 h' (or '—')."""
+    if seconds is None:
+        return "—"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class SiteHeader(Static):
+    """The top line of the dashboard."""
+
+    DEFAULT_CSS = """
+    SiteHeader { height: 1; background: $panel; color: $foreground; padding: 0 1; }
+    SiteHeader.-bad { background: $error 30%; }
+    """
+
+    def refresh_from(self, state: SiteState, mode: str = "", now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        conn = state.connection
+        hb = (
+            f"heartbeat {ago(now - state.last_heartbeat)} ago ({state.heartbeat_rtt_ms:.1f} ms)"
+            if state.last_heartbeat is not None and state.heartbeat_rtt_ms is not None
+            else "heartbeat —"
+        )
+        parts = [
+            f"fltui{' demo' if mode == 'demo' else ''}",
+            state.site or "site ?",
+            f"server {state.server or '?'}",
+            f"TLS {'on' if state.tls else 'off'}",
+            conn,
+            f"token {ago(state.token_age(now))}",
+            hb,
+        ]
+        self.update(" │ ".join(parts))
+        self.set_class(conn in ("failed", "retrying", "disconnected"), "-bad")

@@ -1,0 +1,1 @@
+"""Textual Pilot tests of the console."""

@@ -1,0 +1,243 @@
+"""The console under Pilot against the real engine: every key, modal and palette command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.pilot import Pilot
+
+from engine.client.status import ClientStatus
+from engine.config import load_server_config
+from engine.demo import _set_port, prepare_workspace
+from engine.events import CrossSiteValidated, EventBus
+from engine.fileio import load_npz
+from engine.server import FederatedServer
+from engine.site import SitePaths
+from fltui.app import FLTuiApp, create_app
+from fltui.screens.confirm import ConfirmScreen
+from fltui.screens.dashboard import Dashboard
+from fltui.screens.deploy import DeployScreen
+from fltui.screens.first_run import FirstRunScreen
+from fltui.screens.help import HelpScreen
+from fltui.screens.start import StartScreen
+from fltui.widgets.log_panel import LogPanel
+from tests.conftest import Recorder
+
+
+class _NoGpu:
+    """No GPU sampler at all (the GPU panel has its own tests)."""
+
+    def start(self, bus: Any, site: str) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def _site(tmp_path: Path, rounds: int, steps: int) -> tuple[FederatedServer, Path]:
+    prepare_workspace(tmp_path, num_sites=1, num_rounds=rounds, heartbeat_interval=0.5)
+    cfg = load_server_config(tmp_path / "server" / "config_fed_server.json")
+    server = FederatedServer(
+        cfg,
+        tmp_path / "server",
+        load_npz(tmp_path / "server" / "models" / "initial_model.npz"),
+        EventBus(),
+        long_poll=0.5,
+    )
+    port = server.start("127.0.0.1:0")
+    site = tmp_path / "site-1"
+    _set_port(SitePaths(site).kit, port)
+    for mmar in (SitePaths(site).transfer / "demo_mmar", SitePaths(site).mmar(1, "site-1")):
+        path = mmar / "config" / "config_fed_client.json"
+        data = json.loads(path.read_text())
+        data["client"]["steps_aggregation"] = steps
+        path.write_text(json.dumps(data))
+    return server, site
+
+
+def _run(
+    app: FLTuiApp,
+    test: Callable[[FLTuiApp, Pilot[None]], Awaitable[None]],
+    size: tuple[int, int] = (120, 40),
+) -> None:
+    async def main() -> None:
+        async with app.run_test(size=size) as pilot:
+            await test(app, pilot)
+
+    asyncio.run(main())
+
+
+async def _until(pilot: Pilot[None], check: Callable[[], Any], timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        await pilot.pause(0.1)
+    raise AssertionError(f"not reached within {timeout} s: {check}")
+
+
+def _dash(app: FLTuiApp) -> Dashboard:
+    assert isinstance(app.screen, Dashboard), app.screen
+    return app.screen
+
+
+@pytest.mark.slow
+def test_keys_deploy_start_abort_and_restart_the_real_site(tmp_path: Path) -> None:
+    server, site = _site(tmp_path, rounds=200, steps=300)
+    app = create_app(site, gpu_sampler=_NoGpu())
+
+    async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
+        dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
+        await _until(pilot, lambda: dash.state.registered_at is not None)
+        # d: deploy transfer/demo_mmar as the next run (2)
+        await pilot.press("d")
+        await _until(pilot, lambda: isinstance(app.screen, DeployScreen))
+        await pilot.press("enter")  # choose the highlighted MMAR
+        await pilot.press("enter")  # accept run 2
+        await _until(pilot, lambda: (site / "run_2" / "mmar_site-1" / "config").is_dir())
+        await _until(pilot, lambda: "deploy: deployed demo_mmar" in dash.last_action)
+        # s: start run 2
+        await pilot.press("s")
+        start = await _until(pilot, lambda: isinstance(app.screen, StartScreen) and app.screen)
+        assert start.query_one("#run").value == "2"
+        await pilot.press("enter")
+        await _until(
+            pilot,
+            lambda: dash.state.status == ClientStatus.TRAINING_STARTED and dash.state.worker_pid,
+        )
+        pid = dash.state.worker_pid
+        await _until(pilot, lambda: dash.state.round >= 1)
+        # a: abort asks first; n keeps training
+        await pilot.press("a")
+        await _until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("n")
+        await _until(pilot, lambda: isinstance(app.screen, Dashboard))
+        assert dash.state.status == ClientStatus.TRAINING_STARTED
+        await pilot.press("a")
+        await _until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await _until(pilot, lambda: dash.state.status == ClientStatus.TRAINING_STOPPED)
+        await _until(pilot, lambda: not os.path.exists(f"/proc/{pid}"))
+        await _until(pilot, lambda: "abort: training aborted" in dash.last_action)
+        # r: restart asks first, then the engine registers again
+        registered = dash.state.registered_at
+        await pilot.press("r")
+        await _until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await _until(pilot, lambda: dash.state.registered_at not in (None, registered), 30)
+        # the requests panel lists every local action
+        topics = [r.topic for r in dash.state.requests]
+        for topic in ("train.deploy", "train.start", "train.abort", "train.restart"):
+            assert topic in topics
+        await pilot.press("q")
+
+    try:
+        _run(app, test)
+    finally:
+        server.stop(grace=0)
+
+
+@pytest.mark.slow
+def test_validate_key_and_palette_commands(tmp_path: Path) -> None:
+    server, site = _site(tmp_path, rounds=1, steps=5)
+    app = create_app(site, gpu_sampler=_NoGpu())
+
+    async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
+        dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
+        await _until(pilot, lambda: dash.state.registered_at is not None)
+        rec = Recorder(app.bridge.bus)  # type: ignore[union-attr]
+        # the palette has every action: "Start training" opens the start dialog
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.3)
+        await pilot.press(*"Start training")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await _until(pilot, lambda: isinstance(app.screen, StartScreen))
+        await pilot.press("enter")  # run 1
+        await _until(pilot, lambda: dash.state.outcome == "completed", 90)
+        await _until(pilot, lambda: dash.state.status == ClientStatus.TRAINING_STOPPED)
+        await _until(pilot, lambda: dash.state.worker_pid is None)  # the worker has exited
+        await pilot.pause(0.5)
+        rec.events.clear()
+        # v: cross-site validation on this site's data
+        await pilot.press("v")
+        await _until(pilot, lambda: "validate: validate process started" in dash.last_action)
+        await _until(
+            pilot,
+            lambda: {e.model_owner for e in rec.of(CrossSiteValidated)} >= {"site-1", "server"},
+            90,
+        )
+        # palette: abort asks for confirmation as the key does
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.3)
+        await pilot.press(*"Abort training")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await _until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("n")
+        await pilot.press("q")
+
+    try:
+        _run(app, test)
+    finally:
+        server.stop(grace=0)
+
+
+def test_help_logs_search_and_theme_keys(tmp_path: Path) -> None:
+    prepare_workspace(tmp_path, num_sites=1, num_rounds=1)
+    app = create_app(tmp_path / "site-1", gpu_sampler=_NoGpu(), theme="dark")
+
+    async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
+        dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
+        await pilot.press("question_mark")
+        help_screen = await _until(pilot, lambda: isinstance(app.screen, HelpScreen) and app.screen)
+        text = " ".join(str(w.render()) for w in help_screen.query("Static"))
+        for key in ("deploy", "start", "abort", "restart", "validate", "palette"):
+            assert key in text
+        await pilot.press("escape")
+        await _until(pilot, lambda: isinstance(app.screen, Dashboard))
+        logs = dash.query_one(LogPanel)
+        await pilot.press("l")
+        assert logs.level == "WARNING"
+        await pilot.press("slash")
+        await pilot.press(*"retry", "enter")
+        assert logs.search == "retry"
+        assert app.theme == "fltui-dark"
+        await pilot.press("t")
+        assert app.theme != "fltui-dark" and app.theme.startswith("fltui-")
+        await pilot.press("q")
+
+    _run(app, test, size=(80, 24))
+
+
+def test_first_run_screen_explains_the_startup_kit(tmp_path: Path) -> None:
+    app = create_app(tmp_path, gpu_sampler=_NoGpu())
+
+    async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
+        screen = await _until(pilot, lambda: isinstance(app.screen, FirstRunScreen) and app.screen)
+        text = " ".join(str(w.render()) for w in screen.query("Static"))
+        assert "startup kit" in text and "fed_client.json" in text and str(tmp_path) in text
+        await pilot.press("q")
+
+    _run(app, test, size=(100, 30))
+
+
+def test_the_console_process_never_imports_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom fltui.app import create_app\n"
+        f"app = create_app({str(tmp_path)!r})\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
