@@ -46,9 +46,6 @@ class SiteBridge:
     def transfer_mmars(self) -> list[str]:
         return []
 
-    def gpu_count(self) -> int:
-        return 0
-
     def deploy(self, mmar: str, run_number: int) -> str:
         raise NotImplementedError
 
@@ -219,9 +216,6 @@ class LocalBridge(SiteBridge):
         from engine.client.admin_interface import _latest_run
 
         return _latest_run(self._site_root(), self.site or "site-1")
-
-    def gpu_count(self) -> int:
-        return 0
 
     def deploy(self, mmar: str, run_number: int) -> str:
         from engine.client.deploy import DeployError, make_mmar_zip

@@ -185,6 +185,11 @@ def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
         except ConfigError as exc:
             return _config_error(printer, exc)
         detach = attach_workspace_logs(root, bus, service.site)  # type: ignore[arg-type]
+        from engine.gpu import GpuSampler
+
+        # What the console's GPU panel shows, --no-ui prints (GpuSampled events).
+        sampler = GpuSampler()
+        sampler.start(bus, service.site)
         try:
             outcome = service.run(auto_start=not args.serve, run_number=args.run)
         except ConfigError as exc:
@@ -194,6 +199,7 @@ def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
             service.stop()
             return EXIT_INTERRUPTED
         finally:
+            sampler.stop()
             detach()
         if service.restart_requested:
             printer.say(f"{service.site}: restarting the site engine")  # type: ignore[attr-defined]

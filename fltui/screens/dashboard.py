@@ -122,7 +122,8 @@ class Dashboard(Screen[None]):
             if result is not None:
                 self.run_engine_action("start", self.bridge.start_training, *result)
 
-        self.app.push_screen(StartScreen(self.bridge.latest_run(), self.bridge.gpu_count()), chosen)
+        gpus = len(self.state.gpu.gpus) if self.state.gpu is not None else 0
+        self.app.push_screen(StartScreen(self.bridge.latest_run(), gpus), chosen)
 
     def action_abort(self) -> None:
         def confirmed(yes: bool | None) -> None:

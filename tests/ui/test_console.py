@@ -241,3 +241,57 @@ def test_the_console_process_never_imports_torch(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+PALETTE = [
+    ("Deploy an MMAR", lambda app, dash: isinstance(app.screen, DeployScreen)),
+    ("Start training", lambda app, dash: isinstance(app.screen, StartScreen)),
+    ("Abort training", lambda app, dash: isinstance(app.screen, ConfirmScreen)),
+    ("Restart the site engine", lambda app, dash: isinstance(app.screen, ConfirmScreen)),
+    ("Validate across sites", lambda app, dash: dash.last_action.startswith("validate:")),
+    ("Cycle the log level", lambda app, dash: dash.query_one(LogPanel).level == "WARNING"),
+    ("Search the logs", lambda app, dash: dash.query_one("#search").has_class("-shown")),
+    ("Help", lambda app, dash: isinstance(app.screen, HelpScreen)),
+    ("Theme: light", lambda app, dash: app.theme == "fltui-light"),
+    ("Theme: high_contrast", lambda app, dash: app.theme == "fltui-high-contrast"),
+]
+
+
+@pytest.mark.parametrize(("title", "check"), PALETTE, ids=[t for t, _ in PALETTE])
+def test_every_action_is_in_the_command_palette(tmp_path: Path, title: str, check: Any) -> None:
+    from tests.ui import replay
+
+    app = create_app(tmp_path, gpu_sampler=_NoGpu(), bridge=replay.ReplayBridge(replay.training()))
+
+    async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
+        dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.2)
+        await pilot.press(*title)
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await _until(pilot, lambda: check(app, dash), 10)
+
+    _run(app, test, size=(100, 30))
+
+
+def test_start_asks_how_many_gpus_where_there_are_several(tmp_path: Path) -> None:
+    from engine.gpu import GpuSampler
+    from tests.fake_nvml import fake_two_gpus
+    from tests.ui import replay
+
+    feed = GpuSampler(nvml=fake_two_gpus()).sample(replay.SITE)  # a FAKE NVML: two GPUs
+    app = create_app(
+        tmp_path, gpu_sampler=_NoGpu(), bridge=replay.ReplayBridge(replay.not_started(feed))
+    )
+
+    async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
+        await _until(pilot, lambda: isinstance(app.screen, Dashboard))
+        await pilot.press("s")
+        start = await _until(pilot, lambda: isinstance(app.screen, StartScreen) and app.screen)
+        assert start.query_one("#gpus").value == "1"
+        await pilot.press(*"3", "tab", "backspace", *"5", "enter")
+        assert "between 1 and 2" in str(start.query_one("#error").render())
+        await pilot.press("escape")
+
+    _run(app, test, size=(100, 30))
