@@ -441,8 +441,9 @@ class SiteService:
         self._done.set()
 
     def request_stop(self) -> None:
-        """Ends ``run`` (as a shutdown request would)."""
+        """Ends ``run`` (as a shutdown request would), cutting short any retry in progress."""
         self._done.set()
+        self.session.stop_event.set()
 
     def run(
         self, auto_start: bool = True, run_number: int | None = None, stay: bool = False

@@ -189,7 +189,7 @@ def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
 
         # What the console's GPU panel shows, --no-ui prints (GpuSampled events).
         sampler = GpuSampler()
-        sampler.start(bus, service.site)
+        sampler.start(bus, service.site)  # type: ignore[arg-type]
         try:
             outcome = service.run(auto_start=not args.serve, run_number=args.run)
         except ConfigError as exc:

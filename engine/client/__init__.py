@@ -1,14 +1,13 @@
-"""The site's federated-learning client, after Clara Train 3.1's ``fed_learn.client``."""
+"""The site's federated-learning client, after Clara Train 3.1's ``fed_learn.client``.
+
+Names load on first use: a console that only needs ``ClientStatus`` does not pay for gRPC,
+protobuf and numpy before its first frame.
+"""
 
 from __future__ import annotations
 
-from engine.client.communicator import Communicator, FLCommunicationError, RemoteModel
-from engine.client.data_assembler import DataAssembler
-from engine.client.direct_client import DirectFederatedClient
-from engine.client.fed_client import FederatedClient, TestFederatedClient
-from engine.client.fed_client_base import FederatedClientBase
-from engine.client.model_manager import ClientModelManager
-from engine.client.status import ClientStatus
+import importlib
+from typing import Any
 
 __all__ = [
     "ClientModelManager",
@@ -22,3 +21,23 @@ __all__ = [
     "RemoteModel",
     "TestFederatedClient",
 ]
+
+_WHERE = {
+    "ClientModelManager": "model_manager",
+    "ClientStatus": "status",
+    "Communicator": "communicator",
+    "DataAssembler": "data_assembler",
+    "DirectFederatedClient": "direct_client",
+    "FLCommunicationError": "communicator",
+    "FederatedClient": "fed_client",
+    "FederatedClientBase": "fed_client_base",
+    "RemoteModel": "communicator",
+    "TestFederatedClient": "fed_client",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"engine.client.{module}"), name)

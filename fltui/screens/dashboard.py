@@ -27,6 +27,7 @@ from fltui.widgets.site_header import SiteHeader
 __all__ = ["Dashboard"]
 
 REFRESH_S = 0.25  # events are drained and shown four times a second
+LOG_EVERY = 2  # the log panel catches up every second tick (each write is a layout pass)
 
 
 class Dashboard(Screen[None]):
@@ -86,8 +87,11 @@ class Dashboard(Screen[None]):
             self.query_one(GpuPanel).update_sample(self.state.gpu)
         if "requests" in changed:
             self.query_one(RequestsPanel).refresh_from(self.state)
-        if "logs" in changed:
+        self._ticks = getattr(self, "_ticks", 0) + 1
+        self._logs_pending = getattr(self, "_logs_pending", False) or "logs" in changed
+        if self._logs_pending and (force or self._ticks % LOG_EVERY == 0):
             self.query_one(LogPanel).refresh_from(self.state)
+            self._logs_pending = False
 
     # ------------------------------------------------------------------ actions
 

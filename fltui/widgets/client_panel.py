@@ -8,6 +8,7 @@ from textual.widgets import Static
 
 from engine.client.status import ClientStatus
 from engine.state import SiteState
+from fltui.widgets._text import set_text
 
 __all__ = ["ClientPanel"]
 
@@ -47,14 +48,15 @@ class ClientPanel(Vertical):
         cls = _STATUS_CLASS.get(state.status, "idle")
         if state.outcome == "completed" and state.status == ClientStatus.TRAINING_STOPPED:
             text, cls = "training stopped — federation completed", "ok"
-        status.update(f"● {text}")
+        set_text(status, f"● {text}")
         status.set_classes(cls)
         run = f"run {state.run_number}" if state.run_number is not None else "no run"
         pid = f"worker pid {state.worker_pid}" if state.worker_pid else "no worker"
         executor = state.executor or "—"
-        self.query_one("#details", Static).update(
-            f"{run} · MMAR {state.mmar or '—'}\nexecutor {executor} · {pid}"
+        set_text(
+            self.query_one("#details", Static),
+            f"{run} · MMAR {state.mmar or '—'}\nexecutor {executor} · {pid}",
         )
         error = self.query_one("#error", Static)
-        error.update(f"last error: {state.last_error}" if state.last_error else "")
+        set_text(error, f"last error: {state.last_error}" if state.last_error else "")
         error.display = bool(state.last_error)

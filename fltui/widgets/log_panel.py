@@ -6,7 +6,7 @@ import time
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Input, RichLog
+from textual.widgets import Input, Log
 
 from engine.events import LogRecord
 from engine.state import SiteState
@@ -15,7 +15,6 @@ __all__ = ["LEVELS", "LogPanel"]
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _RANK = {name: i for i, name in enumerate(LEVELS)}
-_STYLE = {"WARNING": "yellow", "ERROR": "bold red", "CRITICAL": "bold red", "DEBUG": "dim"}
 
 
 class LogPanel(Vertical):
@@ -23,13 +22,14 @@ class LogPanel(Vertical):
 
     DEFAULT_CSS = """
     LogPanel { border: round $panel-lighten-2; height: 1fr; }
-    LogPanel RichLog { height: 1fr; background: $surface; }
+    LogPanel Log { height: 1fr; background: $surface; }
     LogPanel Input { height: 3; display: none; }
     LogPanel Input.-shown { display: block; }
     """
 
     def compose(self) -> ComposeResult:
-        yield RichLog(max_lines=2000, wrap=False, markup=False, id="log")
+        # Log, not RichLog: plain lines written in one batch per refresh (one layout pass).
+        yield Log(max_lines=2000, id="log")
         yield Input(placeholder="search the logs (Enter applies, Esc clears)", id="search")
 
     def on_mount(self) -> None:
@@ -47,25 +47,21 @@ class LogPanel(Vertical):
             return False
         return not self.search or self.search.lower() in record.message.lower()
 
-    def _write(self, record: LogRecord) -> None:
-        from rich.text import Text
-
+    @staticmethod
+    def _line(record: LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.ts))
-        line = Text(f"{stamp} {record.site:<7} {record.level[:4]:<4} {record.message}")
-        style = _STYLE.get(record.level)
-        if style:
-            line.stylize(style)
-        self.query_one("#log", RichLog).write(line)
+        mark = "!" if _RANK.get(record.level, 1) >= _RANK["WARNING"] else " "
+        return f"{stamp} {record.site:<7}{mark}{record.level[:4]:<4} {record.message}"
 
     def refresh_from(self, state: SiteState, rebuild: bool = False) -> None:
         records = list(state.logs)
-        log = self.query_one("#log", RichLog)
+        log = self.query_one("#log", Log)
         if rebuild or len(records) < self._shown:
             log.clear()
             self._shown = 0
-        for record in records[self._shown :]:
-            if self._visible(record):
-                self._write(record)
+        lines = [self._line(r) for r in records[self._shown :] if self._visible(r)]
+        if lines:
+            log.write_lines(lines)
         self._shown = len(records)
 
     def cycle_level(self, state: SiteState) -> str:

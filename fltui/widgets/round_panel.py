@@ -10,6 +10,7 @@ from textual.widgets import ProgressBar, Sparkline, Static
 
 from engine.client.status import ClientStatus
 from engine.state import SiteState
+from fltui.widgets._text import set_text
 from fltui.widgets.site_header import ago
 
 __all__ = ["RoundPanel"]
@@ -40,7 +41,7 @@ class RoundPanel(Vertical):
         else:
             head = "waiting for the first round"
         phase = f" · {state.phase}" if state.phase else ""
-        self.query_one("#round", Static).update(head + phase)
+        set_text(self.query_one("#round", Static), head + phase)
         bar = self.query_one("#progress", ProgressBar)
         if state.total_steps:
             bar.update(total=state.total_steps, progress=state.step)
@@ -67,15 +68,16 @@ class RoundPanel(Vertical):
             shown = " → ".join(f"{v:.3f}" for v in values[-4:])
             more = "… " if len(values) > 4 else ""
             lines.append(f"global {metric}: {more}{shown}")
-        self.query_one("#metrics", Static).update("\n".join(lines) or "no training yet")
+        set_text(self.query_one("#metrics", Static), "\n".join(lines) or "no training yet")
         spark = self.query_one("#spark", Sparkline)
-        spark.data = values  # type: ignore[misc]
+        if list(spark.data or []) != values:
+            spark.data = values  # type: ignore[misc]
         spark.display = len(values) > 2
         outcome = self.query_one("#outcome", Static)
         if state.outcome:
             last = f" ({metric} {values[-1]:.3f})" if values else ""
             detail = f": {state.outcome_detail}" if state.outcome_detail else ""
-            outcome.update(f"federation {state.outcome}{last}{detail}")
+            set_text(outcome, f"federation {state.outcome}{last}{detail}")
             outcome.set_classes(state.outcome)
         outcome.display = bool(state.outcome)
 

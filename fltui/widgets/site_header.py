@@ -7,6 +7,7 @@ import time
 from textual.widgets import Static
 
 from engine.state import SiteState
+from fltui.widgets._text import set_text
 
 __all__ = ["SiteHeader", "ago"]
 
@@ -47,5 +48,5 @@ class SiteHeader(Static):
             f"token {ago(state.token_age(now))}",
             hb,
         ]
-        self.update(" │ ".join(parts))
+        set_text(self, " │ ".join(parts))
         self.set_class(conn in ("failed", "retrying", "disconnected"), "-bad")
