@@ -41,13 +41,7 @@ class HeadlessPrinter:
     def __call__(self, event: Event) -> None:
         if isinstance(event, LogRecord) and _LEVELS.get(event.level, 20) < self.min_level:
             return
-        line = self.format(event)
-        with self._lock:
-            try:
-                self.stream.write(line + "\n")
-                self.stream.flush()
-            except (BrokenPipeError, ValueError):
-                pass  # the reader went away (| head); the engine carries on
+        self._write(self.format(event))
 
     def say(self, text: str) -> None:
         """A line from the app itself (not an engine event); in JSON mode a "Notice" object."""
@@ -56,6 +50,12 @@ class HeadlessPrinter:
             if self.json_lines
             else text
         )
+        self._write(line)
+
+    def _write(self, line: str) -> None:
         with self._lock:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (BrokenPipeError, ValueError):
+                pass  # the reader went away (| head); the engine carries on
