@@ -26,7 +26,7 @@ from fltui.widgets.site_header import SiteHeader
 
 __all__ = ["Dashboard"]
 
-REFRESH_S = 0.25  # events are drained and shown four times a second
+REFRESH_S = 0.5  # events are drained and shown twice a second
 LOG_EVERY = 2  # the log panel catches up every second tick (each write is a layout pass)
 
 
