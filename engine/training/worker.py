@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     client.token = str(info["token"])
     client.owns_session = False
 
+    _watch_parent(engine)
     if uplink is not None:
 
         def commands() -> None:
@@ -107,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     message = uplink.conn.recv()
                 except (EOFError, OSError):
+                    # The site service went away: a worker alone must not keep a GPU busy.
+                    engine.abort()
                     return
                 command = message.get("command")
                 if command == "abort":
@@ -124,6 +127,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if uplink is not None:
         uplink.send({"outcome": outcome})
     return {"completed": EXIT_COMPLETED, "aborted": EXIT_ABORTED}.get(outcome, EXIT_FAILED)
+
+
+def _watch_parent(engine: Any, period: float = 1.0, grace: float = 10.0) -> None:
+    """Stops this worker when its site service dies (even by SIGKILL), so no orphan trains on."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        import time
+
+        while os.getppid() == parent:
+            time.sleep(period)
+        engine.abort()
+        time.sleep(grace)  # time to stop cleanly; then leave regardless
+        os._exit(EXIT_ABORTED)
+
+    threading.Thread(target=watch, name="worker-parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":
