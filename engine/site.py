@@ -159,16 +159,62 @@ def attach_workspace_logs(root: Path, bus: EventBus, site: str) -> Any:
 
 
 def check_mmar(mmar: Path) -> None:
-    """Parses an MMAR's federated config and builds its components (no torch).
+    """Parses an MMAR's federated config and builds its built-in components (no torch).
+
+    Components named by ``path`` (a site's own code) are not imported here: only the training
+    worker runs them, after the site policy allowed them.
 
     Raises:
         ConfigError: naming the file, the key and what is expected.
     """
     config = load_mmar_client_config(mmar)
-    custom = [mmar / "custom"]
-    build_privacy(config.privacy, custom)
-    build_processors(config.pre_processors, custom)
-    build_processors(config.post_processors, custom)
+    if config.privacy is not None and config.privacy.name is not None:
+        build_privacy(config.privacy)
+    build_processors([s for s in config.pre_processors if s.name is not None])
+    build_processors([s for s in config.post_processors if s.name is not None])
+
+
+def byoc_refusal(mmar: Path, allow_byoc: bool, policy_file: object = None) -> str | None:
+    """Why the site policy refuses this MMAR's own code, or None.
+
+    Own code is any file under ``custom/`` and any ``{"path": "module.attr"}`` component in the
+    MMAR's configs (it would import and call an arbitrary module).
+    """
+    if allow_byoc:
+        return None
+    where = f"refused by site policy ({policy_file or 'defaults'}): "
+    custom = sorted((mmar / "custom").rglob("*.py")) if (mmar / "custom").is_dir() else []
+    if custom:
+        return where + (
+            f"the MMAR has custom code ({custom[0].relative_to(mmar)}) and allow_byoc is false"
+        )
+    for config in sorted((mmar / "config").glob("*.json")):
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a broken config is reported by the config check, with file and key
+        found = _path_component(data)
+        if found:
+            return where + (
+                f"config/{config.name} names code by path ({found!r}) and allow_byoc is false"
+            )
+    return None
+
+
+def _path_component(data: Any) -> str | None:
+    if isinstance(data, dict):
+        if isinstance(data.get("path"), str) and ("args" in data or "name" not in data):
+            return str(data["path"])
+        values: list[Any] = list(data.values())
+    elif isinstance(data, list):
+        values = data
+    else:
+        return None
+    for value in values:
+        found = _path_component(value)
+        if found:
+            return found
+    return None
 
 
 class SiteEngine:
@@ -291,7 +337,12 @@ class SiteEngine:
         else:
             backend, device = "gloo", "cpu"
         if not dist.is_initialized():
-            dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+            from datetime import timedelta
+
+            # Not torch's 30 min default: a rank whose peers died must give up its GPU soon.
+            dist.init_process_group(
+                backend, rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=120)
+            )
         return device
 
     def _sync_ranks(self, go_on: bool) -> None:
@@ -468,6 +519,9 @@ class SiteService:
         number = None
         if auto_start:
             number, mmar = find_deployed_mmar(self.paths.root, self.site, run_number)
+            refusal = byoc_refusal(mmar, self.policy.allow_byoc, self.policy.path)
+            if refusal:
+                raise ConfigError(mmar, "", refusal)
             # Config mistakes are found here, with file and key, before anything starts.
             check_mmar(mmar)
         from engine.events import SiteConfigured

@@ -72,6 +72,9 @@ class SiteState:
     gpu: Any = None  # the last GpuSampled
     requests: deque[AdminRequestHandled] = field(default_factory=lambda: deque(maxlen=MAX_REQUESTS))
     logs: deque[LogRecord] = field(default_factory=lambda: deque(maxlen=MAX_LOGS))
+    # Totals ever received: the deques drop old entries, so a panel counts what is new by these.
+    logs_total: int = 0
+    requests_total: int = 0
 
     @property
     def status_message(self) -> str:
@@ -94,6 +97,7 @@ class SiteState:
         if isinstance(event, LogRecord):
             if not self.site or event.site in (self.site, "server"):
                 self.logs.append(event)
+                self.logs_total += 1
                 return {"logs"}
             return set()
         if type(event).__name__ == "GpuSampled":
@@ -146,6 +150,8 @@ class SiteState:
                 e.pid,
             )
             self.round_metrics, self.round, self.phase, self.outcome = [], 0, "", ""
+            self.step, self.total_steps, self.loss, self.transfer = 0, 0, None, ""
+            self.last_error, self.local_metrics = "", {}
         else:
             self.worker_pid = None
         return {"client", "round"}
@@ -190,6 +196,7 @@ class SiteState:
 
     def _on_AdminRequestHandled(self, e: AdminRequestHandled) -> set[str]:
         self.requests.append(e)
+        self.requests_total += 1
         return {"requests"}
 
     def snapshot(self) -> dict[str, Any]:

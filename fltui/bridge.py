@@ -162,6 +162,8 @@ class LocalBridge(SiteBridge):
                 return
             self.site = service.site
             self._service = service
+            if self._stopping.is_set():  # stop() came while the service was being built
+                return
             self._start_gpu(service.site)
             detach = attach_workspace_logs(self.workspace, self.bus, service.site)
             try:

@@ -118,6 +118,8 @@ class AdminMessageSender(Sender):
         except grpc.RpcError as exc:
             self._warn("Retrieve", exc)
             return []
+        except ValueError:
+            return []  # the channel is closed: the site is stopping
         self._failing = False
         out = []
         for msg in reply.message:
@@ -149,6 +151,8 @@ class AdminMessageSender(Sender):
             )
         except grpc.RpcError as exc:
             self._warn(action, exc)
+        except ValueError:
+            log.warning("admin %s dropped: the channel is closed (the site is stopping)", action)
 
     def close(self) -> None:
         self._channel.close()

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import threading
@@ -153,9 +154,14 @@ class ClientAdminInterface:
         number = self._run_number(data.get_header(MsgHeader.RUN_NUMBER))
         if not isinstance(data.body, bytes):
             raise AdminError("deploy: the request carries no zip (body must be bytes)")
+        app = data.get_header(MsgHeader.APP_NAME) or "mmar"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", app):
+            raise AdminError(f"deploy: app name {app!r} must be letters, digits, '.', '_', '-'")
+        if not self.policy.allow_byoc:
+            _refuse_path_components(data.body, self.policy.path)
         with self._lock:
-            if self.executor.is_running() and self.run_number == number:
-                raise AdminError(f"run {number} is training; abort it before deploying over it")
+            if self.executor.is_running() and self.run_number in (number, None):
+                raise AdminError(f"run {number} is in use; abort it before deploying over it")
             path = deploy_mmar(
                 data.body,
                 self.workspace,
@@ -164,7 +170,6 @@ class ClientAdminInterface:
                 max_bytes=self.policy.max_deploy_bytes,
                 allow_byoc=self.policy.allow_byoc,
             )
-        app = data.get_header(MsgHeader.APP_NAME) or "mmar"
         (self._run_dir(number) / "fl_app.txt").write_text(app + "\n")
         log.info("%s: deployed %s as %s", self.client_name, app, path)
         return f"deployed {app} to {path.relative_to(self.workspace)}"
@@ -172,8 +177,8 @@ class ClientAdminInterface:
     def delete_run_number(self, num: Any) -> str:
         number = self._run_number(num)
         with self._lock:
-            if self.executor.is_running() and self.run_number == number:
-                raise AdminError(f"run {number} is training; abort it before deleting it")
+            if self.executor.is_running() and self.run_number in (number, None):
+                raise AdminError(f"run {number} is in use; abort it before deleting it")
             run_dir = self._run_dir(number)
             if not run_dir.is_dir():
                 raise AdminError(f"there is no run {number} on {self.client_name}")
@@ -196,18 +201,16 @@ class ClientAdminInterface:
         if not (mmar / "config").is_dir():
             raise AdminError(f"run {number} is not deployed on {self.client_name}: deploy first")
         from engine.config import ConfigError
-        from engine.site import check_mmar
+        from engine.site import byoc_refusal, check_mmar
 
+        # The policy first: nothing of the MMAR's own code is imported before it says yes.
+        refusal = byoc_refusal(mmar, self.policy.allow_byoc, self.policy.path)
+        if refusal:
+            raise AdminError(refusal)
         try:
             check_mmar(mmar)
         except ConfigError as exc:
             raise AdminError(str(exc)) from None
-        custom = [p for p in (mmar / "custom").rglob("*.py")] if (mmar / "custom").is_dir() else []
-        if custom and not self.policy.allow_byoc:
-            raise AdminError(
-                f"refused by site policy ({self.policy.path or 'defaults'}): the MMAR has custom "
-                f"code ({custom[0].relative_to(mmar)}) and allow_byoc is false"
-            )
         return mmar
 
     def start_client(self, run_number: Any) -> str:
@@ -279,6 +282,7 @@ class ClientAdminInterface:
 
             unsubscribe = self.bus.subscribe(collect)
             self.validating = True
+            self.run_number = number  # guards the run against deploy/delete meanwhile
             self.executor.start_train(
                 self.client, {"run_number": number, "mode": "validate"}, self._mmar(number)
             )
@@ -328,6 +332,35 @@ class ClientAdminInterface:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _refuse_path_components(zip_bytes: bytes, policy_file: object) -> None:
+    """Refuses (before anything is written) a zip whose configs name code by ``path``."""
+    import io
+    import zipfile
+
+    from engine.site import _path_component
+
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(zip_bytes))
+    except zipfile.BadZipFile:
+        return  # deploy_mmar says what is wrong with it
+    with zf:
+        for info in zf.infolist():
+            parts = info.filename.split("/")
+            if len(parts) < 2 or parts[-2] != "config" or not parts[-1].endswith(".json"):
+                continue
+            if info.file_size > 16 << 20:
+                continue
+            try:
+                found = _path_component(json.loads(zf.read(info)))
+            except (ValueError, RuntimeError, zipfile.BadZipFile):
+                continue
+            if found:
+                raise AdminError(
+                    f"refused by site policy ({policy_file or 'defaults'}): {info.filename} names "
+                    f"code by path ({found!r}) and allow_byoc is false"
+                )
 
 
 def _app_name(run_dir: Path) -> str:

@@ -132,6 +132,7 @@ class ProcessExecutor(ClientExecutor):
         self.workspace = Path(workspace)
         self.extra_env = dict(extra_env or {})
         self._lock = threading.RLock()
+        self._send_lock = threading.Lock()  # abort and check_status may send at once
         self._procs: list[subprocess.Popen[bytes]] = []
         self._pgid: int | None = None
         self._conn: Connection | None = None
@@ -181,7 +182,12 @@ class ProcessExecutor(ClientExecutor):
             )
             logs = self.workspace / "logs"
             logs.mkdir(parents=True, exist_ok=True)
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
+            env = {
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                "FLTUI_SERVICE_PID": str(os.getpid()),
+                **self.extra_env,
+            }
             if world > 1:
                 env.update(
                     {
@@ -325,7 +331,8 @@ class ProcessExecutor(ClientExecutor):
             replies: queue.Queue[str] = queue.Queue()
             client.status_replies = replies
             try:
-                conn.send({"command": "check_status"})
+                with self._send_lock:
+                    conn.send({"command": "check_status"})
                 return replies.get(timeout=2.0)
             except (OSError, ValueError, queue.Empty):
                 pass
@@ -344,7 +351,7 @@ class ProcessExecutor(ClientExecutor):
             self._aborting = True
             conn = self._conn
         if conn is not None:
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError), self._send_lock:
                 conn.send({"command": "abort"})
         how = "stopped after the abort command"
         if not self._wait_procs(ABORT_GRACE):

@@ -100,6 +100,9 @@ def _check_file(cmd: str, path: str, spec: _Spec) -> None:
         )
     if ".." in path.split("/"):
         raise ShellCommandError(f"{cmd}: path {path!r} may not hold a '..' component")
+    if _SECRET_RE.search(path.rsplit("/", 1)[-1]) or path.rsplit("/", 1)[-1] == "client_token.txt":
+        # The session token and worker key live in client_token.txt; keys in startup/.
+        raise ShellCommandError(f"{cmd}: {path!r} may hold a secret and is not readable remotely")
     if spec.readable and not path.endswith(READABLE_EXTENSIONS):
         raise ShellCommandError(
             f"{cmd}: file {path!r} is not one of the readable kinds "

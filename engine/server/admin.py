@@ -30,6 +30,7 @@ class AdminQueues(admin_pb2_grpc.AdminCommunicatingServicer):
         self._cond = threading.Condition()
         self._queues: dict[str, list[apb.Message]] = {}
         self._replies: dict[str, apb.Message] = {}
+        self._sent_to: dict[str, str] = {}  # request id -> the site it went to
         self.results: list[tuple[str, apb.Message]] = []
 
     def _site(self, token: str, context: grpc.ServicerContext) -> str:
@@ -58,16 +59,20 @@ class AdminQueues(admin_pb2_grpc.AdminCommunicatingServicer):
         deadline = time.monotonic() + timeout
         with self._cond:
             self._queues.setdefault(site, []).append(msg)
-            while msg.id not in self._replies:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    # Withdraw it if not yet retrieved, so a late poll does not run it.
-                    queue = self._queues.get(site, [])
-                    if msg in queue:
-                        queue.remove(msg)
-                    return None
-                self._cond.wait(left)
-            return self._replies.pop(msg.id)
+            self._sent_to[msg.id] = site
+            try:
+                while msg.id not in self._replies:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        # Withdraw it if not yet retrieved, so a late poll does not run it.
+                        queue = self._queues.get(site, [])
+                        if msg in queue:
+                            queue.remove(msg)
+                        return None
+                    self._cond.wait(left)
+                return self._replies.pop(msg.id)
+            finally:
+                self._sent_to.pop(msg.id, None)
 
     def Retrieve(self, request: apb.Client, context: grpc.ServicerContext) -> apb.Messages:
         site = self._site(request.client_name, context)
@@ -76,11 +81,13 @@ class AdminQueues(admin_pb2_grpc.AdminCommunicatingServicer):
         return apb.Messages(message=pending)
 
     def SendReply(self, request: apb.Reply, context: grpc.ServicerContext) -> apb.Empty:
-        self._site(request.client_name, context)
+        site = self._site(request.client_name, context)
         ref = request.message.headers.get(REF_MSG_ID, "")
         with self._cond:
-            self._replies[ref] = request.message
-            self._cond.notify_all()
+            # Only the site a request went to may answer it, and only while someone waits.
+            if self._sent_to.get(ref) == site:
+                self._replies[ref] = request.message
+                self._cond.notify_all()
         return apb.Empty()
 
     def SendResult(self, request: apb.Reply, context: grpc.ServicerContext) -> apb.Empty:

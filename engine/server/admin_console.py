@@ -166,7 +166,7 @@ class AdminConsoleService(admin_pb2_grpc.AdminConsoleServicer):
         return self._send(self._client_target(args), Topic.CHECK_STATUS, request)
 
     def _cmd_set_run_number(self, args: list[str], request: apb.ConsoleCommand) -> Any:
-        if len(args) != 1 or not args[0].isdigit() or int(args[0]) < 1:
+        if len(args) != 1 or not args[0].isdecimal() or not args[0].isascii() or int(args[0]) < 1:
             raise _Usage("the run number must be a whole number >= 1")
         self.run_number = int(args[0])
         return True, f"run number set to {self.run_number}", {"run_number": self.run_number}
@@ -197,7 +197,7 @@ class AdminConsoleService(admin_pb2_grpc.AdminConsoleServicer):
         return self._send(self._client_target(args), Topic.START, request, "", self._need_run())
 
     def _cmd_start_mgpu(self, args: list[str], request: apb.ConsoleCommand) -> Any:
-        if len(args) != 3 or args[0] != "client" or not args[1].isdigit():
+        if len(args) != 3 or args[0] != "client" or not (args[1].isdecimal() and args[1].isascii()):
             raise _Usage("start_mgpu client GPUS site")
         headers = {**self._need_run(), "gpu_number": args[1]}
         return self._send(
@@ -214,7 +214,7 @@ class AdminConsoleService(admin_pb2_grpc.AdminConsoleServicer):
         return self._send(self._client_target(args), Topic.SHUTDOWN, request)
 
     def _cmd_delete_run_number(self, args: list[str], request: apb.ConsoleCommand) -> Any:
-        if len(args) != 1 or not args[0].isdigit():
+        if len(args) != 1 or not (args[0].isdecimal() and args[0].isascii()):
             raise _Usage("delete_run_number N")
         return self._send(
             self._sites([]), Topic.DELETE_RUN, request, "", {MsgHeader.RUN_NUMBER: args[0]}

@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from engine.events import EventBus, EventLogHandler
     from engine.site import SiteEngine
 
+    # Watch the site service before anything slow (torch import, model build) happens.
+    watcher = _watch_parent()
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = read_token_file(args.workspace)
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     client.token = str(info["token"])
     client.owns_session = False
 
-    _watch_parent(engine)
+    watcher.engine = engine
     if uplink is not None:
 
         def commands() -> None:
@@ -129,20 +131,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     return {"completed": EXIT_COMPLETED, "aborted": EXIT_ABORTED}.get(outcome, EXIT_FAILED)
 
 
-def _watch_parent(engine: Any, period: float = 1.0, grace: float = 10.0) -> None:
-    """Stops this worker when its site service dies (even by SIGKILL), so no orphan trains on."""
-    parent = os.getppid()
+class _ParentWatch:
+    engine: Any = None
+
+
+def _watch_parent(period: float = 1.0, grace: float = 10.0) -> _ParentWatch:
+    """Stops this worker when its site service dies (even by SIGKILL), so no orphan trains on.
+
+    The service's pid comes from ``FLTUI_SERVICE_PID`` (set by the executor), so a service that
+    died before this line ran is noticed too.
+    """
+    parent = int(os.environ.get("FLTUI_SERVICE_PID", os.getppid()))
+    watch_state = _ParentWatch()
+
+    def gone() -> bool:
+        if os.getppid() != parent:
+            return True
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def watch() -> None:
         import time
 
-        while os.getppid() == parent:
+        while not gone():
             time.sleep(period)
-        engine.abort()
+        if watch_state.engine is None:
+            os._exit(EXIT_ABORTED)  # nothing built yet: nothing to stop cleanly
+        watch_state.engine.abort()
         time.sleep(grace)  # time to stop cleanly; then leave regardless
         os._exit(EXIT_ABORTED)
 
     threading.Thread(target=watch, name="worker-parent-watch", daemon=True).start()
+    return watch_state
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ class Dashboard(Screen[None]):
     def __init__(self, bridge: SiteBridge) -> None:
         super().__init__()
         self.bridge = bridge
-        self.state = SiteState()
+        self.state = SiteState(site=bridge.site)
         self.last_action = ""
 
     def compose(self) -> ComposeResult:
@@ -97,7 +97,7 @@ class Dashboard(Screen[None]):
 
     def _report(self, text: str, error: bool = False) -> None:
         self.last_action = text
-        self.notify(text, severity="error" if error else "information", timeout=6)
+        self.notify(text, severity="error" if error else "information", timeout=6, markup=False)
 
     @work(thread=True, exclusive=True, group="action")
     def run_engine_action(self, label: str, fn: Any, *args: Any) -> None:

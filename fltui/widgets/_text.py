@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from textual.content import Content
 from textual.widgets import Static
 
 __all__ = ["set_text"]
@@ -17,6 +18,7 @@ def set_text(widget: Static, text: str) -> bool:
     if old == text:
         return False
     same_height = old is not None and old.count("\n") == text.count("\n")
-    widget.update(text, layout=not same_height)
+    # Content, not a str: text from the federation or a log is never read as markup.
+    widget.update(Content(text), layout=not same_height)
     widget._fltui_text = text  # type: ignore[attr-defined]
     return True

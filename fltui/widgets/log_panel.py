@@ -56,13 +56,15 @@ class LogPanel(Vertical):
     def refresh_from(self, state: SiteState, rebuild: bool = False) -> None:
         records = list(state.logs)
         log = self.query_one("#log", Log)
-        if rebuild or len(records) < self._shown:
+        if rebuild:
             log.clear()
-            self._shown = 0
-        lines = [self._line(r) for r in records[self._shown :] if self._visible(r)]
+            self._shown = state.logs_total - len(records)
+        # The buffer drops old lines past its bound: what is new is counted by the total.
+        fresh = min(state.logs_total - self._shown, len(records))
+        lines = [self._line(r) for r in records[len(records) - fresh :] if self._visible(r)]
         if lines:
             log.write_lines(lines)
-        self._shown = len(records)
+        self._shown = state.logs_total
 
     def cycle_level(self, state: SiteState) -> str:
         self.level = LEVELS[(LEVELS.index(self.level) + 1) % len(LEVELS)]

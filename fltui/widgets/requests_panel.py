@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from rich.text import Text
 from textual.widgets import DataTable
 
 from engine.state import SiteState
@@ -11,7 +12,7 @@ from engine.state import SiteState
 __all__ = ["RequestsPanel"]
 
 
-class RequestsPanel(DataTable[str]):
+class RequestsPanel(DataTable[Text]):
     """The audit trail as it happens (newest at the bottom)."""
 
     DEFAULT_CSS = """
@@ -26,17 +27,16 @@ class RequestsPanel(DataTable[str]):
 
     def refresh_from(self, state: SiteState) -> None:
         requests = list(state.requests)
-        # The deque drops old rows past its bound: append only what is new.
-        new = requests[-(len(requests) - self._shown) :] if len(requests) > self._shown else []
-        if len(requests) < self._shown:
-            new = requests[-1:]
+        # The deque drops old rows past its bound: what is new is counted by the total.
+        fresh = min(state.requests_total - self._shown, len(requests))
+        new = requests[-fresh:] if fresh > 0 else []
         for req in new:
-            self.add_row(
-                time.strftime("%H:%M:%S", time.localtime(req.ts)),
-                req.origin,
-                req.topic,
-                req.outcome,
+            self.add_row(  # Text: an origin or topic from the wire is never markup
+                Text(time.strftime("%H:%M:%S", time.localtime(req.ts))),
+                Text(req.origin),
+                Text(req.topic),
+                Text(req.outcome),
             )
-        self._shown = len(requests)
+        self._shown = state.requests_total
         if new:
             self.move_cursor(row=self.row_count - 1)

@@ -129,3 +129,40 @@ def test_sys_info_reports_the_machine_and_why_there_is_no_gpu(service) -> None:
     info = json.loads(reply.body)
     assert info["site"] == "site-1" and info["cpu_count"] >= 1 and "memtotal" in info
     assert info["gpu_count"] == 0 or "gpu_device_0" in info
+
+
+def test_code_named_by_path_in_a_config_is_refused_without_byoc(service) -> None:
+    evil = {
+        "format_version": 1,
+        "servers": [{"name": "demo_federation"}],
+        "client": {
+            "post_processors": [
+                {"path": "subprocess.getoutput", "args": {"cmd": "touch /tmp/fltui-pwned"}}
+            ]
+        },
+    }
+    data = _zip({**GOOD, "config/config_fed_client.json": json.dumps(evil).encode()})
+    _refused(service, _request(Topic.DEPLOY, data, run_number="5"), "names code by path")
+    assert not (service.paths.root / "run_5").exists()
+    # the same config already on disk: start refuses it before importing anything
+    mmar = service.paths.mmar(1, "site-1")
+    (mmar / "config" / "config_fed_client.json").write_text(json.dumps(evil))
+    _refused(service, _request(Topic.START, run_number="1"), "allow_byoc is false")
+    assert not Path("/tmp/fltui-pwned").exists()
+
+
+def test_the_session_token_file_cannot_be_read_remotely(service) -> None:
+    (service.paths.root / "client_token.txt").write_text("secret")
+    for command in (
+        "cat client_token.txt",
+        "grep -i s client_token.txt",
+        "head startup/client.key",
+    ):
+        _refused(service, _request(Topic.SHELL, command), "secret")
+
+
+def test_a_bad_app_name_is_refused(service) -> None:
+    data = _zip(GOOD)
+    _refused(
+        service, _request(Topic.DEPLOY, data, run_number="4", app_name="[bold]x[/b]"), "app name"
+    )

@@ -248,7 +248,7 @@ def workspace(tmp_path: Path) -> Path:
         ("rm -rf x", "command 'rm' is not allowed"),
         ("env -i", "takes no arguments"),
         ("cat a.log b.log", "exactly one file"),
-        ("cat startup/client.key", "not one of the readable kinds"),
+        ("cat startup/client.key", "may hold a secret"),
         ("head -n -5 a.log", "positive whole number"),
         ("head -n 99999999 a.log", "positive whole number"),
         ("tail --follow a.log", "'--follow' is not allowed"),

@@ -295,3 +295,32 @@ def test_start_asks_how_many_gpus_where_there_are_several(tmp_path: Path) -> Non
         await pilot.press("escape")
 
     _run(app, test, size=(100, 30))
+
+
+def test_text_from_the_wire_is_never_markup_and_logs_keep_flowing(tmp_path: Path) -> None:
+    from engine.events import LogRecord, StatusChanged
+    from engine.state import MAX_LOGS
+    from tests.ui import replay
+
+    flood = [
+        LogRecord(site=replay.SITE, ts=replay.T0 + i, level="INFO", logger="x", message=f"line {i}")
+        for i in range(MAX_LOGS + 50)
+    ]
+    hostile = StatusChanged(
+        site=replay.SITE, status=4, message="training exception", detail="bad [/bold] [link=x]"
+    )
+    bridge = replay.ReplayBridge([*replay.not_started(), *flood, hostile])
+    app = create_app(tmp_path, gpu_sampler=_NoGpu(), bridge=bridge)
+
+    async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
+        dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
+        await pilot.pause(0.6)
+        assert "bad [/bold] [link=x]" in str(dash.query_one("#error").render())
+        log = dash.query_one("#log")
+        # past the buffer's bound, new lines still arrive
+        bridge.events = [
+            LogRecord(site=replay.SITE, ts=replay.T0, level="INFO", logger="x", message="newest")
+        ]
+        await _until(pilot, lambda: any("newest" in line for line in log.lines), 5)
+
+    _run(app, test, size=(100, 30))
