@@ -574,6 +574,9 @@ class SiteService:
         """Stops training, the agent and the session (Quit), in that order."""
         self.agent.shutdown()
         self.executor.close()
+        # Say goodbye to the server even after a stop request, but do not linger on it.
+        self.session.stop_event.clear()
+        self.session.communicator.retry_timeout = min(self.session.communicator.retry_timeout, 2.0)
         self.session.close()
         self.sender.close()
         self.interface.close()

@@ -50,7 +50,7 @@ def test_admin_deploys_starts_aborts_restarts_validates_and_deletes(tmp_path: Pa
     prepare_workspace(ws, num_sites=2, num_rounds=3, heartbeat_interval=1)
     cfg = ws / "admin" / "transfer" / "demo_mmar" / "config" / "config_fed_client.json"
     data = json.loads(cfg.read_text())
-    data["client"]["steps_aggregation"] = 120  # rounds long enough to abort one, short overall
+    data["client"]["steps_aggregation"] = 1500  # rounds of seconds: long enough to abort one
     cfg.write_text(json.dumps(data))
     server = subprocess.Popen(
         [sys.executable, "-m", "fltui", "server", "--no-ui", "--workspace", str(ws / "server")],
