@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.config import load_server_config
 from engine.events import Event, EventBus, LogRecord, event_from_dict
-from engine.fileio import load_npz, save_json_atomic
+from engine.fileio import load_npz, save_json_atomic, tail_text
 from engine.site import SitePaths, SiteService, attach_workspace_logs
 
 __all__ = ["DemoFederation", "DemoResult", "prepare_workspace"]
@@ -267,7 +267,7 @@ class DemoFederation:
                         "%s exited with code %s: %s",
                         name,
                         code,
-                        _tail(self.root / name / "logs" / "stderr.log"),
+                        tail_text(self.root / name / "logs" / "stderr.log", 3, "stderr log"),
                     )
                     self.abort()
                     return
@@ -307,11 +307,3 @@ class DemoFederation:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-
-
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no stderr log)"
-    return " | ".join(text[-lines:]) or "(stderr empty)"

@@ -12,7 +12,7 @@ from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "load_npz", "save_json_atomic", "save_npz_atomic"]
+__all__ = ["atomic_write", "load_npz", "save_json_atomic", "save_npz_atomic", "tail_text"]
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
@@ -66,3 +66,18 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
     """Reads named arrays written by ``save_npz_atomic`` (no pickles)."""
     with np.load(path, allow_pickle=False) as data:
         return {name: data[name] for name in data.files}
+
+
+def tail_text(path: Path, lines: int, what: str) -> str:
+    """The last ``lines`` lines of a log file joined by " | " (for an error message), or why not.
+
+    Args:
+        path: the file.
+        lines: how many lines.
+        what: what the file is, for the "(no ...)" and "(... empty)" answers.
+    """
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return f"(no {what})"
+    return " | ".join(text[-lines:]) or f"({what} empty)"

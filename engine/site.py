@@ -30,6 +30,7 @@ __all__ = [
     "SiteService",
     "attach_workspace_logs",
     "find_deployed_mmar",
+    "latest_run",
 ]
 
 log = logging.getLogger("engine.site")
@@ -79,19 +80,24 @@ def find_deployed_mmar(
                 mmar, "", f"run {run_number} has no deployed MMAR for {site} (deploy first)"
             )
         return run_number, mmar
-    runs = sorted(
-        (int(m.group(1)), p)
-        for p in workspace.glob("run_*")
-        if (m := re.fullmatch(r"run_(\d+)", p.name)) and (p / f"mmar_{site}" / "config").is_dir()
-    )
-    if not runs:
+    number = latest_run(workspace, site)
+    if number is None:
         raise ConfigError(
             workspace,
             "",
             f"no deployed MMAR (expected run_<N>/mmar_{site}/config/); deploy one first",
         )
-    number, run_dir = runs[-1]
-    return number, run_dir / f"mmar_{site}"
+    return number, paths.mmar(number, site)
+
+
+def latest_run(workspace: Path, site: str) -> int | None:
+    """The highest N with a deployed ``run_<N>/mmar_<site>/config``, or None."""
+    numbers = [
+        int(m.group(1))
+        for p in Path(workspace).glob("run_*")
+        if (m := re.fullmatch(r"run_([0-9]+)", p.name)) and (p / f"mmar_{site}" / "config").is_dir()
+    ]
+    return max(numbers) if numbers else None
 
 
 class _JsonlWriter:

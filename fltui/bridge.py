@@ -215,9 +215,9 @@ class LocalBridge(SiteBridge):
         return sorted(p.name for p in folder.glob("*") if (p / "config").is_dir())
 
     def latest_run(self) -> int | None:
-        from engine.client.admin_interface import _latest_run
+        from engine.site import latest_run
 
-        return _latest_run(self._site_root(), self.site or "site-1")
+        return latest_run(self._site_root(), self.site or "site-1")
 
     def deploy(self, mmar: str, run_number: int) -> str:
         from engine.client.deploy import DeployError, make_mmar_zip

@@ -11,7 +11,6 @@ from typing import Any
 import grpc
 
 from engine.admin_defs import Message, MsgHeader, error_reply, ok_reply, reply_to
-from engine.events import AdminRequestHandled
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 
@@ -253,25 +252,10 @@ class FedAdminAgent:
             outcome = "error" if failed else "ok"
             detail = reply.body if isinstance(reply.body, str) else f"{len(reply.body)} bytes"
         reply_to(req, reply)
-        _record(self.app_ctx, self.client_name, origin, req.topic, outcome, str(detail))
+        record = getattr(self.app_ctx, "record", None)  # ClientAdminInterface.record
+        if record is not None:
+            record(origin, req.topic, outcome, str(detail))
         return reply
-
-
-def _record(app_ctx: Any, site: str, origin: str, topic: str, outcome: str, detail: str) -> None:
-    short = detail if len(detail) <= 300 else detail[:297] + "..."
-    audit = getattr(app_ctx, "audit", None)
-    if audit is not None:
-        try:
-            audit.append(origin, topic, outcome, short)
-        except OSError as exc:
-            log.error("audit log not written: %s", exc)
-    bus = getattr(app_ctx, "bus", None)
-    if bus is not None:
-        bus.publish(
-            AdminRequestHandled(
-                site=site, origin=origin, topic=topic, outcome=outcome, detail=short
-            )
-        )
 
 
 def _details(exc: grpc.RpcError) -> str:

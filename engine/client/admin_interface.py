@@ -85,19 +85,22 @@ class ClientAdminInterface:
         try:
             text = str(action(*args))
         except (AdminError, DeployError, ValueError) as exc:
-            self._record(LOCAL, topic, "error", str(exc))
+            self.record(LOCAL, topic, "error", str(exc))
             raise AdminError(str(exc)) from None
-        self._record(LOCAL, topic, "ok", text)
+        self.record(LOCAL, topic, "ok", text)
         return text
 
-    def _record(self, origin: str, topic: str, outcome: str, detail: str) -> None:
+    def record(self, origin: str, topic: str, outcome: str, detail: str) -> None:
+        """One line of ``logs/audit.jsonl`` and an ``AdminRequestHandled`` event, for every
+        request and local action (the agent records the federation's requests through here)."""
+        short = detail if len(detail) <= 300 else detail[:297] + "..."
         try:
-            self.audit.append(origin, topic, outcome, detail[:300])
+            self.audit.append(origin, topic, outcome, short)
         except OSError as exc:
             log.error("audit log not written: %s", exc)
         self.bus.publish(
             AdminRequestHandled(
-                site=self.client_name, origin=origin, topic=topic, outcome=outcome, detail=detail
+                site=self.client_name, origin=origin, topic=topic, outcome=outcome, detail=short
             )
         )
 
@@ -268,10 +271,12 @@ class ClientAdminInterface:
 
     def do_validate(self, req: Message) -> str:
         """Starts cross-site validation in the background; the result goes back with SendResult."""
+        from engine.site import latest_run
+
         with self._lock:
             if self.executor.is_running():
                 raise AdminError(f"{self.client_name} is busy (run {self.run_number}); try later")
-            number = self.run_number or _latest_run(self.workspace, self.client_name)
+            number = self.run_number or latest_run(self.workspace, self.client_name)
             if number is None:
                 raise AdminError(f"{self.client_name} has no deployed run to validate")
             results: dict[str, dict[str, float]] = {}
@@ -368,15 +373,6 @@ def _app_name(run_dir: Path) -> str:
         return (run_dir / "fl_app.txt").read_text().strip() or run_dir.name
     except OSError:
         return run_dir.name
-
-
-def _latest_run(workspace: Path, site: str) -> int | None:
-    numbers = [
-        int(p.name[4:])
-        for p in workspace.glob("run_*")
-        if p.name[4:].isdigit() and (p / f"mmar_{site}" / "config").is_dir()
-    ]
-    return max(numbers) if numbers else None
 
 
 def _meminfo() -> dict[str, int]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from engine.client.status import ClientStatus
 from engine.events import RunChanged, StatusChanged, event_from_dict
+from engine.fileio import tail_text
 
 __all__ = [
     "ClientExecutor",
@@ -301,7 +302,10 @@ class ProcessExecutor(ClientExecutor):
                 client.set_status(ClientStatus.TRAINING_STOPPED, "aborted" if aborting else "")
         else:
             log_path = self.workspace / "logs" / "worker.log"
-            detail = f"worker exited with code {code}: {_tail(log_path)} (see {log_path})"
+            detail = (
+                f"worker exited with code {code}: {tail_text(log_path, 2, 'worker log')} "
+                f"(see {log_path})"
+            )
             if conn is None:
                 detail = "worker did not start; " + detail
             client.set_status(ClientStatus.TRAINING_EXCEPTION, detail)
@@ -501,11 +505,3 @@ class ThreadExecutor(ClientExecutor):
         except Exception:
             return self._future.done()
         return True
-
-
-def _tail(path: Path, lines: int = 2) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "no worker log"
-    return " | ".join(text[-lines:]) or "worker log empty"

@@ -56,6 +56,16 @@ class ReplayBridge(SiteBridge):
     deploy = start_training = abort = restart = validate = _refuse  # type: ignore[assignment]
 
 
+class NoSampler:
+    """No GPU sampling at all (the GPU panel has tests of its own)."""
+
+    def start(self, bus: object, site: str) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 def clock() -> float:
     return T0 + 60.0
 

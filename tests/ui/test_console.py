@@ -29,16 +29,7 @@ from fltui.screens.help import HelpScreen
 from fltui.screens.start import StartScreen
 from fltui.widgets.log_panel import LogPanel
 from tests.conftest import Recorder
-
-
-class _NoGpu:
-    """No GPU sampler at all (the GPU panel has its own tests)."""
-
-    def start(self, bus: Any, site: str) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
+from tests.ui.replay import NoSampler
 
 
 def _site(tmp_path: Path, rounds: int, steps: int) -> tuple[FederatedServer, Path]:
@@ -92,7 +83,7 @@ def _dash(app: FLTuiApp) -> Dashboard:
 @pytest.mark.slow
 def test_keys_deploy_start_abort_and_restart_the_real_site(tmp_path: Path) -> None:
     server, site = _site(tmp_path, rounds=200, steps=300)
-    app = create_app(site, gpu_sampler=_NoGpu())
+    app = create_app(site, gpu_sampler=NoSampler())
 
     async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
         dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
@@ -148,7 +139,7 @@ def test_keys_deploy_start_abort_and_restart_the_real_site(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_validate_key_and_palette_commands(tmp_path: Path) -> None:
     server, site = _site(tmp_path, rounds=1, steps=5)
-    app = create_app(site, gpu_sampler=_NoGpu())
+    app = create_app(site, gpu_sampler=NoSampler())
 
     async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
         dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
@@ -193,7 +184,7 @@ def test_validate_key_and_palette_commands(tmp_path: Path) -> None:
 
 def test_help_logs_search_and_theme_keys(tmp_path: Path) -> None:
     prepare_workspace(tmp_path, num_sites=1, num_rounds=1)
-    app = create_app(tmp_path / "site-1", gpu_sampler=_NoGpu(), theme="dark")
+    app = create_app(tmp_path / "site-1", gpu_sampler=NoSampler(), theme="dark")
 
     async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
         dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
@@ -219,7 +210,7 @@ def test_help_logs_search_and_theme_keys(tmp_path: Path) -> None:
 
 
 def test_first_run_screen_explains_the_startup_kit(tmp_path: Path) -> None:
-    app = create_app(tmp_path, gpu_sampler=_NoGpu())
+    app = create_app(tmp_path, gpu_sampler=NoSampler())
 
     async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
         screen = await _until(pilot, lambda: isinstance(app.screen, FirstRunScreen) and app.screen)
@@ -261,7 +252,9 @@ PALETTE = [
 def test_every_action_is_in_the_command_palette(tmp_path: Path, title: str, check: Any) -> None:
     from tests.ui import replay
 
-    app = create_app(tmp_path, gpu_sampler=_NoGpu(), bridge=replay.ReplayBridge(replay.training()))
+    app = create_app(
+        tmp_path, gpu_sampler=NoSampler(), bridge=replay.ReplayBridge(replay.training())
+    )
 
     async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
         dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
@@ -282,7 +275,7 @@ def test_start_asks_how_many_gpus_where_there_are_several(tmp_path: Path) -> Non
 
     feed = GpuSampler(nvml=fake_two_gpus()).sample(replay.SITE)  # a FAKE NVML: two GPUs
     app = create_app(
-        tmp_path, gpu_sampler=_NoGpu(), bridge=replay.ReplayBridge(replay.not_started(feed))
+        tmp_path, gpu_sampler=NoSampler(), bridge=replay.ReplayBridge(replay.not_started(feed))
     )
 
     async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
@@ -310,7 +303,7 @@ def test_text_from_the_wire_is_never_markup_and_logs_keep_flowing(tmp_path: Path
         site=replay.SITE, status=4, message="training exception", detail="bad [/bold] [link=x]"
     )
     bridge = replay.ReplayBridge([*replay.not_started(), *flood, hostile])
-    app = create_app(tmp_path, gpu_sampler=_NoGpu(), bridge=bridge)
+    app = create_app(tmp_path, gpu_sampler=NoSampler(), bridge=bridge)
 
     async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
         dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)

@@ -15,14 +15,6 @@ from tests.fake_nvml import fake_two_gpus
 from tests.ui import replay
 
 
-class _NoSampler:
-    def start(self, bus: object, site: str) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-
 def _fake_gpu_feed():  # a FAKE NVML (this machine has no GPU): labelled so in the test name
     sampler = GpuSampler(nvml=fake_two_gpus(our_pid=4242), our_pids=lambda: {4242})
     return sampler.sample(replay.SITE)
@@ -41,7 +33,7 @@ STATES = {
 def test_dashboard(snap_compare, tmp_path: Path, state: str, size: tuple[int, int]) -> None:
     app = create_app(
         tmp_path,
-        gpu_sampler=_NoSampler(),
+        gpu_sampler=replay.NoSampler(),
         bridge=replay.ReplayBridge(STATES[state]()),
         clock=replay.clock,
     )
