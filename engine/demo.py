@@ -287,6 +287,11 @@ class DemoFederation:
                 event = LogRecord(site=name, level="INFO", logger="stdout", message=line)
             self.bus.publish(event)
 
+    @property
+    def aborted(self) -> bool:
+        """Whether ``abort`` was called (the demo was stopped on request)."""
+        return self._aborted.is_set()
+
     def abort(self) -> None:
         """Stops site-1 and the peers."""
         self._aborted.set()

@@ -349,6 +349,19 @@ class LogRecord(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class StateSnapshot(Event):
+    """The whole state of a site at one moment (what a console gets when it attaches).
+
+    ``state`` is ``engine.state.SiteState.to_dict()``.
+    """
+
+    state: dict[str, Any]
+
+    def summary(self) -> str:
+        return f"state of {self.site}: {self.state.get('status_message', '?')}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class SiteJoined(Event):
     """Server side: a site registered (again)."""
 

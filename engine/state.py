@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from engine.client.status import ClientStatus
@@ -23,7 +23,9 @@ from engine.events import (
     RoundStarted,
     RunChanged,
     SiteConfigured,
+    StateSnapshot,
     StatusChanged,
+    event_from_dict,
 )
 
 __all__ = ["PARTS", "SiteState"]
@@ -198,6 +200,56 @@ class SiteState:
         self.requests.append(e)
         self.requests_total += 1
         return {"requests"}
+
+    def _on_StateSnapshot(self, e: StateSnapshot) -> set[str]:
+        fresh = SiteState.from_dict(e.state)
+        for f in fields(self):
+            setattr(self, f.name, getattr(fresh, f.name))
+        return set(PARTS)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, JSON-ready (events as ``Event.to_dict()``); ``from_dict`` reverses it."""
+        data: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("requests", "logs"):
+                value = [e.to_dict() for e in value]
+            elif f.name == "gpu":
+                value = value.to_dict() if value is not None else None
+            elif f.name == "round_metrics":
+                value = [[r, dict(m)] for r, m in value]
+            data[f.name] = value
+        data["status_message"] = self.status_message
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SiteState:
+        """Rebuilds a state from ``to_dict()`` output; unknown keys are ignored.
+
+        Raises:
+            ValueError: a value of the wrong kind.
+        """
+        state = cls()
+        names = {f.name for f in fields(cls)}
+        try:
+            for key, value in data.items():
+                if key not in names:
+                    continue
+                if key == "requests":
+                    state.requests.extend(event_from_dict(e) for e in value)  # type: ignore[misc]
+                elif key == "logs":
+                    state.logs.extend(event_from_dict(e) for e in value)  # type: ignore[misc]
+                elif key == "gpu":
+                    state.gpu = event_from_dict(value) if value else None
+                elif key == "round_metrics":
+                    state.round_metrics = [(int(r), dict(m)) for r, m in value]
+                elif key in ("local_metrics",):
+                    state.local_metrics = dict(value)
+                else:
+                    setattr(state, key, value)
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(f"bad site state snapshot ({key}): {exc}") from exc
+        return state
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready picture of everything but the logs and requests."""

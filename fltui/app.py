@@ -11,7 +11,7 @@ from textual.app import App
 from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
 
-from fltui.bridge import LocalBridge, SiteBridge
+from fltui.bridge import LocalBridge, RemoteBridge, SiteBridge
 from fltui.screens.dashboard import Dashboard
 from fltui.screens.first_run import FirstRunScreen
 from fltui.themes import DEFAULT_THEME, load_themes, theme_name
@@ -24,6 +24,7 @@ ACTIONS = [
     ("Abort training", "abort", "stop training, after confirming (a)"),
     ("Restart the site engine", "restart", "new session with the server, after confirming (r)"),
     ("Validate across sites", "validate", "cross-site validation on this site's data (v)"),
+    ("Stop the site", "stop_site", "stop the site service or engine, after confirming (x)"),
     ("Cycle the log level", "log_level", "DEBUG → INFO → WARNING → ERROR (l)"),
     ("Search the logs", "search", "filter log lines by text (/)"),
     ("Help", "help", "the keys (?)"),
@@ -90,8 +91,9 @@ class FLTuiApp(App[None]):
 
     def _open(self, bridge: SiteBridge) -> None:
         self.bridge = bridge
-        bridge.start()
         self.push_screen(Dashboard(bridge))
+        # The first frame first: starting an engine (or a demo service) competes for the CPU.
+        self.call_after_refresh(bridge.start)
 
     def _first_run_done(self, choice: str | None) -> None:
         if choice == "demo" and callable(self.demo_factory):
@@ -143,18 +145,23 @@ def create_app(
 
         gpu_sampler = GpuSampler()
 
-    def demo_bridge(path: Path = root) -> LocalBridge:
-        return LocalBridge(
-            path, demo=True, demo_sites=demo_sites, demo_rounds=demo_rounds, gpu_sampler=gpu_sampler
-        )
+    def demo_bridge(path: Path = root) -> SiteBridge:
+        # The demo runs as a service in a child process: this console only draws it.
+        return RemoteBridge.demo(path, sites=demo_sites, rounds=demo_rounds)
 
     if bridge is None:
         if demo:
             bridge = demo_bridge()
         elif (root / "startup" / "fed_client.json").is_file():
-            bridge = LocalBridge(root, gpu_sampler=gpu_sampler)
+            from engine.service import find_service
 
-    def fresh_demo() -> LocalBridge:
+            info = find_service(root)
+            if info is not None:
+                bridge = RemoteBridge(root, info.site)
+            else:
+                bridge = LocalBridge(root, gpu_sampler=gpu_sampler)
+
+    def fresh_demo() -> SiteBridge:
         import tempfile
 
         return demo_bridge(Path(tempfile.mkdtemp(prefix="fltui-demo-")))

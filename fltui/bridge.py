@@ -1,31 +1,39 @@
-"""Engine ↔ console: events queue up from any thread; actions run on the site's admin interface.
+"""Engine ↔ console: events queue up from any thread; actions run on the site's engine.
 
 The console reaches the engine only through ``SiteBridge``: ``drain()`` hands over the events
 that arrived since the last call (the app calls it a few times a second, on its own thread, so
 high-rate events are coalesced into one screen update), and the action methods are called from
-Textual thread workers. ``LocalBridge`` runs the engine in this process: a site from its
-workspace, or the whole demo federation. A bridge to a running site service (over its control
-socket) implements the same interface.
+Textual thread workers.
+
+- ``RemoteBridge``: the console attached to the site's service over its control socket
+  (``engine.service``); quitting the console leaves the service running. ``RemoteBridge.demo``
+  starts the demo federation as such a service, in a child process, and stops it on quit.
+- ``LocalBridge``: no service runs, so the console runs the site's engine itself (and serves the
+  control socket, so that a second console or ``fltui ctl`` can attach); the engine ends when
+  this console quits. In demo mode (tests) it runs the demo federation in this process.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from engine.admin_defs import Message, MsgHeader, Topic
-from engine.events import Event, EventBus, LogRecord
+from engine.events import Event, EventBus, LogRecord, StateSnapshot, event_from_dict
+from engine.service import ActionError, ServiceInfo
 
-__all__ = ["BridgeError", "LocalBridge", "SiteBridge"]
+__all__ = ["BridgeError", "LocalBridge", "RemoteBridge", "SiteBridge"]
 
 MAX_PENDING = 20_000
 
-
-class BridgeError(RuntimeError):
-    """An action that cannot be done (the text is for the operator)."""
+# One error type for the console, whichever side the engine runs on.
+BridgeError = ActionError
 
 
 class SiteBridge:
@@ -33,6 +41,11 @@ class SiteBridge:
 
     site: str = ""
     mode: str = ""
+
+    @property
+    def label(self) -> str:
+        """Where the engine runs, for the header."""
+        return "fltui demo" if self.mode == "demo" else "fltui"
 
     def start(self) -> None:
         raise NotImplementedError
@@ -61,8 +74,30 @@ class SiteBridge:
     def validate(self) -> str:
         raise NotImplementedError
 
+    def shutdown(self) -> str:
+        """Stops the site's engine (the service, where one runs)."""
+        raise NotImplementedError
+
     def latest_run(self) -> int | None:
         return None
+
+
+class _Queue:
+    """The pending events of a bridge (bounded; the oldest go first when a console stalls)."""
+
+    def __init__(self) -> None:
+        self._pending: collections.deque[Event] = collections.deque(maxlen=MAX_PENDING)
+        self._lock = threading.Lock()
+
+    def put(self, event: Event) -> None:
+        with self._lock:
+            self._pending.append(event)
+
+    def drain(self) -> list[Event]:
+        with self._lock:
+            events = list(self._pending)
+            self._pending.clear()
+        return events
 
 
 class LocalBridge(SiteBridge):
@@ -84,33 +119,34 @@ class LocalBridge(SiteBridge):
         demo_rounds: int = 5,
         gpu_sampler: Any = None,
     ) -> None:
+        from engine.service import SiteActions
+
         self.workspace = Path(workspace)
         self.demo = demo
-        self.mode = "demo" if demo else "site"
+        self.mode = "demo" if demo else "console"
         self.demo_sites, self.demo_rounds = demo_sites, demo_rounds
         self.bus = EventBus()
-        self._pending: collections.deque[Event] = collections.deque(maxlen=MAX_PENDING)
-        self._lock = threading.Lock()
-        self.bus.subscribe(self._queue)
+        self._queue = _Queue()
+        self.bus.subscribe(self._queue.put)
         self._thread: threading.Thread | None = None
-        self._service: Any = None
+        self._runner: Any = None
         self._demo: Any = None
         self._stopping = threading.Event()
         self.gpu_sampler = gpu_sampler
         self.site = "site-1" if demo else ""
         self.result: Any = None
+        self.actions = SiteActions(
+            self.workspace / "site-1" if demo else self.workspace,
+            self._interface,
+            lambda: self.site or "site-1",
+        )
 
-    # ------------------------------------------------------------------ events
-
-    def _queue(self, event: Event) -> None:
-        with self._lock:
-            self._pending.append(event)
+    @property
+    def label(self) -> str:
+        return "fltui demo" if self.demo else "fltui · engine in this console"
 
     def drain(self) -> list[Event]:
-        with self._lock:
-            events = list(self._pending)
-            self._pending.clear()
-        return events
+        return self._queue.drain()
 
     def _say(self, level: str, message: str) -> None:
         self.bus.publish(
@@ -125,14 +161,11 @@ class LocalBridge(SiteBridge):
         self._thread = threading.Thread(target=target, name="engine", daemon=True)
         self._thread.start()
 
-    def _start_gpu(self, site: str) -> None:
-        if self.gpu_sampler is not None:
-            self.gpu_sampler.start(self.bus, site)
-
     def _run_demo(self) -> None:
         from engine.demo import DemoFederation
 
-        self._start_gpu("site-1")
+        if self.gpu_sampler is not None:
+            self.gpu_sampler.start(self.bus, "site-1")
         demo = DemoFederation(
             self.workspace,
             self.bus,
@@ -152,113 +185,295 @@ class LocalBridge(SiteBridge):
 
     def _run_site(self) -> None:
         from engine.config import ConfigError
-        from engine.site import SiteService, attach_workspace_logs
+        from engine.service import ServiceError, SiteRunner
 
-        while not self._stopping.is_set():
-            try:
-                service = SiteService(self.workspace, self.bus)
-            except ConfigError as exc:
-                self._say("ERROR", str(exc))
+        try:
+            runner = SiteRunner(
+                self.workspace, self.bus, gpu_sampler=self.gpu_sampler, mode="console"
+            )
+            self.site = runner.site
+            if self._stopping.is_set():  # stop() came while the runner was being built
                 return
-            self.site = service.site
-            self._service = service
-            if self._stopping.is_set():  # stop() came while the service was being built
-                return
-            self._start_gpu(service.site)
-            detach = attach_workspace_logs(self.workspace, self.bus, service.site)
-            try:
-                service.run(auto_start=False)
-            except Exception as exc:
-                self._say("ERROR", f"site engine failed: {type(exc).__name__}: {exc}")
-                return
-            finally:
-                detach()
-            if not service.restart_requested:
-                return
-            self._say("INFO", "restarting the site engine")
+            info = runner.open()
+        except (ConfigError, ServiceError) as exc:
+            self._say("ERROR", str(exc))
+            return
+        self._runner = runner
+        self._say(
+            "INFO",
+            f"no site service runs for {self.workspace}: the engine runs in this console "
+            f"(pid {info.pid}) and stops when it quits. Other consoles can attach to it.",
+        )
+        try:
+            if not self._stopping.is_set():
+                runner.run(auto_start=False)
+        except Exception as exc:
+            self._say("ERROR", f"site engine failed: {type(exc).__name__}: {exc}")
+        finally:
+            runner.close()
 
     def stop(self) -> None:
         """Stops the engine (the demo's peers too); waits a little for it."""
         self._stopping.set()
-        if self.gpu_sampler is not None:
-            self.gpu_sampler.stop()
         if self._demo is not None:
             self._demo.abort()
-        service = self._service
-        if service is not None:
-            service.request_stop()
+            if self.gpu_sampler is not None:
+                self.gpu_sampler.stop()
+        if self._runner is not None:
+            self._runner.request_stop()
         if self._thread is not None:
             self._thread.join(timeout=20)
 
+    def shutdown(self) -> str:
+        self.stop()
+        return "the site engine stopped"
+
     # ------------------------------------------------------------------ actions
+
+    def _interface(self) -> Any:
+        if self._demo is not None:
+            service = self._demo.site_service
+        else:
+            service = self._runner.service if self._runner is not None else None
+        return service.interface if service is not None else None
 
     @property
     def interface(self) -> Any:
-        service = self._demo.site_service if self._demo is not None else self._service
-        if service is None:
-            raise BridgeError("the site engine is still starting; try again in a moment")
-        return service.interface
-
-    def _site_root(self) -> Path:
-        return self.workspace / "site-1" if self.demo else self.workspace
-
-    def _local(self, topic: str, action: Any, *args: Any) -> str:
-        from engine.client.admin_interface import AdminError
-
-        try:
-            return str(self.interface.local(topic, action, *args))
-        except AdminError as exc:
-            raise BridgeError(str(exc)) from None
+        return self.actions.interface
 
     def transfer_mmars(self) -> list[str]:
-        folder = self._site_root() / "transfer"
-        return sorted(p.name for p in folder.glob("*") if (p / "config").is_dir())
+        return self.actions.transfer_mmars()
 
     def latest_run(self) -> int | None:
-        from engine.site import latest_run
-
-        return latest_run(self._site_root(), self.site or "site-1")
+        return self.actions.latest_run()
 
     def deploy(self, mmar: str, run_number: int) -> str:
-        from engine.client.deploy import DeployError, make_mmar_zip
-
-        path = Path(mmar)
-        folder = path if path.is_absolute() else self._site_root() / "transfer" / mmar
-        if not (folder / "config").is_dir():
-            raise BridgeError(f"{folder} is not an MMAR (no config/ folder)")
-        try:
-            data = make_mmar_zip(folder)
-        except DeployError as exc:
-            raise BridgeError(str(exc)) from None
-        request = Message(
-            Topic.DEPLOY,
-            data,
-            {MsgHeader.RUN_NUMBER: str(run_number), MsgHeader.APP_NAME: folder.name},
-        )
-        return self._local(Topic.DEPLOY, self.interface.deploy_mmar, request)
+        return self.actions.deploy(mmar, run_number)
 
     def start_training(self, run_number: int, gpus: int = 1) -> str:
-        if gpus > 1:
-            return self._local(Topic.START_MGPU, self.interface.start_mgpu_client, run_number, gpus)
-        return self._local(Topic.START, self.interface.start_client, run_number)
+        return self.actions.start_training(run_number, gpus)
 
     def abort(self) -> str:
-        return self._local(Topic.ABORT, self.interface.abort_client)
+        return self.actions.abort()
 
     def restart(self) -> str:
-        return self._local(Topic.RESTART, self.interface.restart_client)
+        return self.actions.restart()
 
     def validate(self) -> str:
-        request = Message(Topic.VALIDATE, "", {MsgHeader.USER_NAME: "local"})
-        return self._local(Topic.VALIDATE, self.interface.do_validate, request)
+        return self.actions.validate()
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
         """Waits until actions can be taken (for scripts and tests)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                self.interface  # noqa: B018 - raises until the engine is up
+            if self._interface() is not None:
                 return True
-            except BridgeError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         return False
+
+
+class RemoteBridge(SiteBridge):
+    """A console attached to a site service over its control socket.
+
+    Args:
+        workspace: the service's workspace (the demo's root for a demo service).
+        site: the site the service runs (known before connecting, for the first frame).
+        launch: a command that starts the service (the demo); the bridge then owns it and stops
+            it when the console quits. Without it, the service is someone else's and keeps
+            running after the console quits.
+        wait_s: how long to wait for a launched service to open its socket.
+    """
+
+    def __init__(
+        self,
+        workspace: Path,
+        site: str = "",
+        launch: list[str] | None = None,
+        wait_s: float = 120.0,
+    ) -> None:
+        self.workspace = Path(workspace)
+        self.site = site
+        self.launch = launch
+        self.mode = "demo" if launch else "attached"
+        self.wait_s = wait_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        self.client: Any = None
+        self._queue = _Queue()
+        self._gone = ""
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.ready = threading.Event()
+
+    @classmethod
+    def demo(cls, root: Path, sites: int = 3, rounds: int = 5) -> RemoteBridge:
+        """The demo federation as a service in a child process, which this console owns."""
+        command = [
+            sys.executable,
+            "-m",
+            "fltui",
+            "demo",
+            "--no-ui",
+            "--service",
+            "--workspace",
+            str(root),
+            "--sites",
+            str(sites),
+            "--rounds",
+            str(rounds),
+        ]
+        return cls(root, "site-1", launch=command)
+
+    @property
+    def label(self) -> str:
+        if self._gone:
+            return "service gone"
+        if self.pid is None:
+            return "starting the demo service" if self.launch else "attaching to service"
+        if self.launch:
+            return f"fltui demo · service pid {self.pid}"
+        return f"attached to service (pid {self.pid})"
+
+    def drain(self) -> list[Event]:
+        return self._queue.drain()
+
+    def _say(self, level: str, message: str) -> None:
+        self._queue.put(
+            LogRecord(site=self.site or "console", level=level, logger="fltui", message=message)
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Connects (launching the service first, where it is ours) in the background."""
+        self._thread = threading.Thread(target=self._connect, name="attach", daemon=True)
+        self._thread.start()
+
+    def _log_path(self) -> Path:
+        return self.workspace / "demo-service.log"
+
+    def _spawn(self) -> None:
+        assert self.launch is not None
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLTUI_PARENT_PID": str(os.getpid())}
+        with self._log_path().open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.launch,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # the terminal's Ctrl-C reaches the console, not the demo
+            )
+        self._say("INFO", f"starting the demo federation as a service (pid {self.proc.pid})")
+
+    def _find(self) -> ServiceInfo | None:
+        from engine.fileio import tail_text
+        from engine.service import find_service
+
+        deadline = time.monotonic() + (self.wait_s if self.launch else 0)
+        while True:
+            info = find_service(self.workspace)
+            if info is not None and (self.proc is None or info.pid == self.proc.pid):
+                return info
+            if self.proc is not None and self.proc.poll() is not None:
+                tail = tail_text(self._log_path(), 5, "demo service log")
+                self._fail(f"the demo service exited with code {self.proc.returncode}: {tail}")
+                return None
+            if time.monotonic() > deadline or self._stopping.is_set():
+                self._fail(f"no site service runs for {self.workspace}")
+                return None
+            time.sleep(0.1)
+
+    def _connect(self) -> None:
+        from engine.service import ControlClient, ServiceError
+
+        if self.launch:
+            try:
+                self._spawn()
+            except OSError as exc:
+                self._fail(f"cannot start the demo service: {exc}")
+                return
+        info = self._find()
+        if info is None:
+            return
+        client = ControlClient(info.socket, self._on_message)
+        try:
+            hello = client.connect()
+        except ServiceError as exc:
+            self._fail(str(exc))
+            return
+        self.client, self.pid = client, int(hello.get("pid") or info.pid)
+        self.site = self.site or str(hello.get("site", ""))
+        self.ready.set()
+        if not self.launch:
+            self._say(
+                "INFO", f"attached to the site service (pid {self.pid}); quitting leaves it running"
+            )
+        client.closed.wait()
+        if not self._stopping.is_set():
+            self._fail(f"lost the site service (pid {self.pid}): {client.closed_reason}")
+
+    def _fail(self, message: str) -> None:
+        self._gone = message
+        self._say("ERROR", message)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        try:
+            if kind == "snapshot":
+                self._queue.put(StateSnapshot(site=self.site, state=message["state"]))
+            elif kind == "event":
+                self._queue.put(event_from_dict(message["event"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            self._say("WARNING", f"an unreadable message from the service: {exc}")
+
+    def stop(self) -> None:
+        """Detaches; a service this console launched (the demo) is asked to stop."""
+        self._stopping.set()
+        client = self.client
+        if self.launch and client is not None:
+            with contextlib.suppress(ActionError):
+                client.call("shutdown", timeout=3)
+        if client is not None:
+            client.close()
+        if self.proc is not None and self.proc.poll() is None and client is None:
+            self.proc.terminate()  # it never opened its socket: nothing else would stop it
+
+    # ------------------------------------------------------------------ actions
+
+    def _call(self, name: str, *args: Any, timeout: float = 120.0) -> Any:
+        if self.client is None:
+            raise BridgeError(self._gone or "not attached to the site service yet; a moment")
+        return self.client.call(name, *args, timeout=timeout)
+
+    def transfer_mmars(self) -> list[str]:
+        try:
+            return list(self._call("transfer_mmars", timeout=5))
+        except BridgeError:
+            return []
+
+    def latest_run(self) -> int | None:
+        try:
+            found = self._call("latest_run", timeout=5)
+        except BridgeError:
+            return None
+        return int(found) if found is not None else None
+
+    def deploy(self, mmar: str, run_number: int) -> str:
+        return str(self._call("deploy", mmar, run_number))
+
+    def start_training(self, run_number: int, gpus: int = 1) -> str:
+        return str(self._call("start_training", run_number, gpus))
+
+    def abort(self) -> str:
+        return str(self._call("abort"))
+
+    def restart(self) -> str:
+        return str(self._call("restart"))
+
+    def validate(self) -> str:
+        return str(self._call("validate"))
+
+    def shutdown(self) -> str:
+        return str(self._call("shutdown", timeout=10))

@@ -1,7 +1,9 @@
-"""Command line: ``fltui [--no-ui] [--json] [--workspace DIR]``, ``fltui demo``, ``fltui server``.
+"""Command line: ``fltui [--no-ui] [--json] [--workspace DIR]``, ``fltui demo``, ``fltui server``,
+``fltui ctl``, ``fltui admin``.
 
-Exit codes: 0 the federation finished; 1 it failed or was aborted; 2 bad usage or configuration;
-130 interrupted (Ctrl-C).
+Exit codes: 0 the federation finished (or the service was asked to stop); 1 it failed or was
+aborted, or a ``ctl`` action was refused; 2 bad usage or configuration; 3 no site service runs
+for the workspace (``ctl``); 4 the workspace already has a running service; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -19,11 +21,21 @@ from types import FrameType
 
 from fltui import __version__
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "main"]
+__all__ = [
+    "EXIT_BUSY",
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_NO_SERVICE",
+    "EXIT_OK",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+EXIT_NO_SERVICE = 3
+EXIT_BUSY = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -66,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--serve",
         action="store_true",
-        help="stay up and wait for the federation's admin commands instead of training at once",
+        help="run as the site's service: stay up for the federation's and the consoles' "
+        "commands (with --run N: train run N first)",
     )
     parser.add_argument(
         "--executor",
@@ -81,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--rounds", type=int, default=5, help="rounds of federated averaging (default 5)"
     )
+    # The console starts the demo this way: a service with a control socket, site-1 staying up.
+    demo.add_argument("--service", action="store_true", help=argparse.SUPPRESS)
+    ctl = sub.add_parser(
+        "ctl",
+        help="control the site service of a workspace from scripts",
+        description="Talks to the running site service of a workspace (see `fltui --no-ui`).",
+        epilog="Exit codes: 0 done; 1 the service refused or the action failed; 2 bad usage; "
+        "3 no service runs for the workspace.",
+    )
+    _common(ctl, suppress=True)
+    ctl.add_argument(
+        "action",
+        choices=("status", "deploy", "start", "abort", "restart", "validate", "shutdown"),
+    )
+    ctl.add_argument("mmar", nargs="?", help="deploy: an MMAR name in transfer/, or a path")
+    ctl.add_argument("--run", type=int, default=None, metavar="N", help="deploy/start: run N")
+    ctl.add_argument("--gpus", type=int, default=1, metavar="N", help="start: train on N GPUs")
     admin = sub.add_parser(
         "admin",
         help="the federation admin's console (interactive, or one command: "
@@ -111,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fltui.admin import run_admin
 
         return run_admin(_workspace(args), list(args.words), json_out=args.json)
+    if args.command == "ctl":
+        from fltui.ctl import run_ctl
+
+        return run_ctl(_workspace(args), args)
     from engine.events import EventBus
     from fltui.headless import HeadlessPrinter
 
@@ -173,40 +207,67 @@ def _on_sigterm(stop: threading.Event) -> None:
 
 
 def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
+    """The site service: the engine, the workspace lock and the control socket."""
     from engine.config import ConfigError
-    from engine.site import SiteService, attach_workspace_logs
+    from engine.gpu import GpuSampler
+    from engine.service import ServiceError, SiteRunner, WorkspaceBusy
 
     root = _workspace(args)
     stop = threading.Event()
     _on_sigterm(stop)
-    while True:
-        try:
-            service = SiteService(root, bus, executor=args.executor)  # type: ignore[arg-type]
-        except ConfigError as exc:
-            return _config_error(printer, exc)
-        detach = attach_workspace_logs(root, bus, service.site)  # type: ignore[arg-type]
-        from engine.gpu import GpuSampler
-
+    try:
         # What the console's GPU panel shows, --no-ui prints (GpuSampled events).
-        sampler = GpuSampler()
-        sampler.start(bus, service.site)  # type: ignore[arg-type]
-        try:
-            outcome = service.run(auto_start=not args.serve, run_number=args.run)
-        except ConfigError as exc:
-            return _config_error(printer, exc)
-        except KeyboardInterrupt:
-            service.request_stop()
-            service.stop()
-            return EXIT_INTERRUPTED
-        finally:
-            sampler.stop()
-            detach()
-        if service.restart_requested:
-            printer.say(f"{service.site}: restarting the site engine")  # type: ignore[attr-defined]
-            continue
-        if args.serve:
-            return EXIT_OK
-        return EXIT_OK if outcome == "completed" else EXIT_FAILED
+        runner = SiteRunner(root, bus, executor=args.executor, gpu_sampler=GpuSampler())  # type: ignore[arg-type]
+        info = runner.open()
+    except ConfigError as exc:
+        return _config_error(printer, exc)
+    except WorkspaceBusy as exc:
+        print(f"fltui: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    except ServiceError as exc:
+        return _config_error(printer, exc)
+    printer.say(  # type: ignore[attr-defined]
+        f"{runner.site}: site service pid {info.pid}; attach a console with "
+        f"`fltui --workspace {root}`"
+    )
+    try:
+        # --serve: stay up for commands (and with --run N, train run N first).
+        outcome = runner.run(
+            auto_start=not args.serve or args.run is not None,
+            run_number=args.run,
+            stay=args.serve,
+        )
+    except ConfigError as exc:
+        return _config_error(printer, exc)
+    except KeyboardInterrupt:
+        runner.request_stop()
+        if runner.service is not None:
+            runner.service.stop()
+        return EXIT_INTERRUPTED
+    finally:
+        runner.close()
+    if args.serve or runner.stopping:
+        return EXIT_OK  # stopped on request (ctl shutdown, a console's stop key)
+    return EXIT_OK if outcome == "completed" else EXIT_FAILED
+
+
+def _watch_parent(parent: int, on_gone: object) -> None:
+    """Calls ``on_gone`` when process ``parent`` is gone (a console that launched us died)."""
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                on_gone()  # type: ignore[operator]
+                return
+            except PermissionError:
+                pass
+            stop.wait(1.0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
@@ -222,7 +283,38 @@ def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
     if args.sites < 1 or args.rounds < 1:
         print("fltui: --sites and --rounds must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
-    demo = DemoFederation(root, bus, num_sites=args.sites, num_rounds=args.rounds)  # type: ignore[arg-type]
+    demo = DemoFederation(
+        root,
+        bus,  # type: ignore[arg-type]
+        num_sites=args.sites,
+        num_rounds=args.rounds,
+        torch_in_subprocess=args.service,
+        site_1_stays=args.service,
+    )
+    host = None
+    if args.service:
+        from engine.gpu import GpuSampler
+        from engine.service import ServiceError, ServiceHost, SiteActions, WorkspaceBusy
+
+        actions = SiteActions(
+            root / "site-1",
+            lambda: demo.site_service.interface if demo.site_service is not None else None,
+            lambda: "site-1",
+        )
+        host = ServiceHost(root, bus, "site-1", "demo", actions, on_shutdown=demo.abort)  # type: ignore[arg-type]
+        try:
+            info = host.open()
+        except WorkspaceBusy as exc:
+            print(f"fltui: {exc}", file=sys.stderr)
+            return EXIT_BUSY
+        except ServiceError as exc:
+            return _config_error(printer, exc)
+        printer.say(f"demo service pid {info.pid}, control socket {info.socket}")  # type: ignore[attr-defined]
+        parent = os.environ.get("FLTUI_PARENT_PID", "")
+        if parent.isdigit():
+            _watch_parent(int(parent), demo.abort)
+        sampler = GpuSampler()
+        sampler.start(bus, "site-1")  # type: ignore[arg-type]
     stop = threading.Event()
     _on_sigterm(stop)
     try:
@@ -232,6 +324,13 @@ def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
     except KeyboardInterrupt:
         demo.abort()
         return EXIT_INTERRUPTED
+    finally:
+        if host is not None:
+            sampler.stop()
+            host.close()
+    if args.service and demo.aborted:
+        printer.say(f"demo stopped on request; files under {root}")  # type: ignore[attr-defined]
+        return EXIT_OK
     summary = ", ".join(f"{site}: {outcome}" for site, outcome in sorted(result.outcomes.items()))
     printer.say(f"demo {'finished' if result.ok else 'FAILED'} ({summary}); files under {root}")  # type: ignore[attr-defined]
     return EXIT_OK if result.ok else EXIT_FAILED

@@ -39,6 +39,7 @@ class Dashboard(Screen[None]):
         Binding("a", "abort", "abort"),
         Binding("r", "restart", "restart"),
         Binding("v", "validate", "validate"),
+        Binding("x", "stop_site", "stop site"),
         Binding("l", "log_level", "log level", show=False),
         Binding("slash", "search", "search logs", show=False),
         Binding("question_mark", "help", "help"),
@@ -78,7 +79,7 @@ class Dashboard(Screen[None]):
             changed |= {"header", "client", "round", "requests", "logs"}
         # The header shows ages ("3 s ago"): redraw it on every tick, it is one line.
         now = self.app.clock() if hasattr(self.app, "clock") else None
-        self.query_one(SiteHeader).refresh_from(self.state, self.bridge.mode, now)
+        self.query_one(SiteHeader).refresh_from(self.state, self.bridge.label, now)
         if "client" in changed:
             self.query_one(ClientPanel).refresh_from(self.state)
         if "round" in changed:
@@ -150,6 +151,23 @@ class Dashboard(Screen[None]):
             ),
             confirmed,
         )
+
+    def action_stop_site(self) -> None:
+        attached = self.bridge.mode == "attached"
+        question = (
+            f"Stop the site service of {self.state.site or 'this site'}? Training stops and the "
+            "site leaves the federation until the service is started again. (To leave it running, "
+            "just quit the console with q.)"
+            if attached
+            else f"Stop the site engine of {self.state.site or 'this site'}? Training stops and "
+            "the site leaves the federation."
+        )
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.run_engine_action("stop site", self.bridge.shutdown)
+
+        self.app.push_screen(ConfirmScreen(question), confirmed)
 
     def action_validate(self) -> None:
         self.run_engine_action("validate", self.bridge.validate)

@@ -16,9 +16,10 @@ s  start     train a deployed run (asks the run number, and GPUs where there are
 a  abort     stop training (asks first); no worker process is left
 r  restart   restart the site engine: a new session with the server (asks first)
 v  validate  cross-site validation of every site's model on this site's data
+x  stop site stop the site service (asks first); q only detaches from a service
 l  logs      cycle the log level filter          /  search the logs
 t  theme     next colour theme                   ctrl+p  command palette (every action)
-?  help      this screen                         q  quit
+?  help      this screen                         q  quit (a service keeps running)
 """
 
 

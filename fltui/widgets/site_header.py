@@ -24,14 +24,18 @@ def ago(seconds: float | None) -> str:
 
 
 class SiteHeader(Static):
-    """The top line of the dashboard."""
+    """The top of the dashboard: one line where it fits, else the site on one and where the
+    engine runs (``label``) on a second."""
 
     DEFAULT_CSS = """
     SiteHeader { height: 1; background: $panel; color: $foreground; padding: 0 1; }
     SiteHeader.-bad { background: $error 30%; }
     """
 
-    def refresh_from(self, state: SiteState, mode: str = "", now: float | None = None) -> None:
+    def refresh_from(
+        self, state: SiteState, label: str = "fltui", now: float | None = None
+    ) -> None:
+        self._last = (state, label, now)
         now = time.time() if now is None else now
         conn = state.connection
         hb = (
@@ -40,7 +44,6 @@ class SiteHeader(Static):
             else "heartbeat —"
         )
         parts = [
-            f"fltui{' demo' if mode == 'demo' else ''}",
             state.site or "site ?",
             f"server {state.server or '?'}",
             f"TLS {'on' if state.tls else 'off'}",
@@ -48,5 +51,18 @@ class SiteHeader(Static):
             f"token {ago(state.token_age(now))}",
             hb,
         ]
-        set_text(self, " │ ".join(parts))
+        line = " │ ".join([label, *parts])
+        width = self.size.width - 2  # padding 0 1 (0 before the first layout: two lines)
+        if len(line) <= width:
+            text, height = line, 1
+        else:  # a narrow terminal: the connection on one line, its health and the engine below
+            text, height = " │ ".join(parts[:4]) + "\n" + " │ ".join([*parts[4:], label]), 2
+        if self.styles.height is None or self.styles.height.value != height:
+            self.styles.height = height
+        set_text(self, text)
         self.set_class(conn in ("failed", "retrying", "disconnected"), "-bad")
+
+    def on_resize(self) -> None:
+        last = getattr(self, "_last", None)
+        if last is not None:
+            self.refresh_from(*last)

@@ -1,0 +1,270 @@
+"""The site service with real processes: consoles attach, detach and act; the service stays.
+
+A real reference server on loopback, a real ``fltui --no-ui`` service training in its worker
+process, consoles under Pilot and ``fltui ctl`` in a child process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.pilot import Pilot
+
+from engine.client.status import ClientStatus
+from engine.config import load_server_config
+from engine.demo import _set_port, prepare_workspace
+from engine.events import Event, StatusChanged
+from engine.fileio import load_npz
+from engine.server import FederatedServer
+from engine.service import find_service
+from engine.site import SitePaths
+from fltui.app import FLTuiApp, create_app
+from fltui.bridge import RemoteBridge
+from fltui.screens.confirm import ConfirmScreen
+from fltui.screens.dashboard import Dashboard
+from tests.e2e.test_orphans import _workers
+from tests.ui.replay import NoSampler
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _wait(check: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not reached within {timeout} s: {what or check}")
+
+
+async def _until(pilot: Pilot[None], check: Callable[[], Any], timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        await pilot.pause(0.1)
+    raise AssertionError(f"not reached within {timeout} s: {check}")
+
+
+def _federation(tmp_path: Path, rounds: int = 500) -> tuple[FederatedServer, Path]:
+    prepare_workspace(tmp_path, num_sites=1, num_rounds=rounds, heartbeat_interval=0.5)
+    server = FederatedServer(
+        load_server_config(tmp_path / "server" / "config_fed_server.json"),
+        tmp_path / "server",
+        load_npz(tmp_path / "server" / "models" / "initial_model.npz"),
+        long_poll=0.5,
+    )
+    port = server.start("127.0.0.1:0")
+    site = tmp_path / "site-1"
+    _set_port(SitePaths(site).kit, port)
+    return server, site
+
+
+def _service(site: Path, *extra: str) -> subprocess.Popen[str]:
+    log = (site.parent / f"service-{time.monotonic_ns()}.log").open("w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "fltui", "--no-ui", "--workspace", str(site), *extra],
+        cwd=ROOT,
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _ctl(site: Path, *words: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fltui", "ctl", "--workspace", str(site), *words],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return (
+        Path(f"/proc/{pid}").exists()
+        and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    )
+
+
+class Seen:
+    """Records every event a second, script-side console gets (a RemoteBridge, drained)."""
+
+    def __init__(self, bridge: RemoteBridge) -> None:
+        self.bridge = bridge
+        self.events: list[Event] = []
+
+    def pump(self) -> list[Event]:
+        self.events += self.bridge.drain()
+        return self.events
+
+
+@pytest.mark.slow
+def test_consoles_attach_mid_round_abort_detach_and_the_service_stays(tmp_path: Path) -> None:
+    server, site = _federation(tmp_path)
+    service = _service(site, "--serve", "--run", "1")
+    other: RemoteBridge | None = None
+    try:
+        info = _wait(lambda: find_service(site), 60, "the service to start")
+        assert info.pid == service.pid and info.site == "site-1"
+        _wait(lambda: _workers(site), 60, "training to start")
+        _wait(lambda: json.loads(_ctl(site, "status", "--json").stdout)["result"]["round"] >= 1)
+
+        # A second console, attached the whole time: it must see every event the first sees.
+        other = RemoteBridge(site, "site-1")
+        other.start()
+        assert other.ready.wait(10)
+        seen = Seen(other)
+
+        app = create_app(site, gpu_sampler=NoSampler())
+        assert isinstance(app.bridge, RemoteBridge)
+
+        async def first_console(app: FLTuiApp, pilot: Pilot[None]) -> None:
+            dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
+            await _until(pilot, lambda: app.bridge.ready.is_set())  # type: ignore[union-attr]
+            # one refresh after attaching shows the round and status at once (the snapshot)
+            await pilot.pause(0.6)
+            assert dash.state.status == ClientStatus.TRAINING_STARTED
+            assert dash.state.round >= 1 and dash.state.run_number == 1
+            assert dash.state.registered_at is not None
+            header = str(dash.query_one("#header").render())
+            assert f"attached to service (pid {service.pid})" in header
+            # abort from the console: the service stops training
+            worker = dash.state.worker_pid
+            await pilot.press("a")
+            await _until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("y")
+            await _until(pilot, lambda: dash.state.status == ClientStatus.TRAINING_STOPPED)
+            await _until(pilot, lambda: "abort: training aborted" in dash.last_action)
+            await _until(pilot, lambda: worker and not _alive(worker), 30)
+            await pilot.press("q")
+
+        async def main() -> None:
+            async with app.run_test(size=(120, 40)) as pilot:
+                await first_console(app, pilot)
+
+        asyncio.run(main())
+
+        # the console quit; the service did not
+        time.sleep(1.0)
+        assert service.poll() is None
+        assert find_service(site) == info
+        stopped = [
+            e
+            for e in _wait(
+                lambda: (
+                    seen.pump()
+                    if any(
+                        isinstance(e, StatusChanged) and e.status == ClientStatus.TRAINING_STOPPED
+                        for e in seen.pump()
+                    )
+                    else None
+                ),
+                20,
+                "the other console to see the abort",
+            )
+            if isinstance(e, StatusChanged)
+        ]
+        assert stopped[-1].status == ClientStatus.TRAINING_STOPPED
+
+        # a console attached afterwards sees the same state at once
+        again = create_app(site, gpu_sampler=NoSampler())
+
+        async def later_console(app: FLTuiApp, pilot: Pilot[None]) -> None:
+            dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
+            await _until(pilot, lambda: dash.state.status == ClientStatus.TRAINING_STOPPED, 10)
+            assert dash.state.run_number == 1 and dash.state.round >= 1
+            topics = [r.topic for r in dash.state.requests]
+            assert "train.abort" in topics  # the audit trail came with the snapshot
+            await pilot.press("q")
+
+        async def main2() -> None:
+            async with again.run_test(size=(80, 24)) as pilot:
+                await later_console(again, pilot)
+
+        asyncio.run(main2())
+        assert service.poll() is None
+
+        status = _ctl(site, "status")
+        assert status.returncode == 0, status.stderr
+        assert "training stopped" in status.stdout
+        refused = _ctl(site, "start", "--run", "9")
+        assert refused.returncode == 1 and "run 9" in refused.stderr, refused
+        shutdown = _ctl(site, "shutdown")
+        assert shutdown.returncode == 0, shutdown.stderr
+        assert service.wait(30) == 0
+        # the other console hears that the service is gone, in words
+        _wait(lambda: other is not None and other.label == "service gone", 10)
+        assert any("lost the site service" in getattr(e, "message", "") for e in seen.pump())
+        assert find_service(site) is None
+        assert not _workers(site)
+        gone = _ctl(site, "status")
+        assert gone.returncode == 3 and "no site service runs" in gone.stderr
+    finally:
+        if other is not None:
+            other.stop()
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+        server.stop(grace=0)
+
+
+@pytest.mark.slow
+def test_one_service_per_workspace_and_a_killed_one_leaves_nothing_behind(tmp_path: Path) -> None:
+    server, site = _federation(tmp_path)
+    first = _service(site)
+    second = third = None
+    try:
+        info = _wait(lambda: find_service(site), 60, "the first service")
+        _wait(lambda: _workers(site), 60, "training to start")
+        # a second service on the workspace is refused, naming the running one
+        second = subprocess.run(
+            [sys.executable, "-m", "fltui", "--no-ui", "--serve", "--workspace", str(site)],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 4
+        assert f"fltui service pid {info.pid}" in second.stderr
+        assert "fltui ctl --workspace" in second.stderr
+        # SIGKILL: the kernel drops the lock; the worker notices and stops
+        workers = _workers(site)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        _wait(lambda: not _workers(site) and not any(_alive(w) for w in workers), 30, "no worker")
+        assert find_service(site) is None
+        # the next start takes the workspace over (stale socket and service.json replaced)
+        third = _service(site, "--serve")
+        info3 = _wait(lambda: find_service(site), 60, "the next service")
+        assert info3.pid == third.pid != info.pid
+        _wait(lambda: _ctl(site, "status").returncode == 0, 30, "ctl to reach it")
+        assert _ctl(site, "shutdown").returncode == 0
+        assert third.wait(30) == 0
+    finally:
+        for proc in (first, third):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        server.stop(grace=0)

@@ -1,0 +1,253 @@
+"""The control socket in-process: snapshot then events, bad requests, refused users, the lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.client.status import ClientStatus
+from engine.events import (
+    EventBus,
+    LogRecord,
+    RoundCompleted,
+    RoundStarted,
+    SiteConfigured,
+    StateSnapshot,
+    StatusChanged,
+)
+from engine.service import (
+    ActionError,
+    ControlClient,
+    ControlServer,
+    ServiceError,
+    SiteActions,
+    WorkspaceBusy,
+    WorkspaceLock,
+    control_socket_path,
+    find_service,
+)
+from engine.state import SiteState
+
+SITE = "site-7"
+
+
+class Messages:
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, message: dict[str, Any]) -> None:
+        with self.cond:
+            self.items.append(message)
+            self.cond.notify_all()
+
+    def wait_for(self, check: Any, timeout: float = 5.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not check(self.items):
+                left = deadline - time.monotonic()
+                assert left > 0, f"not received in time; got {self.items!r:.500}"
+                self.cond.wait(left)
+            return list(self.items)
+
+
+def _server(tmp_path: Path, bus: EventBus, **kw: Any) -> ControlServer:
+    stopped = threading.Event()
+    actions = SiteActions(tmp_path, lambda: None, lambda: SITE)
+    server = ControlServer(
+        tmp_path / "ctl" / "control.sock",
+        bus,
+        actions,
+        {"pid": os.getpid(), "site": SITE, "mode": "service"},
+        stopped.set,
+        site=SITE,
+        **kw,
+    )
+    server.stopped = stopped  # type: ignore[attr-defined]
+    server.start()
+    return server
+
+
+def _events(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m["event"] for m in messages if m["type"] == "event"]
+
+
+def test_a_client_gets_the_state_so_far_then_every_later_event_once(tmp_path: Path) -> None:
+    bus = EventBus()
+    server = _server(tmp_path, bus)
+    try:
+        bus.publish(
+            SiteConfigured(site=SITE, server="h:1", tls=True, workspace="/w", executor="process")
+        )
+        bus.publish(
+            StatusChanged(site=SITE, status=ClientStatus.TRAINING_STARTED, message="started")
+        )
+        bus.publish(RoundStarted(site=SITE, round=3, num_rounds=10))
+        bus.publish(RoundCompleted(site=SITE, round=3, num_rounds=10, metrics={"acc": 0.5}))
+        bus.publish(RoundStarted(site="site-9", round=8, num_rounds=10))  # another site: not sent
+        first, second = Messages(), Messages()
+        a = ControlClient(server.path, first)
+        hello = a.connect()
+        assert hello["site"] == SITE and hello["pid"] == os.getpid()
+        snapshot = first.wait_for(lambda m: m)[0]
+        assert snapshot["type"] == "snapshot"
+        state = SiteState.from_dict(json.loads(json.dumps(snapshot["state"])))
+        assert (state.round, state.num_rounds, state.tls) == (3, 10, True)
+        assert state.status == ClientStatus.TRAINING_STARTED
+        assert state.round_metrics == [(3, {"acc": 0.5})]
+        # the console folds the snapshot in as one event: every part redraws
+        console = SiteState(site=SITE)
+        assert console.apply(StateSnapshot(site=SITE, state=snapshot["state"])) >= {
+            "header",
+            "client",
+            "round",
+        }
+        assert console.round == 3
+        bus.publish(RoundStarted(site=SITE, round=4, num_rounds=10))
+        b = ControlClient(server.path, second)
+        b.connect()
+        for n in range(50):
+            bus.publish(LogRecord(site=SITE, level="INFO", logger="t", message=f"line {n}"))
+        bus.publish(RoundStarted(site="site-9", round=9, num_rounds=10))
+        first.wait_for(lambda m: len(_events(m)) == 51)
+        got_b = second.wait_for(lambda m: len(_events(m)) == 50)
+        assert got_b[0]["type"] == "snapshot" and got_b[0]["state"]["round"] == 4
+        # both see every event after they attached, in the same order, none twice
+        assert _events(first.items)[1:] == _events(got_b)
+        assert [e["message"] for e in _events(got_b)] == [f"line {n}" for n in range(50)]
+        assert server.connections == 2
+        a.close()
+        b.close()
+    finally:
+        server.close()
+    assert not server.path.exists()
+
+
+def test_bad_requests_get_clear_errors_and_the_connection_stays_usable(tmp_path: Path) -> None:
+    bus = EventBus()
+    server = _server(tmp_path, bus)
+    try:
+        client = ControlClient(server.path)
+        client.connect()
+        with pytest.raises(ActionError, match="unknown action 'rm_rf'"):
+            client.call("rm_rf")
+        with pytest.raises(ActionError, match="still starting"):
+            client.call("abort")
+        with pytest.raises(ActionError, match="bad arguments for abort"):
+            client.call("abort", 1, 2, 3)
+        with pytest.raises(ActionError, match="run number must be a whole number"):
+            client.call("deploy", "demo_mmar", "seven")
+        with pytest.raises(ActionError, match="no config/ folder"):
+            client.call("deploy", "nothing_here", 2)
+        assert client.call("transfer_mmars") == []
+        status = client.call("status")
+        assert status["site"] == SITE and status["status"] == "training not started"
+        # raw garbage on the wire: a reply that says what was wrong, and the service goes on
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.connect(str(server.path))
+        reader = raw.makefile("rb")
+        assert json.loads(reader.readline())["type"] == "hello"
+        assert json.loads(reader.readline())["type"] == "snapshot"
+        raw.sendall(b"{not json\n")
+        reply = json.loads(reader.readline())
+        assert reply["ok"] is False and "bad request" in reply["error"]
+        raw.sendall(b'{"op": "action", "id": 1, "name": "abort", "args": "x"}\n')
+        assert "'args' must be a list" in json.loads(reader.readline())["error"]
+        raw.close()
+        assert client.call("shutdown") == "the site service is stopping"
+        assert server.stopped.wait(5)  # type: ignore[attr-defined]
+    finally:
+        server.close()
+
+
+def test_the_socket_is_owner_only_and_other_users_are_refused(tmp_path: Path) -> None:
+    bus = EventBus()
+    # A server that admits nobody but uid 4242: this process is then "another user".
+    server = _server(tmp_path, bus, allowed_uids={4242})
+    try:
+        assert os.stat(server.path).st_mode & 0o777 == 0o600
+        assert os.stat(server.path.parent).st_mode & 0o777 == 0o700
+        with pytest.raises(ServiceError, match=rf"uid {os.getuid()} may not control it"):
+            ControlClient(server.path).connect()
+        assert server.refused == 1
+        assert server.connections == 0
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another user")
+def test_a_real_other_user_is_refused_by_the_file_mode_and_by_its_credentials(
+    tmp_path: Path,
+) -> None:
+    bus = EventBus()
+    # pytest's own tmp folders are root-only: nobody could not even reach the socket's folder.
+    base = Path(tempfile.mkdtemp(prefix="fltui-ctl-", dir="/tmp"))
+    base.chmod(0o755)
+    server = _server(base, bus)
+
+    def as_nobody() -> str:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: become nobody, try to attach, report what happened
+            os.close(read)
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                ControlClient(server.path).connect()
+                result = "attached"
+            except ServiceError as exc:
+                result = str(exc)
+            except BaseException as exc:
+                result = f"{type(exc).__name__}: {exc}"
+            os.write(write, result.encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        with os.fdopen(read, "rb") as f:
+            return f.read().decode()
+
+    try:
+        assert "belongs to another user" in as_nobody()  # 0700 folder, 0600 socket
+        server.path.parent.chmod(0o777)
+        server.path.chmod(0o777)
+        assert "uid 65534 may not control it" in as_nobody()  # the credentials check
+    finally:
+        server.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_one_lock_per_workspace_released_by_the_kernel(tmp_path: Path) -> None:
+    first = WorkspaceLock(tmp_path)
+    info = first.acquire("site-1", "service")
+    assert find_service(tmp_path) == info
+    with pytest.raises(WorkspaceBusy, match=rf"already run by the fltui service pid {os.getpid()}"):
+        WorkspaceLock(tmp_path).acquire("site-1", "service")
+    first.release()
+    assert find_service(tmp_path) is None
+    # a stale service.json (a killed service) is not taken for a running service
+    (tmp_path / ".fltui" / "service.json").write_text(json.dumps({"pid": 1}))
+    assert find_service(tmp_path) is None
+    again = WorkspaceLock(tmp_path)
+    again.acquire("site-1", "service")
+    again.release()
+
+
+def test_deep_workspaces_get_a_short_socket_path(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    path = control_socket_path(deep)
+    assert len(os.fsencode(path)) <= 107
+    assert path != deep / ".fltui" / "control.sock"
+    assert control_socket_path(deep) == path  # the same for every process
+    assert (
+        control_socket_path(tmp_path / "w")
+        == (tmp_path / "w").resolve() / ".fltui" / "control.sock"
+    )
