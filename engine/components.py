@@ -1,70 +1,310 @@
-"""Builds ``{"name"|"path", "args"}`` config components, with errors naming the config key."""
+"""The one builder of ``{"name"|"path", "args"}`` config components, for every config file.
+
+Privacy protocols, data processors (``config_fed_client.json``) and the model, data, loss and
+optimizer (``config_train.json``) are all built here: a ``name`` is looked up among the built-ins
+of its kind (then in a fallback, e.g. ``torch.nn``), a ``path`` is imported with the MMAR's
+``custom/`` first on ``sys.path`` (as Clara put ``custom/`` on ``PYTHONPATH``). Every failure is
+a ConfigError (or the subclass the caller asks for) naming the file, the key and what is
+expected. TensorFlow-only components are refused by name before anything is imported.
+"""
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.config import ComponentSpec, ConfigError
+from engine.config import ComponentSpec, ConfigError, clara_base, refusal
 
-__all__ = ["build_component", "import_path"]
+__all__ = [
+    "Fallback",
+    "bind_arguments",
+    "build_component",
+    "import_path",
+    "resolve_component",
+]
+
+#: ``fallback(name) -> (factory or None, names it knows, where it looked)``, e.g. ``torch.nn``.
+Fallback = Callable[[str], tuple[Any, list[str], str]]
+
+# Packages a Clara 3.1 custom module may import that do not exist here, and what to do instead.
+_FOREIGN_PACKAGES = {
+    "fed_learn": "Clara's own package; import PrivacyProtocol from engine.privacy and "
+    "DataProcessor from engine.client.data_processors instead",
+    "nvmidl": "Clara's TensorFlow training package; write the component with torch",
+    "tensorflow": "TensorFlow components cannot run here; write the component with torch",
+    "keras": "TensorFlow components cannot run here; write the component with torch",
+    "horovod": "multi-GPU training here is torch.distributed (start_mgpu), not Horovod",
+}
+
+# custom/ folders this process has put on sys.path; a cached module loaded from one of them
+# must not answer for another MMAR's custom/ code of the same name.
+_custom_dirs: set[Path] = set()
 
 
-def import_path(dotted: str, search_paths: list[Path] | None = None) -> Any:
-    """Imports ``module.Class`` (with ``search_paths``, e.g. an MMAR's custom/, on sys.path)."""
+def _err(error: type[ConfigError], spec: ComponentSpec, suffix: str, problem: str) -> ConfigError:
+    key = f"{spec.key}.{suffix}" if spec.key and suffix else (spec.key or suffix)
+    return error(spec.file or Path("<config>"), key, problem)
+
+
+def import_path(dotted: str, custom_dir: Path | None = None) -> Any:
+    """Imports ``module.attr`` with ``custom_dir`` (an MMAR's ``custom/``) first on sys.path.
+
+    Raises:
+        ImportError: not of the form ``module.attr``, the module cannot be imported (its own
+            error is chained and named), or it has no such attribute.
+    """
     module_name, _, attr = dotted.rpartition(".")
-    if not module_name:
+    if not module_name or not attr:
         raise ImportError(f"{dotted!r} is not of the form module.Class")
-    for p in search_paths or []:
-        if str(p) not in sys.path:
-            sys.path.insert(0, str(p))
-    module = importlib.import_module(module_name)
+    if custom_dir is not None and custom_dir.is_dir():
+        custom_dir = custom_dir.resolve()
+        _use_custom_dir(custom_dir, module_name)
     try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ImportError(f"module {module_name!r} has no {attr!r}") from None
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").partition(".")[0]
+        hint = _FOREIGN_PACKAGES.get(top)
+        where = f" (custom/ is {custom_dir})" if custom_dir is not None else ""
+        if hint and top != module_name.partition(".")[0]:
+            raise ImportError(
+                f"module {module_name!r}{where} imports {exc.name!r}, which is not available "
+                f"here: {hint}"
+            ) from exc
+        if hint:
+            raise ImportError(f"{module_name!r} is not available here: {hint}") from exc
+        raise ImportError(
+            f"cannot import module {module_name!r}{where}: ModuleNotFoundError: {exc}"
+        ) from exc
+    except Exception as exc:  # any failure in user code is a bad component, not a crash
+        where = f" (custom/ is {custom_dir})" if custom_dir is not None else ""
+        raise ImportError(
+            f"cannot import module {module_name!r}{where}: {type(exc).__name__}: {exc}"
+        ) from exc
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise ImportError(
+            f"module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute {attr!r}"
+        )
+    return obj
+
+
+def resolve_component(
+    spec: ComponentSpec,
+    builtins: Mapping[str, Any],
+    kind: str,
+    *,
+    custom_dir: Path | None = None,
+    fallback: Fallback | None = None,
+    error: type[ConfigError] = ConfigError,
+) -> Callable[..., Any]:
+    """The class (or factory) a component names.
+
+    Args:
+        spec: the component; ``spec.file`` and ``spec.key`` name it in errors.
+        builtins: name -> class, or name -> ``"module:attr"`` (imported on demand).
+        kind: what it is, for messages ("privacy protocol", "component").
+        custom_dir: the MMAR's ``custom/`` folder, for ``path`` components.
+        fallback: where a ``name`` that is not a built-in is looked up next.
+        error: the ConfigError subclass to raise.
+
+    Raises:
+        ConfigError: a TensorFlow-only or refused component, an unknown name, or a path that
+            cannot be imported or is not callable.
+    """
+    why = refusal(spec)
+    if why:
+        raise _err(error, spec, "name" if spec.name else "path", why)
+    if spec.path is not None and clara_base(spec.path) in builtins:
+        # Clara's own module path of a component we have built in (fed_learn.client....).
+        spec = ComponentSpec(
+            name=clara_base(spec.path), path=None, args=spec.args, key=spec.key, file=spec.file
+        )
+    if spec.path is not None:
+        try:
+            obj = import_path(spec.path, custom_dir)
+        except ImportError as exc:
+            raise _err(error, spec, "path", str(exc)) from exc
+        if not callable(obj):
+            raise _err(error, spec, "path", f"{spec.path!r} is not a class or factory function")
+        return obj  # type: ignore[no-any-return]
+    name = str(spec.name)
+    if name in builtins:
+        target = builtins[name]
+        if isinstance(target, str):
+            module_name, _, attr = target.partition(":")
+            return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+        return target  # type: ignore[no-any-return]
+    candidates = list(builtins)
+    where = [f"our built-ins ({', '.join(sorted(builtins))})" if builtins else "our built-ins"]
+    if fallback is not None:
+        obj, known, place = fallback(name)
+        if obj is not None:
+            return obj  # type: ignore[no-any-return]
+        candidates += known
+        where.append(place)
+    hint = difflib.get_close_matches(name, candidates, n=1)
+    raise _err(
+        error,
+        spec,
+        "name",
+        f"unknown {kind} {name!r}"
+        + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        + f"; looked in {' and '.join(where)}. For your own code use "
+        '"path": "module.Class" with the module under the MMAR\'s custom/ folder',
+    )
+
+
+def bind_arguments(
+    spec: ComponentSpec,
+    factory: Callable[..., Any],
+    *,
+    leading: Sequence[Any] = (),
+    context: Mapping[str, Any] | None = None,
+    error: type[ConfigError] = ConfigError,
+) -> dict[str, Any]:
+    """The keyword arguments ``factory`` will get, checked against its signature.
+
+    A constructor with a ``context`` parameter also gets ``context`` (unless args set it).
+
+    Raises:
+        ConfigError: an argument the factory does not take (named, with a close match), or a
+            required one missing.
+    """
+    kwargs = dict(spec.args)
+    try:
+        signature: inspect.Signature | None = inspect.signature(factory)
+    except (TypeError, ValueError):  # some C-implemented callables have no signature
+        signature = None
+    if signature is None:
+        return kwargs
+    params = signature.parameters
+    context_param = params.get("context")
+    if (
+        context is not None
+        and "context" not in kwargs
+        and context_param is not None
+        and context_param.kind
+        in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ):
+        kwargs["context"] = dict(context)
+    # Binding first turns a misspelt argument into a message naming the exact key.
+    try:
+        signature.bind(*leading, **kwargs)
+    except TypeError as exc:
+        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        unknown = [k for k in kwargs if k not in params]
+        if unknown and not accepts_any:
+            known = [
+                n
+                for n, p in params.items()
+                if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            ][len(leading) :]
+            hint = difflib.get_close_matches(unknown[0], known, n=1)
+            raise _err(
+                error,
+                spec,
+                f"args.{unknown[0]}",
+                f"{spec.label} takes no argument {unknown[0]!r}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f"; it accepts {', '.join(known) or 'no arguments'}",
+            ) from exc
+        raise _err(error, spec, "args", f"{spec.label} rejected its arguments: {exc}") from exc
+    return kwargs
 
 
 def build_component(
     spec: ComponentSpec,
-    builtins: Mapping[str, type],
+    builtins: Mapping[str, Any],
     kind: str,
     base: type | None = None,
-    search_paths: list[Path] | None = None,
+    search_paths: Sequence[Path] | None = None,
+    *,
+    custom_dir: Path | None = None,
+    context: Mapping[str, Any] | None = None,
+    leading: Sequence[Any] = (),
+    fallback: Fallback | None = None,
+    error: type[ConfigError] = ConfigError,
 ) -> Any:
-    """Instantiates a component from its spec.
+    """Resolves a component and calls it with ``*leading`` and its ``args``.
 
     Args:
-        spec: the parsed component; ``spec.where`` names file and key for errors.
-        builtins: the names a ``"name"`` may take.
-        kind: what it is, for messages ("privacy protocol", "pre-processor").
+        spec: the parsed component; ``spec.file`` and ``spec.key`` name it in errors.
+        builtins: the names a ``"name"`` may take (see ``resolve_component``).
+        kind: what it is, for messages ("privacy protocol", "data processor").
         base: when given, the class must derive from it.
-        search_paths: folders put on sys.path for ``"path"`` components.
+        search_paths: the MMAR's ``custom/`` (its first entry), for ``"path"`` components.
+        custom_dir: the same, by keyword (wins over ``search_paths``).
+        context: passed to a constructor with a ``context`` parameter.
+        leading: positional arguments before ``args`` (an optimizer's parameters).
+        fallback: where a ``name`` that is not a built-in is looked up next.
+        error: the ConfigError subclass to raise.
 
     Raises:
-        ConfigError: unknown name, import failure, wrong base class, or bad args.
+        ConfigError: unknown name, refused or TensorFlow-only component, import failure,
+            wrong base class, or bad arguments (a ValueError with an ``arg`` attribute names
+            ``<key>.args.<arg>``).
     """
-    where = spec.where or kind
-    path, key = [*where.split(": ", 1), ""][:2] if ": " in where else (where, "")
-    if spec.name is not None:
-        cls = builtins.get(spec.name)
-        if cls is None:
-            known = ", ".join(sorted(builtins)) or "none"
-            raise ConfigError(path, key, f"unknown {kind} {spec.name!r} (known: {known})")
-    else:
-        try:
-            cls = import_path(str(spec.path), search_paths)
-        except Exception as exc:  # ImportError, SyntaxError in custom code, ...
-            raise ConfigError(path, key, f"cannot import {kind} {spec.path!r}: {exc}") from None
-    if base is not None and not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ConfigError(path, key, f"{spec.ref!r} is not a {base.__name__}")
+    if custom_dir is None and search_paths:
+        custom_dir = Path(search_paths[0])
+    factory = resolve_component(
+        spec, builtins, kind, custom_dir=custom_dir, fallback=fallback, error=error
+    )
+    if base is not None and not (isinstance(factory, type) and issubclass(factory, base)):
+        raise _err(
+            error,
+            spec,
+            "path" if spec.path else "name",
+            f"{spec.label!r} is not a {base.__name__} (a {kind} must derive from "
+            f"{base.__module__}.{base.__name__})",
+        )
+    kwargs = bind_arguments(spec, factory, leading=leading, context=context, error=error)
     try:
-        return cls(**spec.args)
+        return factory(*leading, **kwargs)
     except (TypeError, ValueError) as exc:
         # A component may say which argument was wrong (``exc.arg``): the key then names it.
         arg = getattr(exc, "arg", None)
-        where_key = f"{key}.args.{arg}" if arg else f"{key}.args"
-        raise ConfigError(path, where_key, f"bad arguments for {spec.ref}: {exc}") from None
+        raise _err(
+            error,
+            spec,
+            f"args.{arg}" if arg else "args",
+            f"{spec.label} rejected its arguments: {exc}",
+        ) from exc
+
+
+def _use_custom_dir(custom_dir: Path, module_name: str) -> None:
+    entry = str(custom_dir)
+    # Clara puts custom/ on PYTHONPATH; first place so this MMAR's modules win over another
+    # MMAR's custom/ that an earlier fitter in this process put there.
+    if sys.path[:1] != [entry]:
+        while entry in sys.path:
+            sys.path.remove(entry)
+        sys.path.insert(0, entry)
+    _custom_dirs.add(custom_dir)
+    # Files written since the last import (a freshly deployed MMAR) are otherwise invisible to
+    # the path finders' directory caches.
+    importlib.invalidate_caches()
+    top = module_name.partition(".")[0]
+    cached = sys.modules.get(top)
+    if cached is None:
+        return
+    origin = _module_dir(cached)
+    if origin is None or origin == custom_dir:
+        return
+    if any(origin == d or d in origin.parents for d in _custom_dirs if d != custom_dir):
+        # Loaded from another MMAR's custom/: forget it so this MMAR's file is imported.
+        for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+            del sys.modules[name]
+
+
+def _module_dir(module: Any) -> Path | None:
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None
+    path = Path(file).resolve()
+    # A package's __init__.py sits one level deeper than the sys.path entry.
+    return path.parent.parent if path.name == "__init__.py" else path.parent

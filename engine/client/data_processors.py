@@ -15,7 +15,9 @@ from protos import federated_pb2 as pb
 
 __all__ = [
     "BestMetricGenerator",
+    "DataCompressor",
     "DataContext",
+    "DataDeCompressor",
     "DataProcessor",
     "IteratorNumberGenerator",
     "build_processors",
@@ -64,9 +66,43 @@ class BestMetricGenerator(DataProcessor):
             data_ctx.header.meta_data.update({self.field: float(best)})
 
 
+class DataCompressor(DataProcessor):
+    """Clara's DataCompressor (pre-processor): the update travels compressed.
+
+    Clara zipped each tensor's bytes inside the message. Here models move as streams of raw
+    chunks, and the gRPC channel compresses them: listing DataCompressor (or DataDeCompressor)
+    makes the site's channel use Gzip when ``compression`` is not set (see
+    ``MMARClientConfig.wire_compression``), so the arrays themselves pass through unchanged.
+    """
+
+    #: The channel compression this processor asks for.
+    compression = "Gzip"
+
+    def __init__(self, **args: Any) -> None:
+        if args:
+            raise ValueError(f"DataCompressor takes no arguments, got {sorted(args)}")
+
+    def process(self, data_ctx: DataContext, app_ctx: dict[str, Any]) -> None:
+        data_ctx.fl_ctx.set_prop("wire_compression", self.compression)
+
+
+class DataDeCompressor(DataCompressor):
+    """Clara's DataDeCompressor (post-processor): a compressed model is decompressed.
+
+    gRPC decompresses what the server sent compressed before the stream reaches the site, so
+    the arrays pass through unchanged; like DataCompressor it asks for a Gzip channel.
+    """
+
+    def __init__(self, **args: Any) -> None:
+        if args:
+            raise ValueError(f"DataDeCompressor takes no arguments, got {sorted(args)}")
+
+
 DATA_PROCESSORS: dict[str, type] = {
     "IteratorNumberGenerator": IteratorNumberGenerator,
     "BestMetricGenerator": BestMetricGenerator,
+    "DataCompressor": DataCompressor,
+    "DataDeCompressor": DataDeCompressor,
 }
 
 

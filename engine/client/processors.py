@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from engine.admin_defs import Message, MsgHeader, Topic, error_reply, ok_reply
@@ -23,6 +24,7 @@ __all__ = [
     "SysInfoProcessor",
     "ValidateRequestProcessor",
     "all_processors",
+    "request_processors",
 ]
 
 
@@ -134,18 +136,39 @@ class SysInfoProcessor(_Processor):
         return str(app_ctx.sys_info())
 
 
+_CLASSES: tuple[type[_Processor], ...] = (
+    StartClientProcessor,
+    StartClientMGpuProcessor,
+    AbortClientProcessor,
+    ClientStatusProcessor,
+    ShutdownClientProcessor,
+    RestartClientProcessor,
+    DeployProcessor,
+    DeleteRunNumberProcessor,
+    ValidateRequestProcessor,
+    ShellCommandProcessor,
+    SysInfoProcessor,
+)
+
+
 def all_processors() -> list[RequestProcessor]:
     """One instance of every processor (the lineage's ``req_processors``)."""
-    return [
-        StartClientProcessor(),
-        StartClientMGpuProcessor(),
-        AbortClientProcessor(),
-        ClientStatusProcessor(),
-        ShutdownClientProcessor(),
-        RestartClientProcessor(),
-        DeployProcessor(),
-        DeleteRunNumberProcessor(),
-        ValidateRequestProcessor(),
-        ShellCommandProcessor(),
-        SysInfoProcessor(),
-    ]
+    return [cls() for cls in _CLASSES]
+
+
+def request_processors(names: Iterable[str] | None) -> list[RequestProcessor]:
+    """The processors a config's ``req_processors`` lists, by Clara's class names; every one
+    when ``names`` is None. A topic whose processor is not listed is answered "invalid_request".
+
+    Raises:
+        ValueError: an unknown name (the config loader reports these with file and key first).
+    """
+    if names is None:
+        return all_processors()
+    by_name = {cls.__name__: cls for cls in _CLASSES}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(
+            f"unknown request processor {unknown[0]!r}; expected one of {', '.join(by_name)}"
+        )
+    return [by_name[n]() for n in dict.fromkeys(names)]

@@ -37,7 +37,8 @@ def build_fitter(
 
     Args:
         mmar_root: The (deployed) MMAR folder. ``custom/`` in it goes on ``sys.path``; the best
-            model is saved to ``models/best_model.pt`` in it.
+            model is saved to ``best_model.pt`` in its ``MMAR_CKPT_DIR`` (``models/``), and
+            ``config/environment.json`` fills the config's ``{NAME}`` placeholders.
         site_name: This site's name (passed to components that take a ``context``).
         local_epochs: Epochs per round, overriding the config's ``epochs``.
         steps_aggregation: When > 0, each round takes exactly this many optimizer steps instead

@@ -1,14 +1,22 @@
-"""Parsing and checking of an MMAR's ``config/config_train.json`` (no torch needed)."""
+"""Parsing and checking of an MMAR's ``config/config_train.json`` (no torch needed).
+
+``{NAME}`` placeholders are filled from the MMAR's ``config/environment.json`` as Clara did
+(``"{DATASET_JSON}"``, ``"{DATA_ROOT}"``, ``"{MMAR_CKPT_DIR}"``). A Clara 3.1 TensorFlow training
+config (``train`` / ``validate`` sections) is refused, each TensorFlow component named with the
+torch component that replaces it.
+"""
 
 from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from engine.config import ComponentSpec, ConfigError, ConfigProblems, MMAREnvironment, refusal
+from engine.config import load_environment as _load_environment
 from engine.training.errors import TrainConfigError
 
 __all__ = [
@@ -16,8 +24,11 @@ __all__ = [
     "TRAIN_CONFIG",
     "ComponentSpec",
     "TrainConfig",
+    "TrainConfigProblems",
     "load_train_config",
     "parse_train_config",
+    "read_train_config",
+    "train_config_problems",
 ]
 
 #: Where the training config lives inside an MMAR.
@@ -30,28 +41,6 @@ _COMPONENT_KEYS = ("model", "train_data", "validation_data", "loss", "optimizer"
 _TOP_KEYS = ("epochs", "batch_size", "seed", *_COMPONENT_KEYS, "validation")
 _SPEC_KEYS = ("name", "path", "args")
 _VALIDATION_KEYS = ("metric", "batch_size")
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    """One ``{"name"|"path": ..., "args": {...}}`` entry of the training config.
-
-    Attributes:
-        key: The config key holding this component (``model``, ``optimizer``, ...).
-        name: A built-in or torch class name, when given.
-        path: A ``module.Class`` import path, when given.
-        args: Keyword arguments for the constructor.
-    """
-
-    key: str
-    name: str | None
-    path: str | None
-    args: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        """How the component is named in messages: its ``name`` or its ``path``."""
-        return self.name if self.name is not None else str(self.path)
 
 
 @dataclass(frozen=True)
@@ -70,6 +59,7 @@ class TrainConfig:
         optimizer: The optimizer (built with the model's parameters first).
         metric: The key validation metric; one of ``METRICS``.
         validation_batch_size: Batch size for validation.
+        environment: The MMAR's ``environment.json`` variables (None: not read from an MMAR).
     """
 
     file: Path
@@ -83,21 +73,53 @@ class TrainConfig:
     optimizer: ComponentSpec
     metric: str
     validation_batch_size: int
+    environment: MMAREnvironment | None = None
 
 
-def load_train_config(mmar_root: str | Path) -> TrainConfig:
+def load_train_config(
+    mmar_root: str | Path, environment: MMAREnvironment | None = None
+) -> TrainConfig:
     """Read and check ``<mmar_root>/config/config_train.json``.
 
     Args:
         mmar_root: The MMAR folder.
+        environment: Its ``environment.json`` (read from the MMAR when None).
 
     Returns:
-        The checked config.
+        The checked config, its ``{NAME}`` placeholders filled in.
 
     Raises:
-        TrainConfigError: The file is missing, is not JSON, or breaks the format.
+        TrainConfigError: The file is missing, is not JSON, or breaks the format (several
+            problems: a ConfigProblems listing every one).
+        ConfigError: ``environment.json`` is unusable.
     """
-    file = Path(mmar_root) / TRAIN_CONFIG
+    return _strict(lambda sink: _load(Path(mmar_root), environment, sink))
+
+
+def train_config_problems(mmar_root: str | Path) -> list[ConfigError]:
+    """Every problem of an MMAR's ``config_train.json`` (and its placeholders); empty: none."""
+    return read_train_config(mmar_root)[1]
+
+
+def read_train_config(mmar_root: str | Path) -> tuple[list[ComponentSpec], list[ConfigError]]:
+    """The components of ``config_train.json`` that parsed, and every problem of the file:
+    for checks that go on past the first."""
+    sink: list[ConfigError] = []
+    specs: list[ComponentSpec] = []
+    try:
+        _load(Path(mmar_root), None, sink, specs)
+    except ConfigError as exc:
+        sink.extend(getattr(exc, "problems", [exc]))
+    return specs, sink
+
+
+def _load(
+    root: Path,
+    environment: MMAREnvironment | None,
+    sink: list[ConfigError],
+    parsed: list[ComponentSpec] | None = None,
+) -> TrainConfig | None:
+    file = root / TRAIN_CONFIG
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -112,51 +134,182 @@ def load_train_config(mmar_root: str | Path) -> TrainConfig:
         raise TrainConfigError(
             file, None, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from exc
-    return parse_train_config(data, file)
+    if environment is None:
+        environment = _load_environment(root)
+    data, undefined = environment.substitute(data, file)
+    sink.extend(TrainConfigError(file, p.key, p.problem) for p in undefined)
+    return _parse(data, file, environment, sink, parsed)
 
 
-def parse_train_config(data: object, file: str | Path) -> TrainConfig:
+T = TypeVar("T")
+
+
+class TrainConfigProblems(ConfigProblems, TrainConfigError):
+    """Several problems of one ``config_train.json``; a TrainConfigError naming the first."""
+
+
+def _strict(parse: Callable[[list[ConfigError]], T | None]) -> T:
+    sink: list[ConfigError] = []
+    result = None
+    try:
+        result = parse(sink)
+    except ConfigError as exc:
+        sink.append(exc)
+    if sink:
+        raise sink[0] if len(sink) == 1 else TrainConfigProblems(sink)
+    assert result is not None  # a parse that found no problem returns its config
+    return result
+
+
+def parse_train_config(
+    data: object, file: str | Path, environment: MMAREnvironment | None = None
+) -> TrainConfig:
     """Check the decoded JSON of a training config.
 
     Args:
-        data: The decoded JSON document.
+        data: The decoded JSON document (placeholders already filled in).
         file: The file it came from, for messages.
+        environment: The MMAR's environment, kept with the config.
 
     Returns:
         The checked config.
 
     Raises:
-        TrainConfigError: The document breaks the format.
+        TrainConfigError: The document breaks the format (ConfigProblems: several problems).
     """
-    file = Path(file)
-    top = _mapping(data, file, None, "a JSON object with the training settings")
-    _no_unknown_keys(top, _TOP_KEYS, file, None)
-    epochs = _positive_int(top, "epochs", file)
-    batch_size = _positive_int(top, "batch_size", file)
-    seed = _int(top, "seed", file, default=0)
-    specs = {key: _component(top, key, file) for key in _COMPONENT_KEYS}
+    return _strict(lambda sink: _parse(data, Path(file), environment, sink))
 
-    validation = _mapping(
-        top.get("validation", {}), file, "validation", 'an object like {"metric": "accuracy"}'
-    )
-    _no_unknown_keys(validation, _VALIDATION_KEYS, file, "validation")
-    metric = validation.get("metric", "accuracy")
-    if not isinstance(metric, str) or metric not in METRICS:
-        raise TrainConfigError(
-            file, "validation.metric", f"expected one of {_choices(METRICS)}, got {metric!r}"
+
+def _parse(
+    data: object,
+    file: Path,
+    environment: MMAREnvironment | None,
+    sink: list[ConfigError],
+    parsed: list[ComponentSpec] | None = None,
+) -> TrainConfig | None:
+    top = _mapping(data, file, None, "a JSON object with the training settings")
+    clara = _clara_tensorflow(top, file)
+    if clara:
+        sink.extend(clara)
+        return None
+
+    def attempt(fn: Callable[[], T]) -> T | None:
+        try:
+            return fn()
+        except TrainConfigError as exc:
+            sink.append(exc)
+            return None
+
+    sink.extend(_unknown_keys(top, _TOP_KEYS, file, None))
+    epochs = attempt(lambda: _positive_int(top, "epochs", file))
+    batch_size = attempt(lambda: _positive_int(top, "batch_size", file))
+    seed = attempt(lambda: _int(top, "seed", file, default=0))
+    specs: dict[str, ComponentSpec | None] = {}
+    for key in _COMPONENT_KEYS:
+        try:
+            specs[key] = _component(top, key, file)
+        except TrainConfigError as exc:
+            sink.append(exc)
+            specs[key] = None
+    if parsed is not None:
+        parsed.extend(spec for spec in specs.values() if spec is not None)
+    metric = "accuracy"
+    val_batch = batch_size
+    validation = attempt(
+        lambda: _mapping(
+            top.get("validation", {}), file, "validation", 'an object like {"metric": "accuracy"}'
         )
-    val_batch = _positive_int(
-        validation, "batch_size", file, default=batch_size, prefix="validation"
     )
+    if validation is not None:
+        sink.extend(_unknown_keys(validation, _VALIDATION_KEYS, file, "validation"))
+        metric = validation.get("metric", "accuracy")
+        if not isinstance(metric, str) or metric not in METRICS:
+            sink.append(
+                TrainConfigError(
+                    file,
+                    "validation.metric",
+                    f"expected one of {_choices(METRICS)}, got {metric!r}",
+                )
+            )
+        if batch_size is not None:
+            val_batch = attempt(
+                lambda: _positive_int(
+                    validation, "batch_size", file, default=batch_size, prefix="validation"
+                )
+            )
+    if sink:
+        return None
     return TrainConfig(
         file=file,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
+        epochs=epochs,  # type: ignore[arg-type]
+        batch_size=batch_size,  # type: ignore[arg-type]
+        seed=seed,  # type: ignore[arg-type]
         metric=metric,
-        validation_batch_size=val_batch,
-        **specs,
+        validation_batch_size=val_batch,  # type: ignore[arg-type]
+        environment=environment,
+        **specs,  # type: ignore[arg-type]
     )
+
+
+# Sections of a Clara 3.1 (TensorFlow) config_train.json and what replaces each here.
+_CLARA_TF_REPLACEMENTS = {
+    "model": "model: a torch.nn.Module (a built-in such as MLP, a torch.nn class, or your own "
+    "under custom/)",
+    "loss": "loss: a torch.nn loss (e.g. CrossEntropyLoss)",
+    "optimizer": "optimizer: a torch.optim optimizer (e.g. SGD, Adam)",
+    "image_pipeline": "train_data / validation_data: a torch Dataset (e.g. DatalistDataset "
+    'with "data_list_file_path": "{DATASET_JSON}", "data_file_base_dir": "{DATA_ROOT}")',
+    "pre_transforms": "preprocessing inside your torch Dataset (custom/)",
+    "post_transforms": "postprocessing inside your torch model or Dataset (custom/)",
+    "lr_policy": "a fixed optimizer.args.lr (the torch fitter has no learning-rate policy)",
+    "metrics": 'validation.metric ("accuracy" or "loss")',
+    "inferer": "the torch model's forward pass (validation runs it directly)",
+    "trainer": "the torch fitter (it is built from this file)",
+}
+_CLARA_TF_MARKERS = ("train", "validate", "learning_rate", "num_training_epoch_per_valid")
+
+
+def _clara_tensorflow(top: Mapping[str, Any], file: Path) -> list[ConfigError]:
+    """Problems naming each TensorFlow component of a Clara 3.1 config_train.json, or []."""
+    if "model" in top or not any(k in top for k in _CLARA_TF_MARKERS):
+        return []
+    marker = next(k for k in _CLARA_TF_MARKERS if k in top)
+    problems: list[ConfigError] = [
+        TrainConfigError(
+            file,
+            marker,
+            "a Clara 3.1 TensorFlow training config (train/validate sections); TensorFlow "
+            "trainers cannot run here. The torch fitter reads "
+            f'{_choices(_TOP_KEYS)} as {{"name"|"path", "args"}} components',
+        )
+    ]
+
+    def component(value: Any, key: str, section: str) -> None:
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            where = f"{key}[{i}]" if isinstance(value, list) else key
+            if not isinstance(item, Mapping):
+                continue
+            label = item.get("name") or item.get("path") or "?"
+            problems.append(
+                TrainConfigError(
+                    file,
+                    where,
+                    f"TensorFlow component {label!r} (Clara 3.1); use "
+                    f"{_CLARA_TF_REPLACEMENTS[section]} instead",
+                )
+            )
+
+    for section_name in ("train", "validate"):
+        section = top.get(section_name)
+        if not isinstance(section, Mapping):
+            continue
+        for key, value in section.items():
+            if key in _CLARA_TF_REPLACEMENTS:
+                component(value, f"{section_name}.{key}", key)
+    if isinstance(top.get("trainer"), Mapping):
+        component(top["trainer"], "trainer", "trainer")
+    return problems
 
 
 def _component(top: Mapping[str, Any], key: str, file: Path) -> ComponentSpec:
@@ -166,7 +319,8 @@ def _component(top: Mapping[str, Any], key: str, file: Path) -> ComponentSpec:
     if key not in top:
         raise TrainConfigError(file, key, f"missing; expected {expected}")
     spec = _mapping(top[key], file, key, expected)
-    _no_unknown_keys(spec, _SPEC_KEYS, file, key)
+    for problem in _unknown_keys(spec, _SPEC_KEYS, file, key):
+        raise problem
     has_name, has_path = "name" in spec, "path" in spec
     if has_name == has_path:
         raise TrainConfigError(
@@ -183,12 +337,17 @@ def _component(top: Mapping[str, Any], key: str, file: Path) -> ComponentSpec:
             file, f"{key}.path", f'expected "module.Class" (a dotted import path), got {value!r}'
         )
     args = _mapping(spec.get("args", {}), file, f"{key}.args", "an object of keyword arguments")
-    return ComponentSpec(
-        key=key,
+    component = ComponentSpec(
         name=value if has_name else None,
         path=value if has_path else None,
         args=dict(args),
+        key=key,
+        file=file,
     )
+    why = refusal(component)
+    if why:
+        raise TrainConfigError(file, f"{key}.{which}", why)
+    return component
 
 
 def _mapping(value: object, file: Path, key: str | None, expected: str) -> Mapping[str, Any]:
@@ -197,17 +356,19 @@ def _mapping(value: object, file: Path, key: str | None, expected: str) -> Mappi
     return value
 
 
-def _no_unknown_keys(
+def _unknown_keys(
     obj: Mapping[str, Any], allowed: tuple[str, ...], file: Path, prefix: str | None
-) -> None:
+) -> list[ConfigError]:
+    problems: list[ConfigError] = []
     for name in obj:
         if name not in allowed:
             key = f"{prefix}.{name}" if prefix else str(name)
             hint = difflib.get_close_matches(str(name), allowed, n=1)
             also = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise TrainConfigError(
-                file, key, f"unknown key{also}; expected only {_choices(allowed)}"
+            problems.append(
+                TrainConfigError(file, key, f"unknown key{also}; expected only {_choices(allowed)}")
             )
+    return problems
 
 
 def _int(obj: Mapping[str, Any], name: str, file: Path, *, default: int | None = None) -> int:

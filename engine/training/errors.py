@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.config import ConfigError
+
 __all__ = ["TrainConfigError", "TrainingAborted"]
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ConfigError):
     """A training config (``config_train.json``) or one of its components is unusable.
 
     The message names the file, the dotted key and what was expected, so an operator can fix
@@ -21,11 +23,10 @@ class TrainConfigError(ValueError):
     """
 
     def __init__(self, file: str | Path, key: str | None, problem: str) -> None:
+        # A ConfigError too, so one ``except ConfigError`` handles every config file.
+        super().__init__(file, key or "", problem)
         self.file = Path(file)
-        self.key = key
-        self.problem = problem
-        where = f"{self.file}: {key}" if key else str(self.file)
-        super().__init__(f"{where}: {problem}")
+        self.key = key  # type: ignore[assignment]
 
 
 class TrainingAborted(RuntimeError):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from engine.config import load_environment
 from engine.training.components import build_component
 from engine.training.config import METRICS, ComponentSpec, TrainConfig, load_train_config
 from engine.training.errors import TrainConfigError, TrainingAborted
@@ -32,8 +33,11 @@ ProgressCallback = Callable[[int, int, int, float], None]
 #: ``(epoch, metrics)``: 1-based epoch of the current round and its training metrics.
 EpochCallback = Callable[[int, dict[str, float]], None]
 
-#: Where the best local model is kept, relative to the MMAR (Clara's MMAR_CKPT_DIR is models/).
+#: Where the best local model is kept, relative to the MMAR, unless environment.json's
+#: MMAR_CKPT_DIR names another folder (Clara's default is models/).
 BEST_MODEL = Path("models") / "best_model.pt"
+#: The metrics of the last validation, in MMAR_EVAL_OUTPUT_PATH (default eval/).
+EVAL_METRICS = "validation_metrics.json"
 
 # Progress callbacks drive a UI; more than ~10 updates a second are invisible and cost time.
 _PROGRESS_PERIOD_S = 0.1
@@ -53,7 +57,10 @@ def build_fitter(
 
     Args:
         mmar_root: The (deployed) MMAR folder. ``custom/`` in it goes on ``sys.path``; the best
-            model is saved to ``models/best_model.pt`` in it.
+            model is saved to ``best_model.pt`` in its ``MMAR_CKPT_DIR`` (``models/``), the
+            last validation's metrics to ``validation_metrics.json`` in its
+            ``MMAR_EVAL_OUTPUT_PATH`` (``eval/``); ``{NAME}`` placeholders of the config are
+            filled from its ``config/environment.json``.
         site_name: This site's name (passed to components that take a ``context``).
         local_epochs: Epochs per round, overriding the config's ``epochs``.
         steps_aggregation: When > 0, each round takes exactly this many optimizer steps instead
@@ -86,9 +93,14 @@ def build_fitter(
 
     root = Path(mmar_root).resolve()
     config = load_train_config(root)
+    environment = config.environment or load_environment(root)
     custom = root / "custom"
     custom_dir = custom if custom.is_dir() else None
-    context = {"site_name": site_name, "mmar_root": root}
+    context = {
+        "site_name": site_name,
+        "mmar_root": root,
+        "environment": dict(environment.variables),
+    }
 
     def make(spec: ComponentSpec, *leading: Any) -> Any:
         return build_component(spec, config.file, custom_dir, context, *leading)
@@ -139,6 +151,8 @@ def build_fitter(
         steps_aggregation=steps_aggregation,
         on_progress=on_progress,
         on_epoch_end=on_epoch_end,
+        ckpt_dir=environment.ckpt_dir,
+        eval_dir=environment.eval_dir,
     )
 
 
@@ -166,8 +180,12 @@ class Fitter:
         steps_aggregation: int,
         on_progress: ProgressCallback | None,
         on_epoch_end: EpochCallback | None,
+        ckpt_dir: Path | None = None,
+        eval_dir: Path | None = None,
     ) -> None:
         self.config = config
+        self.ckpt_dir = ckpt_dir if ckpt_dir is not None else mmar_root / BEST_MODEL.parent
+        self.eval_dir = eval_dir if eval_dir is not None else mmar_root / "eval"
         self.mmar_root = mmar_root
         self.site_name = site_name
         self.device = device
@@ -275,8 +293,8 @@ class Fitter:
 
     @property
     def best_model_path(self) -> Path:
-        """Where the best local model is saved: ``<mmar_root>/models/best_model.pt``."""
-        return self.mmar_root / BEST_MODEL
+        """Where the best local model is saved: ``<MMAR_CKPT_DIR>/best_model.pt``."""
+        return self.ckpt_dir / BEST_MODEL.name
 
     @property
     def steps_per_round(self) -> int:
@@ -448,6 +466,7 @@ class Fitter:
             metrics = self._evaluate(substitute)
             if substitute is None:
                 self._note(metrics)
+                self._save_metrics(metrics)
             return metrics
 
     def _evaluate(self, substitute: dict[str, torch.Tensor] | None) -> dict[str, float]:
@@ -525,6 +544,25 @@ class Fitter:
             # Training goes on (the weights are kept in memory); the operator sees why the file
             # is stale.
             log.warning("could not save the best model to %s: %s", target, exc)
+
+    def _save_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Writes the last validation to ``<MMAR_EVAL_OUTPUT_PATH>/validation_metrics.json``."""
+        from engine.fileio import save_json_atomic
+
+        target = self.eval_dir / EVAL_METRICS
+        try:
+            save_json_atomic(
+                target,
+                {
+                    "site": self.site_name,
+                    "metric": self.metric_name,
+                    "metrics": dict(metrics),
+                    "best_metric": self._best_metric,
+                    "local_rounds": self._rounds,
+                },
+            )
+        except OSError as exc:
+            log.warning("could not write the validation metrics to %s: %s", target, exc)
 
     # -- helpers ----------------------------------------------------------------------------
 

@@ -514,9 +514,13 @@ def test_the_constructor_error_names_its_argument() -> None:
 
 
 def test_unknown_protocol_and_unknown_argument() -> None:
-    with pytest.raises(ConfigError, match=r"client.privacy: unknown privacy protocol 'Nope'"):
+    with pytest.raises(ConfigError, match=r"client.privacy.name: unknown privacy protocol 'Nope'"):
         build_privacy(spec("Nope"))
-    with pytest.raises(ConfigError, match=r"client.privacy.args: bad arguments"):
+    with pytest.raises(
+        ConfigError,
+        match=r"client.privacy.args.fractoin: SVTProtocol takes no argument 'fractoin' "
+        r"\(did you mean 'fraction'\?\)",
+    ):
         build_privacy(spec("SVTProtocol", fractoin=0.2))
 
 

@@ -225,7 +225,7 @@ def test_unknown_privacy_protocol_is_refused_when_the_config_loads(tmp_path: Pat
     cfg["client"]["privacy"] = {"name": "NoSuchProtocol", "args": {}}
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(
-        ConfigError, match=r"client.privacy: unknown privacy protocol 'NoSuchProtocol'"
+        ConfigError, match=r"client.privacy.name: unknown privacy protocol 'NoSuchProtocol'"
     ):
         SiteEngine(tmp_path / "site-1", EventBus())
 

@@ -199,7 +199,16 @@ def test_custom_path_component_loads_with_context(tmp_path: Path) -> None:
         fitter = build_fitter(root, site_name=f"site-{factor}", device="cpu")
         fitters.append(fitter)
         seen = sys.modules["site_net"].SEEN
-        assert seen == {"site_name": f"site-{factor}", "mmar_root": root.resolve()}
+        assert seen == {
+            "site_name": f"site-{factor}",
+            "mmar_root": root.resolve(),
+            # environment.json's variables (here only the defaults: no such file)
+            "environment": {
+                "MMAR_ROOT": str(root.resolve()),
+                "MMAR_CKPT_DIR": str(root.resolve() / "models"),
+                "MMAR_EVAL_OUTPUT_PATH": str(root.resolve() / "eval"),
+            },
+        }
     assert fitters[0].get_weights()["body.weight"].shape == (5, 8)
     assert fitters[1].get_weights()["body.weight"].shape == (10, 8)
     assert fitters[1].train() == 7

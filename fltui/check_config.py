@@ -1,0 +1,319 @@
+"""``fltui check-config PATH``: every problem of a startup kit, MMAR or workspace, at once.
+
+PATH may be a site workspace (``startup/fed_client.json`` and its deployed ``run_<N>/mmar_<site>``
+and offered ``transfer/*`` MMARs), a startup kit folder or its ``fed_client.json``, an MMAR (a
+folder with ``config/``) or one of its config files, or a server folder or its
+``config_fed_server.json``. Each problem is one line: ``FILE: KEY: what is wrong and expected``.
+A site's own code (``custom/``) is never imported here: only its presence is checked.
+
+Exit status: 0 no problem, 1 problems found (all printed), 2 bad usage (no such path, or not a
+kit, MMAR or workspace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from engine.config import (
+    ComponentSpec,
+    ConfigError,
+    environment_problems,
+    existing_files,
+    load_client_kit,
+    read_client_kit,
+    read_mmar_client_config,
+    read_server_config,
+)
+
+__all__ = ["Report", "check_path", "main"]
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+_MMAR_FILES = ("config_fed_client.json", "config_fed_server.json", "config_train.json")
+
+
+@dataclass
+class Report:
+    """What was checked and what is wrong."""
+
+    checked: list[Path] = field(default_factory=list)
+    problems: list[ConfigError] = field(default_factory=list)
+
+    def add(self, problems: Iterable[ConfigError]) -> None:
+        for problem in problems:
+            # One error may carry several (ConfigProblems); each is its own line.
+            for one in getattr(problem, "problems", [problem]):
+                if str(one) not in {str(p) for p in self.problems}:
+                    self.problems.append(one)
+
+
+class UsageError(Exception):
+    """PATH is not something check-config knows how to check."""
+
+
+def check_path(path: Path) -> Report:
+    """Checks whatever ``path`` is (workspace, kit, MMAR, server folder or one of their files).
+
+    Raises:
+        UsageError: the path does not exist or is none of those.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or folder")
+    report = Report()
+    if path.is_file():
+        _check_file(path, report)
+        return report
+    if (path / "startup" / "fed_client.json").is_file():
+        _check_workspace(path, report)
+    elif (path / "fed_client.json").is_file():
+        _check_kit(path / "fed_client.json", report)
+    elif (path / "config").is_dir():
+        _check_mmar(path, report)
+    elif path.name == "config" and any((path / name).is_file() for name in _MMAR_FILES):
+        _check_mmar(path.parent, report)  # an MMAR's config/ folder: its MMAR
+    elif (path / "config_fed_server.json").is_file():
+        _check_server(path / "config_fed_server.json", report)
+    else:
+        raise UsageError(
+            f"{path}: not a site workspace (startup/fed_client.json), startup kit "
+            "(fed_client.json), MMAR (config/) or server folder (config_fed_server.json)"
+        )
+    return report
+
+
+def _check_file(path: Path, report: Report) -> None:
+    if path.parent.name == "config" and (
+        path.name in _MMAR_FILES or path.name == "environment.json"
+    ):
+        _check_mmar(path.parent.parent, report)
+    elif path.name == "config_fed_server.json":
+        _check_server(path, report)
+    elif path.name == "fed_client.json":
+        _check_kit(path, report)
+    else:
+        raise UsageError(
+            f"{path}: expected fed_client.json, config_fed_server.json, or a file in an MMAR's "
+            f"config/ ({', '.join((*_MMAR_FILES, 'environment.json'))})"
+        )
+
+
+def _check_workspace(root: Path, report: Report) -> None:
+    kit = root / "startup" / "fed_client.json"
+    _check_kit(kit, report)
+    try:
+        site = load_client_kit(kit).client_name
+    except ConfigError:
+        site = ""
+    mmars = sorted(p for p in root.glob("run_*/mmar_*") if (p / "config").is_dir())
+    if site:
+        mmars = [p for p in mmars if p.name == f"mmar_{site}"]
+    mmars += sorted(p for p in (root / "transfer").glob("*") if (p / "config").is_dir())
+    for mmar in mmars:
+        _check_mmar(mmar, report)
+
+
+def _check_kit(kit: Path, report: Report) -> None:
+    report.checked.append(kit)
+    config, problems = read_client_kit(kit)
+    report.add(problems)
+    if config is None:
+        return
+    report.add(
+        existing_files(
+            kit,
+            {
+                "client.ssl_root_cert": config.ssl_root_cert,
+                "client.ssl_cert": config.ssl_cert,
+                "client.ssl_private_key": config.ssl_private_key,
+            },
+        )
+    )
+    if config.secure_train:
+        for key, value in (
+            ("ssl_root_cert", config.ssl_root_cert),
+            ("ssl_cert", config.ssl_cert),
+            ("ssl_private_key", config.ssl_private_key),
+        ):
+            if value is None:
+                report.add(
+                    [
+                        ConfigError(
+                            kit,
+                            f"client.{key}",
+                            "required when secure_train is true (a file relative to the kit)",
+                        )
+                    ]
+                )
+
+
+def _check_server(path: Path, report: Report) -> None:
+    report.checked.append(path)
+    config, problems = read_server_config(path)
+    report.add(problems)
+    if config is None:
+        return
+    report.add(
+        existing_files(
+            path,
+            {
+                "servers[0].ssl_root_cert": config.ssl_root_cert,
+                "servers[0].ssl_cert": config.ssl_cert,
+                "servers[0].ssl_private_key": config.ssl_private_key,
+            },
+        )
+    )
+    if config.secure_train:
+        for key, value in (
+            ("ssl_root_cert", config.ssl_root_cert),
+            ("ssl_cert", config.ssl_cert),
+            ("ssl_private_key", config.ssl_private_key),
+        ):
+            if value is None:
+                report.add(
+                    [
+                        ConfigError(
+                            path,
+                            f"servers[0].{key}",
+                            "required: a server uses mutual TLS unless its config says "
+                            '"secure_train": false',
+                        )
+                    ]
+                )
+
+
+def _check_mmar(mmar: Path, report: Report) -> None:
+    config_dir = mmar / "config"
+    fed_client = config_dir / "config_fed_client.json"
+    fed_server = config_dir / "config_fed_server.json"
+    if not fed_client.is_file() and not fed_server.is_file():
+        report.add(
+            [
+                ConfigError(
+                    fed_client,
+                    "",
+                    "file not found; a federated MMAR needs config/config_fed_client.json "
+                    "(and config/config_fed_server.json for its server)",
+                )
+            ]
+        )
+    report.checked.append(config_dir / "environment.json")
+    report.add(environment_problems(mmar))
+    if fed_client.is_file():
+        _check_mmar_client(mmar, report)
+    if fed_server.is_file():
+        _check_server(fed_server, report)
+    _check_train(mmar, report)
+
+
+def _check_mmar_client(mmar: Path, report: Report) -> None:
+    from engine.client.data_processors import build_processors
+    from engine.privacy import build_privacy
+
+    path = mmar / "config" / "config_fed_client.json"
+    report.checked.append(path)
+    config, problems = read_mmar_client_config(mmar)
+    report.add(problems)
+    if config is None:
+        return
+    report.add(
+        existing_files(
+            path,
+            {
+                "client.ssl_root_cert": config.ssl_root_cert,
+                "client.ssl_cert": config.ssl_cert,
+                "client.ssl_private_key": config.ssl_private_key,
+            },
+        )
+    )
+    custom = mmar / "custom"
+    specs: list[tuple[ComponentSpec, str]] = []
+    if config.privacy is not None:
+        specs.append((config.privacy, "privacy"))
+    specs += [(s, "processor") for s in config.pre_processors]
+    specs += [(s, "processor") for s in config.post_processors]
+    specs += [(s, "processor") for s in config.client_state_processors]
+    for spec, kind in specs:
+        if spec.path is not None and _custom_module(spec.path, custom):
+            continue  # a site's own code: present; it is imported only by the worker
+        try:
+            if kind == "privacy":
+                build_privacy(spec, [custom])
+            else:
+                build_processors([spec], [custom])
+        except ConfigError as exc:
+            report.add([exc])
+
+
+def _custom_module(dotted: str, custom: Path) -> bool:
+    module = dotted.rpartition(".")[0].replace(".", "/")
+    return (custom / f"{module}.py").is_file() or (custom / module / "__init__.py").is_file()
+
+
+def _check_train(mmar: Path, report: Report) -> None:
+    from engine.training.config import TRAIN_CONFIG, read_train_config
+
+    file = mmar / TRAIN_CONFIG
+    report.checked.append(file)
+    specs, problems = read_train_config(mmar)
+    report.add(problems)
+    if not specs:
+        return
+    from engine.training.components import check_component
+
+    custom = mmar / "custom"
+    # Each component that parsed is checked, even when others have problems.
+    for spec in specs:
+        try:
+            check_component(spec, file, custom if custom.is_dir() else None)
+        except ConfigError as exc:
+            report.add([exc])
+
+
+def print_report(report: Report, out: TextIO) -> None:
+    """One line per problem, then a summary line."""
+    for problem in report.problems:
+        print(str(problem), file=out)
+    files = {p.path for p in report.problems}
+    if report.problems:
+        n = len(report.problems)
+        print(
+            f"{n} problem{'s' if n != 1 else ''} in {len(files)} file"
+            f"{'s' if len(files) != 1 else ''}",
+            file=out,
+        )
+    else:
+        checked = [str(p) for p in report.checked if p.exists()]
+        n = len(checked)
+        print(f"no problems ({n} file{'s' if n != 1 else ''} checked)", file=out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fltui check-config PATH``; returns the exit status (0 clean, 1 problems, 2 usage)."""
+    parser = argparse.ArgumentParser(
+        prog="fltui check-config",
+        description="Check a site workspace, startup kit, MMAR or server config (Clara 3.1 "
+        "forms) and print every problem at once, each with the file, the key and what is "
+        "expected.",
+    )
+    parser.add_argument("path", type=Path, help="workspace, kit, MMAR, server folder or file")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else EXIT_OK
+    try:
+        report = check_path(args.path)
+    except UsageError as exc:
+        print(f"fltui check-config: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print_report(report, sys.stdout)
+    return EXIT_PROBLEMS if report.problems else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
