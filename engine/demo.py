@@ -24,6 +24,9 @@ log = logging.getLogger("engine.demo")
 
 TASK = "demo_federation"
 PEER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ADMIN = "admin@demo"
+# The demo's server listens on loopback: its certificate is valid for both spellings.
+DEMO_HOST_NAMES = ("localhost", "127.0.0.1")
 
 
 def _site_names(num_sites: int) -> list[str]:
@@ -36,18 +39,31 @@ def prepare_workspace(
     num_rounds: int = 5,
     heartbeat_interval: float = 5.0,
     torch_in_subprocess: bool = False,
+    secure: bool = False,
 ) -> None:
     """Lays out a demo federation under ``root``: ``server/`` and ``site-1/`` … ``site-N/``.
 
     Each site gets a startup kit (server port filled in by ``DemoFederation`` once the server
     listens), the demo MMAR offered in ``transfer/`` and deployed as run 1. With
     ``torch_in_subprocess`` the initial model is built by a child process, so that this one
-    (the console's) never imports torch.
+    (the console's) never imports torch. With ``secure`` the demo is provisioned as a real
+    federation would be: a certificate authority in ``ca/``, certificates for the server
+    (localhost, 127.0.0.1), each site and the admin, and mutual TLS on every connection.
     """
     from engine.training import demo_mmar_path
 
     server_dir = root / "server"
-    config = {
+    names = _site_names(num_sites)
+    # The demo is plaintext unless asked: a server is secure by default otherwise.
+    server_tls: dict[str, Any] = {"secure_train": False}
+    client_tls: dict[str, Any] = {"secure_train": False}
+    if secure:
+        # Imported here: a plaintext demo does not load the X.509 library.
+        from engine.provision import server_tls_settings, site_tls_settings
+
+        _provision_demo(root, names)
+        server_tls, client_tls = server_tls_settings(names, [ADMIN]), site_tls_settings()
+    config: dict[str, Any] = {
         "format_version": 1,
         "servers": [
             {
@@ -59,10 +75,14 @@ def prepare_workspace(
                 "num_rounds": num_rounds,
                 "heart_beat_timeout": 60,
                 "wait_after_min_clients": 30,
+                **server_tls,
             }
         ],
         "aggregator": {"name": "ModelAggregator", "args": {"exclude_vars": "dummy"}},
     }
+    # The rest of the server's settings come from the demo MMAR's Clara 3.1 config_fed_server.json.
+    clara = json.loads((demo_mmar_path() / "config" / "config_fed_server.json").read_text())
+    config = {**clara, **config, "servers": [{**clara["servers"][0], **config["servers"][0]}]}
     save_json_atomic(server_dir / "config_fed_server.json", config)
     demo = demo_mmar_path()
     if not (server_dir / "models" / "initial_model.npz").exists():
@@ -84,11 +104,17 @@ def prepare_workspace(
     admin = root / "admin"
     save_json_atomic(
         admin / "startup" / "fed_admin.json",
-        {"admin": {"name": "admin@demo", "target": "127.0.0.1:0"}},
+        {
+            "admin": {
+                "name": ADMIN,
+                "target": "127.0.0.1:0",
+                **client_tls,
+            }
+        },
     )
     if not (admin / "transfer" / "demo_mmar").exists():
         shutil.copytree(demo, admin / "transfer" / "demo_mmar")
-    for name in _site_names(num_sites):
+    for name in names:
         paths = SitePaths(root / name)
         save_json_atomic(
             paths.kit,
@@ -99,7 +125,7 @@ def prepare_workspace(
                     "client_name": name,
                     "retry_timeout": 30,
                     "heartbeat_interval": heartbeat_interval,
-                    "secure_train": False,
+                    **client_tls,
                 },
             },
         )
@@ -110,6 +136,25 @@ def prepare_workspace(
         if not deployed.exists():
             shutil.copytree(demo, deployed)
             (deployed.parent / "fl_app.txt").write_text("demo_mmar\n")
+
+
+def _provision_demo(root: Path, sites: list[str]) -> None:
+    """Certificates for the demo: one authority (kept across runs), fresh leaf certificates."""
+    from engine.provision import issue_identity
+    from engine.tls import ROLE_ADMIN, ROLE_SERVER, ROLE_SITE, CertificateAuthority
+
+    ca_cert, ca_key = root / "ca" / "rootCA.pem", root / "ca" / "rootCA.key"
+    if ca_cert.exists() and ca_key.exists():
+        ca = CertificateAuthority.load(ca_cert, ca_key)
+    else:
+        ca = CertificateAuthority.create(TASK)
+        ca.save(ca_cert, ca_key)
+    issue_identity(
+        ca, root / "server" / "startup", "localhost", ROLE_SERVER, host_names=DEMO_HOST_NAMES
+    )
+    for name in sites:
+        issue_identity(ca, SitePaths(root / name).startup, name, ROLE_SITE)
+    issue_identity(ca, root / "admin" / "startup", ADMIN, ROLE_ADMIN)
 
 
 def _set_port(kit: Path, port: int) -> None:
@@ -151,6 +196,8 @@ class DemoFederation:
         bus: where every event goes, the peers' included (relayed from their JSON output).
         num_sites: sites in the federation (site-1 is this one).
         num_rounds: rounds of FedAvg.
+        secure: provision certificates into the workspace and run every connection (training,
+            admin agent, admin console) over mutual TLS.
     """
 
     def __init__(
@@ -161,6 +208,7 @@ class DemoFederation:
         num_rounds: int = 5,
         torch_in_subprocess: bool = False,
         site_1_stays: bool = False,
+        secure: bool = False,
     ) -> None:
         if num_sites < 1:
             raise ValueError(f"the demo needs at least one site, got {num_sites}")
@@ -169,6 +217,7 @@ class DemoFederation:
         self.num_sites = num_sites
         self.num_rounds = num_rounds
         self.torch_in_subprocess = torch_in_subprocess
+        self.secure = secure
         # Under a console, site-1 stays up after its training (abort, then start again).
         self.site_1_stays = site_1_stays
         self.peers: dict[str, subprocess.Popen[bytes]] = {}
@@ -182,7 +231,11 @@ class DemoFederation:
         from engine.server import FederatedServer
 
         prepare_workspace(
-            self.root, self.num_sites, self.num_rounds, torch_in_subprocess=self.torch_in_subprocess
+            self.root,
+            self.num_sites,
+            self.num_rounds,
+            torch_in_subprocess=self.torch_in_subprocess,
+            secure=self.secure,
         )
         server_dir = self.root / "server"
         detach_server_logs = attach_workspace_logs(server_dir, self.bus, "server")

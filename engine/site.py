@@ -18,7 +18,9 @@ from engine.config import (
     ClientKitConfig,
     ConfigError,
     MMARClientConfig,
+    ServerEndpoint,
     load_client_kit,
+    load_environment,
     load_mmar_client_config,
 )
 from engine.events import Event, EventBus, EventLogHandler, MetricsReported, ProgressUpdated
@@ -165,7 +167,7 @@ def attach_workspace_logs(root: Path, bus: EventBus, site: str) -> Any:
 
 
 def check_mmar(mmar: Path) -> None:
-    """Parses an MMAR's federated config and builds its built-in components (no torch).
+    """Parses an MMAR's configs and builds its built-in federated components (no torch).
 
     Components named by ``path`` (a site's own code) are not imported here: only the training
     worker runs them, after the site policy allowed them.
@@ -173,7 +175,12 @@ def check_mmar(mmar: Path) -> None:
     Raises:
         ConfigError: naming the file, the key and what is expected.
     """
+    from engine.training.config import load_train_config
+
     config = load_mmar_client_config(mmar)
+    # environment.json and config_train.json's form too (a TensorFlow one is refused here,
+    # before a worker starts); building the torch components is the worker's.
+    load_train_config(mmar, load_environment(mmar))
     if config.privacy is not None and config.privacy.name is not None:
         build_privacy(config.privacy)
     build_processors([s for s in config.pre_processors if s.name is not None])
@@ -261,6 +268,11 @@ class SiteEngine:
         task = self.mmar_config.task_name
         for server in self.kit.servers:
             if server.name == task:
+                # The MMAR's service.options go to gRPC too; the kit's win for the same option.
+                given = {name for name, _ in server.options}
+                extra = [o for o in self.mmar_config.server_options(task) if o[0] not in given]
+                if extra:
+                    server = ServerEndpoint(server.name, server.target, [*server.options, *extra])
                 return [server]
         names = ", ".join(s.name for s in self.kit.servers)
         raise ConfigError(
@@ -311,10 +323,11 @@ class SiteEngine:
             self.site,
             {
                 "heartbeat_interval": kit.heartbeat_interval,
+                # The kit's certificates, else the MMAR's (Clara 3.1 MMARs carried their own).
                 "ssl_args": {
-                    "ssl_root_cert": kit.ssl_root_cert,
-                    "ssl_cert": kit.ssl_cert,
-                    "ssl_private_key": kit.ssl_private_key,
+                    "ssl_root_cert": kit.ssl_root_cert or cfg.ssl_root_cert,
+                    "ssl_cert": kit.ssl_cert or cfg.ssl_cert,
+                    "ssl_private_key": kit.ssl_private_key or cfg.ssl_private_key,
                 },
             },
             kit.secure_train,
@@ -325,7 +338,7 @@ class SiteEngine:
             cross_site_validate=cfg.cross_site_validate,
             pre_processors=self.pre_processors,
             post_processors=self.post_processors,
-            compression=cfg.compression or kit.compression,
+            compression=cfg.wire_compression or kit.compression,
             bus=self.bus,
         )
         if self.world_size > 1:
@@ -429,7 +442,7 @@ class SiteService:
         from engine.client.executor import ProcessExecutor, ThreadExecutor
         from engine.client.fed_client_base import FederatedClientBase
         from engine.client.policy import AuditLog, load_site_policy
-        from engine.client.processors import all_processors
+        from engine.client.processors import request_processors
 
         self.paths = SitePaths(Path(workspace))
         self.bus = bus
@@ -487,10 +500,13 @@ class SiteService:
             },
         )
         self.agent = FedAdminAgent(self.site, self.sender, self.interface)
-        for processor in all_processors():
+        # Clara 3.1's req_processors in the kit: only those topics are served.
+        for processor in request_processors(self.kit.req_processors):
             self.agent.register_processor(processor)
         self.interface.set_agent(self.agent)
         self.restart_requested = False
+        # Why registration failed; ``failure.security``: TLS/auth refused it (exit code 3).
+        self.failure: Any = None
         self._done = threading.Event()
 
     def _on_shutdown(self, restart: bool) -> None:
@@ -544,6 +560,7 @@ class SiteService:
         try:
             self.session.register()
         except FLCommunicationError as exc:
+            self.failure = exc
             self.session.set_status(ClientStatus.TRAINING_EXCEPTION, exc.reason)
             self.bus.publish(
                 FederationFinished(site=self.site, outcome="failed", rounds=0, detail=exc.reason)

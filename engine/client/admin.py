@@ -11,6 +11,8 @@ from typing import Any
 import grpc
 
 from engine.admin_defs import Message, MsgHeader, error_reply, ok_reply, reply_to
+from engine.rpc import TOKEN_HEADER
+from engine.tls import read_tls_files
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 
@@ -55,9 +57,13 @@ class AdminMessageSender(Sender):
     Args:
         client_name: the site's FL token (as in the lineage), or a function returning the current
             one (the token changes when the site registers again).
-        root_cert, ssl_cert, private_key: TLS files when ``secure``.
+        root_cert, ssl_cert, private_key: TLS files when ``secure`` (mutual TLS: the server checks
+            that the certificate is the site's whose token is sent).
         server_args: ``{"target": "host:port", "options": [...]}``.
         secure: use TLS.
+
+    Raises:
+        KitError: with ``secure``, a TLS file is missing or the key is readable by others.
         is_multi_gpu: the site trains on several ranks.
         rank: this process's rank; only rank 0 talks to the server.
     """
@@ -80,10 +86,9 @@ class AdminMessageSender(Sender):
         self.target = str(args.get("target", ""))
         options = [tuple(o) for o in args.get("options", [])]
         if secure:
+            root, cert, key = read_tls_files(root_cert, ssl_cert, private_key)
             creds = grpc.ssl_channel_credentials(
-                root_certificates=_read(root_cert),
-                private_key=_read(private_key),
-                certificate_chain=_read(ssl_cert),
+                root_certificates=root, private_key=key, certificate_chain=cert
             )
             self._channel = grpc.secure_channel(self.target, creds, options)
         else:
@@ -94,6 +99,11 @@ class AdminMessageSender(Sender):
     @property
     def client_name(self) -> str:
         return self._token()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        # Every call carries the session token in its header too, as the training calls do.
+        token = self.client_name
+        return ((TOKEN_HEADER, token),) if token else ()
 
     def _active(self) -> bool:
         return self.rank == 0
@@ -112,7 +122,9 @@ class AdminMessageSender(Sender):
             return []
         try:
             reply = self._stub.Retrieve(
-                apb.Client(client_name=self.client_name), timeout=CALL_TIMEOUT
+                apb.Client(client_name=self.client_name),
+                metadata=self._metadata(),
+                timeout=CALL_TIMEOUT,
             )
         except grpc.RpcError as exc:
             self._warn("Retrieve", exc)
@@ -146,6 +158,7 @@ class AdminMessageSender(Sender):
         try:
             getattr(self._stub, action)(
                 apb.Reply(client_name=self.client_name, message=message.to_proto()),
+                metadata=self._metadata(),
                 timeout=CALL_TIMEOUT,
             )
         except grpc.RpcError as exc:
@@ -261,10 +274,3 @@ class FedAdminAgent:
 def _details(exc: grpc.RpcError) -> str:
     details = exc.details() if hasattr(exc, "details") else None
     return str(details or exc)
-
-
-def _read(path: Any) -> bytes | None:
-    if not path:
-        return None
-    with open(path, "rb") as f:
-        return f.read()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import socket
 import threading
 import time
@@ -22,6 +21,13 @@ from engine.client.fl_context import FLContext
 from engine.config import ServerEndpoint
 from engine.events import ConnectionChanged, EventBus, ModelTransferred
 from engine.rpc import TOKEN_HEADER, FederatedStub
+from engine.tls import (
+    KitError,
+    SecurityFailure,
+    preflight_certificate,
+    read_tls_files,
+    security_failure,
+)
 from protos import federated_pb2 as pb
 
 __all__ = ["Communicator", "FLCommunicationError", "RemoteModel"]
@@ -38,8 +44,7 @@ _RETRYABLE = {
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN,
 }
-# Whole words only: a host named "fedtls.example" that does not resolve is not a TLS failure.
-_TLS_WORDS = re.compile(r"\b(ssl|tls|handshake|certificate|x509)\b", re.IGNORECASE)
+
 CALL_TIMEOUT = 30.0  # seconds for one unary call; streams rely on keepalive instead
 # Streams have no deadline (a model may take minutes): HTTP/2 keepalive notices a dead peer.
 KEEPALIVE_OPTIONS = [
@@ -59,13 +64,27 @@ class FLCommunicationError(RuntimeError):
         code: the gRPC status code, or None.
         reason: the reason in words, for the operator.
         token_expired: the server no longer knows this site's token (register again).
+        kind: for TLS and authentication failures, what refused the site (``wrong_ca``,
+            ``expired``, ``host_name``, ``not_in_federation``, ``plaintext_to_tls``, ...; see
+            ``engine.tls.SecurityFailure``); None for other failures.
     """
 
-    def __init__(self, action: str, code: grpc.StatusCode | None, reason: str) -> None:
-        self.action, self.code, self.reason = action, code, reason
+    def __init__(
+        self,
+        action: str,
+        code: grpc.StatusCode | None,
+        reason: str,
+        kind: str | None = None,
+    ) -> None:
+        self.action, self.code, self.reason, self.kind = action, code, reason, kind
         self.token_expired = code == grpc.StatusCode.UNAUTHENTICATED and "Unknown client" in reason
         name = code.name if code is not None else "ERROR"
         super().__init__(f"{action} failed ({name}): {reason}")
+
+    @property
+    def security(self) -> bool:
+        """TLS or authentication refused the site: retrying cannot help (exit code 3)."""
+        return self.kind is not None
 
 
 @dataclass
@@ -155,24 +174,64 @@ class Communicator:
         target = str(channel_dict["target"])
         with self._lock:
             if target not in self._channels:
-                options = [
-                    ("grpc.max_receive_message_length", 8 << 20),
-                    ("grpc.max_send_message_length", 8 << 20),
-                    *KEEPALIVE_OPTIONS,
-                    *[tuple(o) for o in channel_dict.get("options", [])],
-                ]
+                # gRPC takes the first of two equal option names, so the config's
+                # servers[].service.options replace our defaults here rather than follow them.
+                options = list(
+                    {
+                        "grpc.max_receive_message_length": 8 << 20,
+                        "grpc.max_send_message_length": 8 << 20,
+                        **dict(KEEPALIVE_OPTIONS),
+                        **{o[0]: o[1] for o in channel_dict.get("options", [])},
+                    }.items()
+                )
                 compression = getattr(grpc.Compression, self.compression or "NoCompression")
                 if self.secure_train:
+                    root, cert, key = self._tls_files(target)
                     creds = grpc.ssl_channel_credentials(
-                        root_certificates=_read(self.ssl_args.get("ssl_root_cert")),
-                        private_key=_read(self.ssl_args.get("ssl_private_key")),
-                        certificate_chain=_read(self.ssl_args.get("ssl_cert")),
+                        root_certificates=root, private_key=key, certificate_chain=cert
                     )
                     channel = grpc.secure_channel(target, creds, options, compression)
                 else:
                     channel = grpc.insecure_channel(target, options, compression)
                 self._channels[target] = (channel, FederatedStub(channel))
             return self._channels[target]
+
+    def _tls_files(self, target: str) -> tuple[bytes, bytes, bytes]:
+        """The kit's TLS files, checked before they are shown to the server.
+
+        Raises:
+            FLCommunicationError: a file is missing or its key readable by others, or this
+                site's certificate is expired or not from the kit's authority (``kind`` set).
+        """
+        paths = (
+            self.ssl_args.get("ssl_root_cert"),
+            self.ssl_args.get("ssl_cert"),
+            self.ssl_args.get("ssl_private_key"),
+        )
+        try:
+            files = read_tls_files(*paths)
+            preflight_certificate(*paths)  # type: ignore[arg-type]
+        except KitError as exc:
+            failure = SecurityFailure("kit", str(exc))
+        except SecurityFailure as exc:
+            failure = exc
+        else:
+            return files
+        self._set_connected(False, target, "failed", failure.reason)
+        raise FLCommunicationError("Connect", None, failure.reason, kind=failure.kind)
+
+    def _security_failure(
+        self, service: str, code: grpc.StatusCode | None, details: str
+    ) -> SecurityFailure | None:
+        """What TLS or authentication refused, in the operator's words; None if neither did."""
+        return security_failure(
+            code,
+            details,
+            service,
+            secure=self.secure_train,
+            cert=self.ssl_args.get("ssl_cert"),
+            private_key=self.ssl_args.get("ssl_private_key"),
+        )
 
     def _stub(self, servers: Mapping[str, ServerEndpoint], task_name: str) -> FederatedStub:
         endpoint = servers[task_name]
@@ -218,11 +277,14 @@ class Communicator:
         self.should_stop = False
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("No token"):
             raise _Wait()
-        tls = bool(_TLS_WORDS.search(details))
-        if code not in _RETRYABLE or tls:
-            reason = f"TLS failure talking to {service}: {details}" if tls else details
-            self._set_connected(False, service, "failed", reason)
-            raise FLCommunicationError(action, code, reason)
+        # TLS and authentication failures are not retried: the reason goes to the operator.
+        failure = self._security_failure(service, code, details)
+        if failure is not None:
+            self._set_connected(False, service, "failed", failure.reason)
+            raise FLCommunicationError(action, code, failure.reason, kind=failure.kind)
+        if code not in _RETRYABLE:
+            self._set_connected(False, service, "failed", details)
+            raise FLCommunicationError(action, code, details)
         if code == grpc.StatusCode.UNAVAILABLE:
             self.should_stop = True
         elapsed = time.monotonic() - start_time
@@ -554,10 +616,3 @@ class _Timed:
 def _with_header(header: pb.Contribution, params: Mapping[str, np.ndarray]) -> Iterator[bytes]:
     # A fresh generator per attempt: a retry re-sends the whole stream, same contribution id.
     yield from serde.encode_model_stream(header, params)
-
-
-def _read(path: Any) -> bytes | None:
-    if not path:
-        return None
-    with open(path, "rb") as f:
-        return f.read()

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from engine.rpc import TOKEN_HEADER
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 
@@ -23,10 +24,17 @@ class AdminQueues(admin_pb2_grpc.AdminCommunicatingServicer):
 
     Args:
         site_by_token: resolves the token a client sends (as ``client_name``) to its site, or None.
+        authorize: ``(site name, context)``: aborts the call when this connection may not act
+            for that site (with TLS: its certificate is another site's).
     """
 
-    def __init__(self, site_by_token: Callable[[str], Any]) -> None:
+    def __init__(
+        self,
+        site_by_token: Callable[[str], Any],
+        authorize: Callable[[str, grpc.ServicerContext], None] | None = None,
+    ) -> None:
         self._site_by_token = site_by_token
+        self._authorize = authorize
         self._cond = threading.Condition()
         self._queues: dict[str, list[apb.Message]] = {}
         self._replies: dict[str, apb.Message] = {}
@@ -34,9 +42,14 @@ class AdminQueues(admin_pb2_grpc.AdminCommunicatingServicer):
         self.results: list[tuple[str, apb.Message]] = []
 
     def _site(self, token: str, context: grpc.ServicerContext) -> str:
-        site = self._site_by_token(token)
+        header = dict(context.invocation_metadata()).get(TOKEN_HEADER)
+        if header is not None and header != token:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "token in header and message differ")
+        site = self._site_by_token(token) if token else None
         if site is None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "Unknown client identity")
+        if self._authorize is not None:
+            self._authorize(str(site.name), context)
         return str(site.name)
 
     def send_request(

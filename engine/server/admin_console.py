@@ -57,6 +57,12 @@ class AdminConsoleService(admin_pb2_grpc.AdminConsoleServicer):
     def Execute(
         self, request: apb.ConsoleCommand, context: grpc.ServicerContext
     ) -> apb.ConsoleReply:
+        # With TLS the admin is whoever its certificate names (an admin certificate of the
+        # federation's authority); the name the console sends is not trusted.
+        check = getattr(self.server, "check_admin_peer", None)
+        certified = check(context) if check is not None else None
+        if certified is not None:
+            request.user = certified
         try:
             words = shlex.split(request.command)
         except ValueError as exc:

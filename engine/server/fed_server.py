@@ -27,6 +27,20 @@ from engine.server.admin import AdminQueues
 from engine.server.admin_console import AdminConsoleService
 from engine.server.aggregator import FedAvgAccumulator
 from engine.server.buffers import BufferPool
+from engine.tls import (
+    NAME_MISMATCH,
+    NOT_IN_FEDERATION,
+    ROLE_ADMIN,
+    ROLE_SITE,
+    TOKEN_REFUSED,
+    WRONG_ROLE,
+    KitError,
+    PeerIdentity,
+    SecurityFailure,
+    peer_identity,
+    preflight_certificate,
+    read_tls_files,
+)
 from protos import admin_pb2_grpc
 from protos import federated_pb2 as pb
 
@@ -117,25 +131,57 @@ class FederatedServer:
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
         self._monitor: threading.Thread | None = None
-        self.admin = AdminQueues(self._site_by_token)
+        self.admin = AdminQueues(self._site_by_token, self._authorize_admin_channel)
         self.console = AdminConsoleService(self)
         self.port = 0
         self.created = time.time()
+        self.secure = config.secure_train
+        self._tls = self._load_tls() if self.secure else (b"", b"", b"")
+
+    def _load_tls(self) -> tuple[bytes, bytes, bytes]:
+        """The server's root, certificate and key, checked before anything listens.
+
+        Raises:
+            KitError: a file is missing, the key is readable by others, or the certificate is
+                expired or not the authority's.
+        """
+        c = self.config
+        where = str(c.path or "the server config")
+        if not (c.ssl_root_cert and c.ssl_cert and c.ssl_private_key):
+            raise KitError(
+                where,
+                "secure_train is on (the default) but servers[0].ssl_root_cert, ssl_cert and "
+                "ssl_private_key are not all set: make the server's kit with `fltui provision`, "
+                'or set "secure_train": false for a test federation on a trusted network',
+            )
+        files = read_tls_files(c.ssl_root_cert, c.ssl_cert, c.ssl_private_key)
+        try:
+            preflight_certificate(c.ssl_root_cert, c.ssl_cert, c.ssl_private_key)
+        except SecurityFailure as exc:
+            raise KitError(c.ssl_cert, exc.reason) from None
+        return files
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, target: str | None = None, max_workers: int | None = None) -> int:
         """Starts serving on ``target`` ("host:port", port 0 picks one); returns the port."""
         target = target or self.config.target
-        workers = max_workers or min(256, 16 + 3 * self.config.max_num_clients)
-        options = [
-            ("grpc.max_receive_message_length", 8 << 20),
-            ("grpc.max_send_message_length", 8 << 20),
-            # Clients ping during long transfers (keepalive); allow it instead of GOAWAY.
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            *self.config.options,
-        ]
+        workers = (
+            max_workers
+            or self.config.num_server_workers
+            or min(256, 16 + 3 * self.config.max_num_clients)
+        )
+        # gRPC takes the first of two equal option names: the config's options replace these.
+        options = list(
+            {
+                "grpc.max_receive_message_length": 8 << 20,
+                "grpc.max_send_message_length": 8 << 20,
+                # Clients ping during long transfers (keepalive); allow it instead of GOAWAY.
+                "grpc.http2.min_recv_ping_interval_without_data_ms": 10_000,
+                "grpc.keepalive_permit_without_calls": 1,
+                **dict(self.config.options),
+            }.items()
+        )
         compression = getattr(grpc.Compression, self.config.compression or "NoCompression")
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fl-server"),
@@ -145,7 +191,16 @@ class FederatedServer:
         server.add_generic_rpc_handlers((federated_generic_handler(self),))
         admin_pb2_grpc.add_AdminCommunicatingServicer_to_server(self.admin, server)
         admin_pb2_grpc.add_AdminConsoleServicer_to_server(self.console, server)
-        self.port = server.add_insecure_port(target)
+        if self.secure:
+            # Mutual TLS on all three services: every peer shows a certificate of our authority.
+            creds = grpc.ssl_server_credentials(
+                [(self._tls[2], self._tls[1])],
+                root_certificates=self._tls[0],
+                require_client_auth=True,
+            )
+            self.port = server.add_secure_port(target, creds)
+        else:
+            self.port = server.add_insecure_port(target)
         if self.port == 0:
             raise OSError(f"cannot listen on {target}")
         server.start()
@@ -154,9 +209,10 @@ class FederatedServer:
         self._monitor.start()
         self._save_state()
         log.info(
-            "server for task %r listening on port %d: %d rounds, min %d sites",
+            "server for task %r listening on port %d (%s): %d rounds, min %d sites",
             self.config.task_name,
             self.port,
+            "mutual TLS" if self.secure else "plaintext, no TLS",
             self.config.num_rounds,
             self.config.min_num_clients,
         )
@@ -267,7 +323,69 @@ class FederatedServer:
             raise _Abort(
                 grpc.StatusCode.UNAUTHENTICATED, "Unknown client identity (register again)"
             )
+        if state.client_name and state.client_name != site.name:
+            raise _Abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{TOKEN_REFUSED}: it was not issued to the session of {state.client_name!r}",
+            )
+        self._check_site_peer(site.name, context)
         return site
+
+    def _peer(self, context: grpc.ServicerContext, role: str) -> PeerIdentity | None:
+        """The caller's certificate identity (None without TLS), checked for ``role``.
+
+        gRPC has verified the certificate against the authority before any call gets here.
+        """
+        if not self.secure:
+            return None
+        peer = peer_identity(context)
+        if peer is None:
+            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+        if peer.role != role:
+            raise _Abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{WRONG_ROLE}: {peer.common_name!r} has a certificate of role "
+                f"{peer.role or 'none'!r}; this needs a {role} certificate",
+            )
+        allowed = self.config.fl_clients if role == ROLE_SITE else self.config.admin_clients
+        if allowed is not None and peer.common_name not in allowed:
+            what = NOT_IN_FEDERATION if role == ROLE_SITE else "admin not in the federation"
+            raise _Abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{what}: {peer.common_name!r} is not one of the {role}s of "
+                f"{self.config.task_name!r}",
+            )
+        return peer
+
+    def _check_site_peer(self, site: str, context: grpc.ServicerContext) -> None:
+        """With TLS, a session's token is only good over its own site's certificate."""
+        peer = self._peer(context, ROLE_SITE)
+        if peer is not None and peer.common_name != site:
+            log.warning(
+                "refused a call from %s (certificate %r) with a token of another session",
+                context.peer(),
+                peer.common_name,
+            )
+            raise _Abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{TOKEN_REFUSED}: it was not issued to the session of {peer.common_name!r} "
+                "(the site named in this connection's certificate)",
+            )
+
+    def _authorize_admin_channel(self, site: str, context: grpc.ServicerContext) -> None:
+        try:
+            self._check_site_peer(site, context)
+        except _Abort as exc:
+            context.abort(exc.code, exc.details)
+
+    def check_admin_peer(self, context: grpc.ServicerContext) -> str | None:
+        """The admin's name from its certificate (None without TLS); aborts the call if refused."""
+        try:
+            peer = self._peer(context, ROLE_ADMIN)
+        except _Abort as exc:
+            log.warning("admin console call from %s refused: %s", context.peer(), exc.details)
+            context.abort(exc.code, exc.details)
+        return peer.common_name if peer is not None else None
 
     def _contribution_header(
         self, frames: Iterator[bytes], context: grpc.ServicerContext
@@ -321,6 +439,23 @@ class FederatedServer:
             )
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid client name {name!r}")
+        try:
+            peer = self._peer(context, ROLE_SITE)
+        except _Abort as exc:
+            log.warning("registration of %r from %s refused: %s", name, context.peer(), exc.details)
+            raise
+        if peer is not None and peer.common_name != name:
+            log.warning(
+                "registration of %r from %s refused: its certificate is %r",
+                name,
+                context.peer(),
+                peer.common_name,
+            )
+            raise _Abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{NAME_MISMATCH}: this connection's certificate is for {peer.common_name!r} "
+                f"but it registers as {name!r}",
+            )
         with self._cond:
             if name not in self.sites and len(self.sites) >= self.config.max_num_clients:
                 raise _Abort(
