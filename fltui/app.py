@@ -126,6 +126,7 @@ def create_app(
     theme: str = DEFAULT_THEME,
     demo_sites: int = 3,
     demo_rounds: int = 5,
+    demo_secure: bool = False,
     gpu_sampler: object = None,
     bridge: SiteBridge | None = None,
     clock: Callable[[], float] = time.time,
@@ -134,7 +135,8 @@ def create_app(
 
     Args:
         workspace: the site workspace (or the demo's root); default the current folder.
-        demo: run the demo federation (in ``workspace``).
+        demo: run the demo federation (in ``workspace``), as a service in a child process.
+        demo_secure: the demo with provisioned certificates and mutual TLS.
         theme: a theme file's stem ("dark", "light", "high_contrast").
         gpu_sampler: the GPU sampler to run (default: NVML's, which says why when there is none).
         bridge: use this bridge instead of building one (tests).
@@ -147,7 +149,7 @@ def create_app(
 
     def demo_bridge(path: Path = root) -> SiteBridge:
         # The demo runs as a service in a child process: this console only draws it.
-        return RemoteBridge.demo(path, sites=demo_sites, rounds=demo_rounds)
+        return RemoteBridge.demo(path, sites=demo_sites, rounds=demo_rounds, secure=demo_secure)
 
     if bridge is None:
         if demo:

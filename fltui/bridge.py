@@ -10,7 +10,7 @@ Textual thread workers.
   starts the demo federation as such a service, in a child process, and stops it on quit.
 - ``LocalBridge``: no service runs, so the console runs the site's engine itself (and serves the
   control socket, so that a second console or ``fltui ctl`` can attach); the engine ends when
-  this console quits. In demo mode (tests) it runs the demo federation in this process.
+  this console quits.
 """
 
 from __future__ import annotations
@@ -101,49 +101,35 @@ class _Queue:
 
 
 class LocalBridge(SiteBridge):
-    """The engine in this process.
+    """The site's engine in this process (no service runs for the workspace).
+
+    It still takes the workspace's lock and serves the control socket, so a second console or
+    ``fltui ctl`` attaches to it; the engine stops when this console quits.
 
     Args:
-        workspace: the site workspace (or, in demo mode, the demo's root folder).
-        demo: run the demo federation (server + site-1 here, peers as child processes).
-        demo_sites, demo_rounds: the demo's size.
+        workspace: the site workspace.
         gpu_sampler: an ``engine.gpu.GpuSampler``-like object (``start(bus, site)``/``stop()``),
             or None for none.
     """
 
-    def __init__(
-        self,
-        workspace: Path,
-        demo: bool = False,
-        demo_sites: int = 3,
-        demo_rounds: int = 5,
-        gpu_sampler: Any = None,
-    ) -> None:
+    def __init__(self, workspace: Path, gpu_sampler: Any = None) -> None:
         from engine.service import SiteActions
 
         self.workspace = Path(workspace)
-        self.demo = demo
-        self.mode = "demo" if demo else "console"
-        self.demo_sites, self.demo_rounds = demo_sites, demo_rounds
+        self.mode = "console"
         self.bus = EventBus()
         self._queue = _Queue()
         self.bus.subscribe(self._queue.put)
         self._thread: threading.Thread | None = None
         self._runner: Any = None
-        self._demo: Any = None
         self._stopping = threading.Event()
         self.gpu_sampler = gpu_sampler
-        self.site = "site-1" if demo else ""
-        self.result: Any = None
-        self.actions = SiteActions(
-            self.workspace / "site-1" if demo else self.workspace,
-            self._interface,
-            lambda: self.site or "site-1",
-        )
+        self.site = ""
+        self.actions = SiteActions(self.workspace, self._interface, lambda: self.site)
 
     @property
     def label(self) -> str:
-        return "fltui demo" if self.demo else "fltui · engine in this console"
+        return "fltui · engine in this console"
 
     def drain(self) -> list[Event]:
         return self._queue.drain()
@@ -157,33 +143,10 @@ class LocalBridge(SiteBridge):
 
     def start(self) -> None:
         """Starts the engine in a background thread (never blocks the caller)."""
-        target = self._run_demo if self.demo else self._run_site
-        self._thread = threading.Thread(target=target, name="engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
-    def _run_demo(self) -> None:
-        from engine.demo import DemoFederation
-
-        if self.gpu_sampler is not None:
-            self.gpu_sampler.start(self.bus, "site-1")
-        demo = DemoFederation(
-            self.workspace,
-            self.bus,
-            self.demo_sites,
-            self.demo_rounds,
-            torch_in_subprocess=True,
-            site_1_stays=True,
-        )
-        self._demo = demo
-        try:
-            self.result = demo.run()
-        except Exception as exc:  # the console shows it; it must not vanish with the thread
-            self._say("ERROR", f"demo federation failed: {type(exc).__name__}: {exc}")
-        else:
-            outcome = "finished" if self.result.ok else "FAILED"
-            self._say("INFO", f"demo federation {outcome}: {self.result.outcomes}")
-
-    def _run_site(self) -> None:
+    def _run(self) -> None:
         from engine.config import ConfigError
         from engine.service import ServiceError, SiteRunner
 
@@ -213,12 +176,8 @@ class LocalBridge(SiteBridge):
             runner.close()
 
     def stop(self) -> None:
-        """Stops the engine (the demo's peers too); waits a little for it."""
+        """Stops the engine; waits a little for it."""
         self._stopping.set()
-        if self._demo is not None:
-            self._demo.abort()
-            if self.gpu_sampler is not None:
-                self.gpu_sampler.stop()
         if self._runner is not None:
             self._runner.request_stop()
         if self._thread is not None:
@@ -231,10 +190,7 @@ class LocalBridge(SiteBridge):
     # ------------------------------------------------------------------ actions
 
     def _interface(self) -> Any:
-        if self._demo is not None:
-            service = self._demo.site_service
-        else:
-            service = self._runner.service if self._runner is not None else None
+        service = self._runner.service if self._runner is not None else None
         return service.interface if service is not None else None
 
     @property
@@ -306,7 +262,9 @@ class RemoteBridge(SiteBridge):
         self.ready = threading.Event()
 
     @classmethod
-    def demo(cls, root: Path, sites: int = 3, rounds: int = 5) -> RemoteBridge:
+    def demo(
+        cls, root: Path, sites: int = 3, rounds: int = 5, secure: bool = False
+    ) -> RemoteBridge:
         """The demo federation as a service in a child process, which this console owns."""
         command = [
             sys.executable,
@@ -321,6 +279,7 @@ class RemoteBridge(SiteBridge):
             str(sites),
             "--rounds",
             str(rounds),
+            *(["--secure"] if secure else []),
         ]
         return cls(root, "site-1", launch=command)
 

@@ -2,8 +2,9 @@
 ``fltui ctl``, ``fltui admin``.
 
 Exit codes: 0 the federation finished (or the service was asked to stop); 1 it failed or was
-aborted, or a ``ctl`` action was refused; 2 bad usage or configuration; 3 no site service runs
-for the workspace (``ctl``); 4 the workspace already has a running service; 130 interrupted.
+aborted, or a ``ctl`` action was refused; 2 bad usage or configuration; 3 refused by TLS or
+authentication; 4 the workspace already has a running service; 5 no site service runs for the
+workspace (``ctl``); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ __all__ = [
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
-EXIT_NO_SERVICE = 3
+EXIT_NO_SERVICE = 5
 EXIT_BUSY = 4
 EXIT_INTERRUPTED = 130
 
@@ -94,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--rounds", type=int, default=5, help="rounds of federated averaging (default 5)"
     )
+    demo.add_argument(
+        "--secure",
+        action="store_true",
+        help="provision certificates into the demo workspace and use mutual TLS everywhere",
+    )
     # The console starts the demo this way: a service with a control socket, site-1 staying up.
     demo.add_argument("--service", action="store_true", help=argparse.SUPPRESS)
     ctl = sub.add_parser(
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="control the site service of a workspace from scripts",
         description="Talks to the running site service of a workspace (see `fltui --no-ui`).",
         epilog="Exit codes: 0 done; 1 the service refused or the action failed; 2 bad usage; "
-        "3 no service runs for the workspace.",
+        "5 no service runs for the workspace.",
     )
     _common(ctl, suppress=True)
     ctl.add_argument(
@@ -118,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(admin, suppress=True)
     admin.add_argument("words", nargs=argparse.REMAINDER, help="one command to run, then exit")
+    sub.add_parser(  # dispatched before parsing (see main); here for --help
+        "provision",
+        help="make a federation's certificate authority, certificates and startup kits "
+        "(fltui provision --project project.json --out DIR)",
+        add_help=False,
+    )
+    sub.add_parser(  # dispatched before parsing (see main); here for --help
+        "check-config",
+        help="check a workspace, startup kit, MMAR or server config (Clara 3.1 forms); "
+        "every problem at once",
+        add_help=False,
+    )
     server = sub.add_parser("server", help="run the reference FL server from a server workspace")
     _common(server, suppress=True)
     server.add_argument(
@@ -134,7 +152,16 @@ def _workspace(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["check-config"]:  # its own parser, --help included
+        from fltui.check_config import main as check_config
+
+        return check_config(words[1:])
+    if words[:1] == ["provision"]:
+        from fltui.provision import main as provision
+
+        return provision(words[1:])
+    args = build_parser().parse_args(words)
     if not args.no_ui and args.command in (None, "demo"):
         return _run_console(args)
     if args.command == "admin":
@@ -184,7 +211,12 @@ def _run_console(args: argparse.Namespace) -> int:
         else:
             root = Path(tempfile.mkdtemp(prefix="fltui-demo-"))
         app = create_app(
-            root, demo=True, theme=args.theme, demo_sites=args.sites, demo_rounds=args.rounds
+            root,
+            demo=True,
+            theme=args.theme,
+            demo_sites=args.sites,
+            demo_rounds=args.rounds,
+            demo_secure=args.secure,
         )
     else:
         app = create_app(_workspace(args), theme=args.theme)
@@ -246,6 +278,11 @@ def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
         return EXIT_INTERRUPTED
     finally:
         runner.close()
+    failure = getattr(runner.service, "failure", None)
+    if failure is not None:  # registration failed: refused by TLS/authentication, or not reached
+        from engine.tls import EXIT_REFUSED
+
+        return EXIT_REFUSED if failure.security else EXIT_FAILED
     if args.serve or runner.stopping:
         return EXIT_OK  # stopped on request (ctl shutdown, a console's stop key)
     return EXIT_OK if outcome == "completed" else EXIT_FAILED
@@ -290,6 +327,7 @@ def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
         num_rounds=args.rounds,
         torch_in_subprocess=args.service,
         site_1_stays=args.service,
+        secure=args.secure,
     )
     host = None
     if args.service:
@@ -358,10 +396,11 @@ def _run_server(args: argparse.Namespace, bus: object, printer: object) -> int:
                     model_path, "", "no initial model (give --mmar PATH to build one)"
                 )
             initial = load_npz(model_path)
+        # Certificate problems (missing, readable key, expired) are ConfigErrors from here.
+        server = FederatedServer(config, root, initial, bus)  # type: ignore[arg-type]
     except ConfigError as exc:
         return _config_error(printer, exc)
     detach = attach_workspace_logs(root, bus, "server")  # type: ignore[arg-type]
-    server = FederatedServer(config, root, initial, bus)  # type: ignore[arg-type]
     stop = threading.Event()
     _on_sigterm(stop)
     try:

@@ -1,6 +1,6 @@
 """``fltui ctl --workspace DIR ACTION``: the console's actions, from scripts, on a site service.
 
-Exit codes: 0 done; 1 the service refused the action or it failed; 2 bad usage; 3 no service
+Exit codes: 0 done; 1 the service refused the action or it failed; 2 bad usage; 5 no service
 runs for the workspace (or its socket cannot be used).
 """
 
@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_ctl"]
+from fltui.cli import EXIT_CONFIG as EXIT_USAGE
+from fltui.cli import EXIT_FAILED, EXIT_NO_SERVICE, EXIT_OK
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_SERVICE = 0, 1, 2, 3
+__all__ = ["run_ctl"]
 
 
 def _status_lines(status: dict[str, Any]) -> list[str]:

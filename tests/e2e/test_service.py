@@ -219,7 +219,7 @@ def test_consoles_attach_mid_round_abort_detach_and_the_service_stays(tmp_path: 
         assert find_service(site) is None
         assert not _workers(site)
         gone = _ctl(site, "status")
-        assert gone.returncode == 3 and "no site service runs" in gone.stderr
+        assert gone.returncode == 5 and "no site service runs" in gone.stderr
     finally:
         if other is not None:
             other.stop()
@@ -260,6 +260,19 @@ def test_one_service_per_workspace_and_a_killed_one_leaves_nothing_behind(tmp_pa
         info3 = _wait(lambda: find_service(site), 60, "the next service")
         assert info3.pid == third.pid != info.pid
         _wait(lambda: _ctl(site, "status").returncode == 0, 30, "ctl to reach it")
+        # the console's actions from a script: deploy the next run, train it, abort it
+        deployed = _ctl(site, "deploy", "demo_mmar")
+        assert deployed.returncode == 0, deployed.stderr
+        assert (site / "run_2" / "mmar_site-1" / "config").is_dir()
+        started = _ctl(site, "start", "--json")
+        assert started.returncode == 0, started.stderr
+        assert json.loads(started.stdout)["ok"] is True
+        _wait(lambda: _workers(site), 60, "run 2 to train")
+        assert _ctl(site, "abort").returncode == 0
+        _wait(lambda: not _workers(site), 30, "the abort to stop the worker")
+        assert "training stopped" in _ctl(site, "status").stdout
+        bad = _ctl(site, "deploy")
+        assert bad.returncode == 2 and "deploy needs an MMAR" in bad.stderr
         assert _ctl(site, "shutdown").returncode == 0
         assert third.wait(30) == 0
     finally:
