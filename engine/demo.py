@@ -251,12 +251,14 @@ class DemoFederation:
                 _set_port(SitePaths(self.root / name).kit, port)
             _set_admin_port(self.root / "admin", port)
             for name in names[1:]:
+                if self._aborted.is_set():  # stopped while starting: start no more peers
+                    break
                 self._start_peer(name)
             watchdog = threading.Thread(target=self._watch_peers, name="demo-watchdog", daemon=True)
             watchdog.start()
             outcome = self._run_site_1()
             result.outcomes[names[0]] = outcome
-            if outcome != "completed" and not self.site_1_stays:
+            if outcome != "completed" and (not self.site_1_stays or self._aborted.is_set()):
                 self.stop_peers()  # the federation cannot finish without this site
             for name, proc in self.peers.items():
                 try:

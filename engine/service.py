@@ -65,9 +65,11 @@ log = logging.getLogger(__name__)
 PROTOCOL = 1
 SERVICE_DIR = ".fltui"
 MAX_LINE = 1 << 20  # a request line longer than this is refused
-MAX_QUEUED = (
-    50_000  # events waiting for one slow console; past this it is dropped (it may reattach)
-)
+# What waits for one slow console (one stopped with Ctrl-Z): past this it is dropped, and may
+# attach again for a fresh snapshot.
+MAX_QUEUED_BYTES = 8 << 20
+MAX_CONNECTIONS = 32
+ACTION_WAIT_S = 30.0  # how long a closing connection or a stopping service waits for actions
 # What a client may ask; each maps to a SiteActions method (status/shutdown are the server's own).
 ACTIONS = (
     "transfer_mmars",
@@ -156,6 +158,8 @@ class ServiceInfo:
     workspace: str
 
     def describe(self) -> str:
+        if self.mode == "starting":
+            return f"the fltui service pid {self.pid} (starting)"
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
         return f"the fltui service pid {self.pid} ({self.mode} {self.site}, running since {since})"
 
@@ -164,15 +168,31 @@ def _read_info(workspace: Path) -> ServiceInfo | None:
     try:
         data = json.loads((service_dir(workspace) / "service.json").read_text("utf-8"))
         return ServiceInfo(**{f.name: data[f.name] for f in dataclasses.fields(ServiceInfo)})
+    except PermissionError:
+        raise _not_ours(service_dir(workspace)) from None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
+def _not_ours(folder: Path) -> ServiceError:
+    try:
+        owner = f"uid {folder.stat().st_uid}"
+    except OSError:
+        owner = "another user"
+    return ServiceError(
+        f"{folder} belongs to {owner}, not to this user (uid {os.getuid()}): its site service "
+        "may only be used by that user; run fltui as that user (e.g. sudo -u USER fltui ...)"
+    )
+
+
 def _lock_held(lock_path: Path) -> bool:
+    """Whether a process holds the workspace lock (a probe of a few microseconds)."""
     try:
         fd = os.open(lock_path, os.O_RDONLY)
     except FileNotFoundError:
         return False
+    except PermissionError:
+        raise _not_ours(lock_path.parent) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -182,15 +202,41 @@ def _lock_held(lock_path: Path) -> bool:
     return False
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def find_service(workspace: Path) -> ServiceInfo | None:
-    """The service that runs ``workspace`` now, or None (a stale service.json is ignored)."""
-    if not _lock_held(service_dir(workspace) / "service.lock"):
+    """The service that runs ``workspace`` now, ready for consoles; else None.
+
+    A service.json left by a killed service is ignored (no lock held, or its pid is gone).
+
+    Raises:
+        ServiceError: the workspace's service folder belongs to another user.
+    """
+    folder = service_dir(workspace)
+    if not folder.exists():
         return None
-    return _read_info(workspace)
+    info = _read_info(workspace)
+    if info is None or not _alive(info.pid):
+        return None
+    if not _lock_held(folder / "service.lock"):
+        return None
+    return info
 
 
 class WorkspaceLock:
-    """The one-engine-per-workspace lock (``flock``; released by the kernel if we die)."""
+    """The one-engine-per-workspace lock (``flock``; released by the kernel if we die).
+
+    ``acquire`` takes the lock; ``publish`` writes ``service.json`` once the service can be
+    reached (its socket listens), so a console never finds a service it cannot attach to.
+    """
 
     def __init__(self, workspace: Path) -> None:
         self.workspace = Path(workspace).resolve()
@@ -198,27 +244,42 @@ class WorkspaceLock:
         self._fd: int | None = None
         self.info: ServiceInfo | None = None
 
+    def _holder(self) -> ServiceInfo | None:
+        info = _read_info(self.workspace)
+        if info is not None and _alive(info.pid):
+            return info
+        try:  # not described yet (it is starting): the pid it wrote into the lock file
+            pid = int((self.dir / "service.lock").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return ServiceInfo(pid, "", "?", "starting", time.time(), str(self.workspace))
+
     def acquire(self, site: str, mode: str) -> ServiceInfo:
-        """Takes the lock and writes service.json; raises WorkspaceBusy naming the holder."""
+        """Takes the lock; raises WorkspaceBusy naming the holder, or ServiceError."""
         if not self.workspace.is_dir():
             raise ServiceError(f"workspace {self.workspace} does not exist")
-        _private_dir(self.dir)
-        fd = os.open(self.dir / "service.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            # The holder may be a moment from writing its service.json.
-            info = None
-            for _ in range(20):
-                info = _read_info(self.workspace)
-                if info is not None:
-                    break
-                time.sleep(0.05)
-            raise WorkspaceBusy(self.workspace, info) from None
+            _private_dir(self.dir)
+            fd = os.open(self.dir / "service.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except PermissionError:
+            raise _not_ours(self.dir) from None
+        # A console probing for a service holds a shared lock for microseconds: try a while.
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                os.close(fd)
+                raise WorkspaceBusy(self.workspace, self._holder()) from None
         self._fd = fd
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
+        with contextlib.suppress(OSError):
+            (self.dir / "service.json").unlink()  # a killed service's
         self.info = ServiceInfo(
             pid=os.getpid(),
             socket=str(control_socket_path(self.workspace)),
@@ -227,11 +288,15 @@ class WorkspaceLock:
             started=time.time(),
             workspace=str(self.workspace),
         )
+        return self.info
+
+    def publish(self) -> None:
+        """Writes service.json: consoles and ``fltui ctl`` find the service from now on."""
         from engine.fileio import atomic_write
 
+        assert self.info is not None, "acquire first"
         text = json.dumps(dataclasses.asdict(self.info), indent=2) + "\n"
         atomic_write(self.dir / "service.json", lambda f: f.write(text.encode()))
-        return self.info
 
     def release(self) -> None:
         if self._fd is None:
@@ -358,30 +423,57 @@ class _Connection:
         self.sock = sock
         self.name = name
         self._queue: deque[bytes] = deque()
+        self._queued = 0
         self._cond = threading.Condition()
-        self.closed = False
+        self.closed = False  # nothing more is queued; the writer flushes what is, then closes
+        self.actions = 0  # actions of this connection still running
 
     def send(self, message: dict[str, Any]) -> None:
         line = (json.dumps(message, default=str, separators=(",", ":")) + "\n").encode()
         with self._cond:
             if self.closed:
                 return
-            if len(self._queue) >= MAX_QUEUED:
+            if self._queued + len(line) > MAX_QUEUED_BYTES:
                 log.warning("control: %s reads too slowly; dropping it", self.name)
-                self._close_locked()
+                self._drop_locked()
                 return
             self._queue.append(line)
-            self._cond.notify()
+            self._queued += len(line)
+            self._cond.notify_all()
 
-    def _close_locked(self) -> None:
+    def _drop_locked(self) -> None:
         self.closed = True
+        self._queue.clear()
+        self._queued = 0
         self._cond.notify_all()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
-    def close(self) -> None:
+    def drop(self) -> None:
+        """Cuts the connection now (what is queued is lost)."""
         with self._cond:
-            self._close_locked()
+            self._drop_locked()
+
+    def finish(self) -> None:
+        """Closes after the writer has sent what is queued (replies included)."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def action_started(self) -> None:
+        with self._cond:
+            self.actions += 1
+
+    def action_done(self) -> None:
+        with self._cond:
+            self.actions -= 1
+            self._cond.notify_all()
+
+    def wait_actions(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.actions > 0 and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
 
     def write_loop(self) -> None:
         try:
@@ -390,14 +482,26 @@ class _Connection:
                     while not self._queue and not self.closed:
                         self._cond.wait()
                     if not self._queue:  # closed and flushed
-                        return
+                        break
                     batch = b"".join(self._queue)
                     self._queue.clear()
+                    self._queued = 0
                 self.sock.sendall(batch)
+            # Flushed. Half-close, and discard what the peer still sends for a moment: closing
+            # with unread data would reset the connection and lose our last lines (a refusal).
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(0.2)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and self.sock.recv(1 << 16):
+                pass
         except OSError:
             pass
         finally:
-            self.close()
+            with self._cond:
+                self.closed = True
+                self._queue.clear()
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 self.sock.close()
 
@@ -426,6 +530,7 @@ class ControlServer:
         allowed_uids: set[int] | None = None,
     ) -> None:
         self.path = Path(path)
+        self.bus = bus
         self.actions = actions
         self.hello = {"type": "hello", "protocol": PROTOCOL, **hello}
         self.on_shutdown = on_shutdown
@@ -435,9 +540,11 @@ class ControlServer:
         self._conns: list[_Connection] = []
         self._sock: socket.socket | None = None
         self._closed = threading.Event()
-        self._shutdown_once = threading.Lock()
-        self._unsubscribe = bus.subscribe(self._on_event)
+        self._stopping = threading.Event()  # a shutdown was asked: no new actions
+        self._actions: set[threading.Thread] = set()
+        self._unsubscribe: Callable[[], None] | None = None
         self.refused = 0
+        self.bye_reason = "the site service stopped"
 
     # -- state and events
 
@@ -460,6 +567,7 @@ class ControlServer:
     # -- lifecycle
 
     def start(self) -> None:
+        """Binds and listens; raises ServiceError naming the socket when it cannot."""
         _private_dir(self.path.parent)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a socket left by a killed service (we hold the workspace lock)
@@ -467,26 +575,37 @@ class ControlServer:
         old = os.umask(0o177)
         try:
             sock.bind(str(self.path))
+            os.chmod(self.path, 0o600)
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            raise ServiceError(f"cannot open the control socket {self.path}: {exc}") from None
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
-        sock.listen(16)
         self._sock = sock
+        self._unsubscribe = self.bus.subscribe(self._on_event)
         threading.Thread(target=self._accept_loop, name="control-accept", daemon=True).start()
         log.info("control socket %s", self.path)
 
     def close(self) -> None:
+        """Stops taking connections; lets running actions end (a while); closes every one."""
+        self._stopping.set()
         self._closed.set()
-        self._unsubscribe()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 self._sock.close()
+        deadline = time.monotonic() + ACTION_WAIT_S
+        for thread in list(self._actions):
+            thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             conns, self._conns = list(self._conns), []
-        for conn in conns:
-            conn.close()
+        for conn in conns:  # consoles hear that the service ended, rather than lost
+            conn.send({"type": "bye", "reason": self.bye_reason})
+            conn.finish()
         with contextlib.suppress(FileNotFoundError, OSError):
             self.path.unlink()
 
@@ -503,6 +622,10 @@ class ControlServer:
 
     # -- one connection
 
+    def _refuse(self, conn: _Connection, error: str) -> None:
+        conn.send({"type": "refused", "error": error})
+        conn.finish()
+
     def _serve(self, sock: socket.socket) -> None:
         try:
             uid = _peer_uid(sock)
@@ -510,30 +633,27 @@ class ControlServer:
             sock.close()
             return
         conn = _Connection(sock, f"uid {uid}")
-        writer = threading.Thread(target=conn.write_loop, name="control-write", daemon=True)
-        writer.start()
+        threading.Thread(target=conn.write_loop, name="control-write", daemon=True).start()
         if uid not in self.allowed_uids:
             self.refused += 1
             log.warning("control: refused a connection from uid %d", uid)
-            conn.send(
-                {
-                    "type": "refused",
-                    "error": f"this site service belongs to uid {os.getuid()}; "
-                    f"uid {uid} may not control it",
-                }
+            self._refuse(
+                conn,
+                f"this site service belongs to uid {os.getuid()}; uid {uid} may not control it",
             )
-            with conn._cond:  # let the writer flush the refusal, then close
-                conn.closed = True
-                conn._cond.notify_all()
             return
         with self._lock:  # snapshot and registration under one lock: no event lost or doubled
+            if len(self._conns) >= MAX_CONNECTIONS:
+                self._refuse(conn, f"the site service has {MAX_CONNECTIONS} consoles already")
+                return
             conn.send(self.hello)
             conn.send({"type": "snapshot", "state": self.state.to_dict()})
             self._conns.append(conn)
         try:
             self._read_loop(sock, conn)
+            conn.wait_actions(ACTION_WAIT_S)  # a client that sent and closed still gets replies
         finally:
-            conn.close()
+            conn.finish()
             with self._lock:
                 if conn in self._conns:
                     self._conns.remove(conn)
@@ -548,7 +668,7 @@ class ControlServer:
             if not raw:
                 return
             if len(raw) > MAX_LINE:
-                conn.send({"type": "refused", "error": f"request longer than {MAX_LINE} bytes"})
+                self._refuse(conn, f"request longer than {MAX_LINE} bytes")
                 return
             rid: Any = None
             try:
@@ -564,21 +684,51 @@ class ControlServer:
                     raise ValueError(f"unknown action {name!r} (actions: {', '.join(ACTIONS)})")
                 if not isinstance(args, list):
                     raise ValueError("'args' must be a list")
-            except ValueError as exc:
-                conn.send({"type": "reply", "id": rid, "ok": False, "error": f"bad request: {exc}"})
+            except (ValueError, RecursionError) as exc:
+                problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
+                conn.send(
+                    {"type": "reply", "id": rid, "ok": False, "error": f"bad request: {problem}"}
+                )
+                continue
+            if self._stopping.is_set():
+                if name == "shutdown":  # asked twice: that is what is happening
+                    conn.send(
+                        {"type": "reply", "id": rid, "ok": True, "result": "already stopping"}
+                    )
+                else:
+                    conn.send(
+                        {
+                            "type": "reply",
+                            "id": rid,
+                            "ok": False,
+                            "error": "the service is stopping",
+                        }
+                    )
                 continue
             # Actions can take seconds (abort waits for the worker): never hold up the reader.
-            threading.Thread(
+            conn.action_started()
+            thread = threading.Thread(
                 target=self._act, args=(conn, rid, name, args), name=f"action-{name}", daemon=True
-            ).start()
+            )
+            self._actions.add(thread)
+            thread.start()
 
     def _act(self, conn: _Connection, rid: Any, name: str, args: list[Any]) -> None:
+        try:
+            self._reply(conn, rid, name, args)
+        finally:
+            conn.action_done()
+            self._actions.discard(threading.current_thread())
+
+    def _reply(self, conn: _Connection, rid: Any, name: str, args: list[Any]) -> None:
         try:
             if name == "status":
                 with self._lock:
                     result: Any = {**self.hello, **self.state.snapshot()}
                 result.pop("type", None)
             elif name == "shutdown":
+                self._stopping.set()
+                self.bye_reason = "the site service was stopped on request"
                 result = "the site service is stopping"
             else:
                 result = getattr(self.actions, name)(*args)
@@ -607,7 +757,7 @@ class ControlServer:
             )
             return
         conn.send({"type": "reply", "id": rid, "ok": True, "result": result})
-        if name == "shutdown" and self._shutdown_once.acquire(blocking=False):
+        if name == "shutdown" and not self._closed.is_set():
             threading.Thread(target=self.on_shutdown, name="control-shutdown", daemon=True).start()
 
 
@@ -633,6 +783,7 @@ class ControlClient:
         self._next = 0
         self.closed_reason = ""
         self.closed = threading.Event()
+        self.bye = ""  # the service said it is stopping (not a lost connection)
 
     def connect(self, timeout: float = 5.0) -> dict[str, Any]:
         """Connects and reads the hello; raises NoService or ServiceError with the reason."""
@@ -677,13 +828,16 @@ class ControlClient:
                     message = json.loads(raw)
                 except ValueError:
                     continue
+                if message.get("type") == "bye":
+                    self.bye = str(message.get("reason") or "the site service stopped")
+                    continue
                 if message.get("type") == "reply" and isinstance(message.get("id"), int):
                     with self._cond:
                         self._replies[message["id"]] = message
                         self._cond.notify_all()
                 elif self.on_message is not None:
                     self.on_message(message)
-            self.closed_reason = "the service closed the connection"
+            self.closed_reason = self.bye or "the service closed the connection"
         except OSError as exc:
             self.closed_reason = f"connection lost: {exc}"
         finally:
@@ -790,6 +944,7 @@ class ServiceHost:
             self.lock.release()
             raise
         self.control, self.info = control, info
+        self.lock.publish()
         return info
 
     def close(self) -> None:

@@ -224,31 +224,42 @@ class SiteState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SiteState:
-        """Rebuilds a state from ``to_dict()`` output; unknown keys are ignored.
+        """Rebuilds a state from ``to_dict()`` output.
 
-        Raises:
-            ValueError: a value of the wrong kind.
+        Tolerant, as a console must be of a service of another version: unknown keys, unknown
+        events and values of the wrong kind are left out (the field keeps its default).
         """
         state = cls()
-        names = {f.name for f in fields(cls)}
-        try:
-            for key, value in data.items():
-                if key not in names:
+        defaults = {f.name: getattr(state, f.name) for f in fields(cls)}
+
+        def events(value: Any) -> list[Any]:
+            out = []
+            for item in value if isinstance(value, list) else []:
+                try:
+                    out.append(event_from_dict(item))
+                except (ValueError, TypeError, AttributeError):
                     continue
-                if key == "requests":
-                    state.requests.extend(event_from_dict(e) for e in value)  # type: ignore[misc]
-                elif key == "logs":
-                    state.logs.extend(event_from_dict(e) for e in value)  # type: ignore[misc]
+            return out
+
+        for key, value in data.items() if isinstance(data, dict) else ():
+            if key not in defaults:
+                continue
+            try:
+                if key in ("requests", "logs"):
+                    getattr(state, key).extend(events(value))
                 elif key == "gpu":
                     state.gpu = event_from_dict(value) if value else None
                 elif key == "round_metrics":
                     state.round_metrics = [(int(r), dict(m)) for r, m in value]
-                elif key in ("local_metrics",):
+                elif key == "local_metrics":
                     state.local_metrics = dict(value)
                 else:
-                    setattr(state, key, value)
-        except (TypeError, AttributeError) as exc:
-            raise ValueError(f"bad site state snapshot ({key}): {exc}") from exc
+                    default = defaults[key]
+                    kinds = (int, float) if isinstance(default, (int, float)) else type(default)
+                    if default is None or value is None or isinstance(value, kinds):
+                        setattr(state, key, value)
+            except (ValueError, TypeError, AttributeError):
+                continue
         return state
 
     def snapshot(self) -> dict[str, Any]:

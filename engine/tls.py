@@ -585,6 +585,10 @@ def _split(target: str) -> tuple[str, int]:
 
 
 _NOT_TLS = re.compile(r"WRONG_VERSION_NUMBER|RECORD_LAYER|HTTP_REQUEST|UNEXPECTED_EOF", re.I)
+# Bytes that are not TLS came back: a plaintext server answered our handshake.
+_PLAINTEXT_REPLY = re.compile(r"WRONG_VERSION_NUMBER|HTTP_REQUEST|RECORD_LAYER", re.I)
+# A TLS alert about certificates (unknown ca, bad/expired/required certificate, ...).
+_CERT_ALERT = re.compile(r"ALERT.*(CA|CERTIFICATE)|CERTIFICATE.*(REQUIRED|UNKNOWN|EXPIRED)", re.I)
 # The HTTP/2 connection preface and an empty SETTINGS frame: what gRPC sends first.
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
@@ -638,18 +642,35 @@ def diagnose_certificate(
         sock = socket.create_connection((host, port), timeout=timeout)
     except (OSError, ValueError, ssl.SSLError):
         return None
+    # The handshake: a peer that hangs up or stalls before it completes is the network's
+    # trouble (a proxy whose far end is down, a slow link), worth a retry - not a refusal.
     try:
-        with sock, ctx.wrap_socket(sock) as tls:
-            tls.sendall(_H2_PREFACE)
-            answer = tls.recv(9)
+        tls = ctx.wrap_socket(sock)
     except ssl.SSLError as exc:
-        if _NOT_TLS.search(str(exc)):
+        sock.close()
+        if _PLAINTEXT_REPLY.search(str(exc)):
             return SecurityFailure("tls_to_plaintext", _words("tls_to_plaintext", "", target))
-        answer = b""
-    except (ConnectionError, TimeoutError):
+        if not _CERT_ALERT.search(str(exc)):
+            return None
         answer = b""
     except OSError:
+        sock.close()
         return None
+    else:
+        # After the handshake: a server that refuses our certificate (TLS 1.3 checks it now)
+        # sends an alert or hangs up; one that accepts it answers with HTTP/2 settings.
+        with tls:
+            try:
+                tls.sendall(_H2_PREFACE)
+                answer = tls.recv(9)
+            except ssl.SSLError as exc:
+                if not (_CERT_ALERT.search(str(exc)) or "EOF" in str(exc)):
+                    return None
+                answer = b""
+            except ConnectionResetError:
+                answer = b""
+            except OSError:  # a timeout: a slow server, not a refusal
+                return None
     if answer:
         return None
     return SecurityFailure(

@@ -31,6 +31,7 @@ from engine.service import ActionError, ServiceInfo
 __all__ = ["BridgeError", "LocalBridge", "RemoteBridge", "SiteBridge"]
 
 MAX_PENDING = 20_000
+RECONNECT_S = 60.0  # how long a console waits for a lost service to come back (systemd: 10 s)
 
 # One error type for the console, whichever side the engine runs on.
 BridgeError = ActionError
@@ -285,6 +286,8 @@ class RemoteBridge(SiteBridge):
 
     @property
     def label(self) -> str:
+        if self._gone == "reconnecting":
+            return "service lost · reconnecting"
         if self._gone:
             return "service gone"
         if self.pid is None:
@@ -326,25 +329,31 @@ class RemoteBridge(SiteBridge):
             )
         self._say("INFO", f"starting the demo federation as a service (pid {self.proc.pid})")
 
-    def _find(self) -> ServiceInfo | None:
+    def _find(self, wait_s: float) -> ServiceInfo | None:
+        """The service, once it listens (waiting up to ``wait_s``); None if it does not come."""
         from engine.fileio import tail_text
-        from engine.service import find_service
+        from engine.service import ServiceError, find_service
 
-        deadline = time.monotonic() + (self.wait_s if self.launch else 0)
-        while True:
-            info = find_service(self.workspace)
+        deadline = time.monotonic() + wait_s
+        while not self._stopping.is_set():
+            try:
+                info = find_service(self.workspace)
+            except ServiceError as exc:
+                self._fail(str(exc))
+                return None
             if info is not None and (self.proc is None or info.pid == self.proc.pid):
                 return info
             if self.proc is not None and self.proc.poll() is not None:
                 tail = tail_text(self._log_path(), 5, "demo service log")
                 self._fail(f"the demo service exited with code {self.proc.returncode}: {tail}")
                 return None
-            if time.monotonic() > deadline or self._stopping.is_set():
-                self._fail(f"no site service runs for {self.workspace}")
+            if time.monotonic() > deadline:
                 return None
             time.sleep(0.1)
+        return None
 
     def _connect(self) -> None:
+        """Attaches; after a lost connection (a crash, a restart by systemd), attaches again."""
         from engine.service import ControlClient, ServiceError
 
         if self.launch:
@@ -353,25 +362,47 @@ class RemoteBridge(SiteBridge):
             except OSError as exc:
                 self._fail(f"cannot start the demo service: {exc}")
                 return
-        info = self._find()
-        if info is None:
-            return
-        client = ControlClient(info.socket, self._on_message)
-        try:
-            hello = client.connect()
-        except ServiceError as exc:
-            self._fail(str(exc))
-            return
-        self.client, self.pid = client, int(hello.get("pid") or info.pid)
-        self.site = self.site or str(hello.get("site", ""))
-        self.ready.set()
-        if not self.launch:
+        wait_s = self.wait_s if self.launch else 2.0
+        while not self._stopping.is_set():
+            info = self._find(wait_s)
+            if info is None:
+                if self._gone in ("", "reconnecting"):
+                    self._fail(
+                        f"no site service runs for {self.workspace}"
+                        if self.pid is None
+                        else f"the site service did not come back within {wait_s:.0f} s"
+                    )
+                return
+            client = ControlClient(info.socket, self._on_message)
+            try:
+                hello = client.connect()
+            except ServiceError as exc:
+                self._fail(str(exc))
+                return
+            again = self.pid is not None
+            self.client, self.pid, self._gone = client, int(hello.get("pid") or info.pid), ""
+            self.site = self.site or str(hello.get("site", ""))
+            self.ready.set()
+            if not self.launch:
+                self._say(
+                    "INFO",
+                    f"{'re-' if again else ''}attached to the site service (pid {self.pid}); "
+                    "quitting this console leaves it running",
+                )
+            client.closed.wait()
+            if self._stopping.is_set():
+                return
+            if client.bye or self.launch:
+                self._fail(f"the site service (pid {self.pid}) ended: {client.closed_reason}")
+                return
+            # Lost without a goodbye: it died. systemd (or an operator) may start it again.
+            self._gone = "reconnecting"
             self._say(
-                "INFO", f"attached to the site service (pid {self.pid}); quitting leaves it running"
+                "WARNING",
+                f"lost the site service (pid {self.pid}): {client.closed_reason}; "
+                "waiting for it to come back",
             )
-        client.closed.wait()
-        if not self._stopping.is_set():
-            self._fail(f"lost the site service (pid {self.pid}): {client.closed_reason}")
+            wait_s = RECONNECT_S
 
     def _fail(self, message: str) -> None:
         self._gone = message

@@ -219,7 +219,13 @@ def _run_console(args: argparse.Namespace) -> int:
             demo_secure=args.secure,
         )
     else:
-        app = create_app(_workspace(args), theme=args.theme)
+        from engine.service import ServiceError
+
+        try:
+            app = create_app(_workspace(args), theme=args.theme)
+        except ServiceError as exc:
+            print(f"fltui: {exc}", file=sys.stderr)
+            return EXIT_NO_SERVICE
     app.run()
     return EXIT_OK
 
@@ -278,13 +284,15 @@ def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
         return EXIT_INTERRUPTED
     finally:
         runner.close()
+    if runner.stopping:
+        return EXIT_OK  # stopped on request (ctl shutdown, a console's stop key)
     failure = getattr(runner.service, "failure", None)
     if failure is not None:  # registration failed: refused by TLS/authentication, or not reached
         from engine.tls import EXIT_REFUSED
 
         return EXIT_REFUSED if failure.security else EXIT_FAILED
-    if args.serve or runner.stopping:
-        return EXIT_OK  # stopped on request (ctl shutdown, a console's stop key)
+    if args.serve:
+        return EXIT_OK
     return EXIT_OK if outcome == "completed" else EXIT_FAILED
 
 

@@ -47,7 +47,11 @@ def run_ctl(workspace: Path, args: argparse.Namespace) -> int:
     if action != "deploy" and args.mmar:
         print(f"fltui ctl: {action} takes no MMAR argument (got {args.mmar!r})", file=sys.stderr)
         return EXIT_USAGE
-    info = find_service(workspace)
+    try:
+        info = find_service(workspace)
+    except ServiceError as exc:
+        print(f"fltui ctl: {exc}", file=sys.stderr)
+        return EXIT_NO_SERVICE
     if info is None:
         print(
             f"fltui ctl: no site service runs for {workspace} "
@@ -66,7 +70,11 @@ def run_ctl(workspace: Path, args: argparse.Namespace) -> int:
             result: Any = client.call("status", timeout=10)
         elif action == "deploy":
             run = args.run if args.run is not None else (client.call("latest_run") or 0) + 1
-            result = client.call("deploy", args.mmar, run)
+            # A path the caller can see is sent absolute; anything else names an MMAR in the
+            # site's transfer/ folder.
+            local = Path(args.mmar)
+            mmar = str(local.resolve()) if local.exists() else args.mmar
+            result = client.call("deploy", mmar, run)
         elif action == "start":
             run = args.run if args.run is not None else client.call("latest_run")
             if run is None:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from textual.pilot import Pilot
 from engine.client.status import ClientStatus
 from engine.config import load_server_config
 from engine.demo import _set_port, prepare_workspace
-from engine.events import Event, StatusChanged
+from engine.events import Event, StateSnapshot, StatusChanged
 from engine.fileio import load_npz
 from engine.server import FederatedServer
 from engine.service import find_service
@@ -96,6 +97,15 @@ def _ctl(site: Path, *words: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _status(site: Path) -> dict[str, Any]:
+    """``fltui ctl status --json``'s result, or {} while it cannot answer."""
+    done = _ctl(site, "status", "--json")
+    try:
+        return dict(json.loads(done.stdout)["result"]) if done.returncode == 0 else {}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -123,18 +133,19 @@ class Seen:
 def test_consoles_attach_mid_round_abort_detach_and_the_service_stays(tmp_path: Path) -> None:
     server, site = _federation(tmp_path)
     service = _service(site, "--serve", "--run", "1")
-    other: RemoteBridge | None = None
+    other = third = None
     try:
         info = _wait(lambda: find_service(site), 60, "the service to start")
         assert info.pid == service.pid and info.site == "site-1"
         _wait(lambda: _workers(site), 60, "training to start")
-        _wait(lambda: json.loads(_ctl(site, "status", "--json").stdout)["result"]["round"] >= 1)
+        _wait(lambda: _status(site).get("round", 0) >= 1, 60, "round 1")
 
-        # A second console, attached the whole time: it must see every event the first sees.
-        other = RemoteBridge(site, "site-1")
-        other.start()
-        assert other.ready.wait(10)
-        seen = Seen(other)
+        # Two script-side consoles, attached the whole time: both must see every event.
+        other, third = RemoteBridge(site, "site-1"), RemoteBridge(site, "site-1")
+        for bridge in (other, third):
+            bridge.start()
+            assert bridge.ready.wait(10)
+        seen, seen3 = Seen(other), Seen(third)
 
         app = create_app(site, gpu_sampler=NoSampler())
         assert isinstance(app.bridge, RemoteBridge)
@@ -142,10 +153,11 @@ def test_consoles_attach_mid_round_abort_detach_and_the_service_stays(tmp_path: 
         async def first_console(app: FLTuiApp, pilot: Pilot[None]) -> None:
             dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
             await _until(pilot, lambda: app.bridge.ready.is_set())  # type: ignore[union-attr]
-            # one refresh after attaching shows the round and status at once (the snapshot)
-            await pilot.pause(0.6)
+            # the first refresh after attaching shows the run, round and status at once: the
+            # snapshot brings them together (events alone would take rounds to say as much)
+            await _until(pilot, lambda: dash.state.run_number == 1, 10)
             assert dash.state.status == ClientStatus.TRAINING_STARTED
-            assert dash.state.round >= 1 and dash.state.run_number == 1
+            assert dash.state.round >= 1
             assert dash.state.registered_at is not None
             header = str(dash.query_one("#header").render())
             assert f"attached to service (pid {service.pid})" in header
@@ -213,16 +225,31 @@ def test_consoles_attach_mid_round_abort_detach_and_the_service_stays(tmp_path: 
         shutdown = _ctl(site, "shutdown")
         assert shutdown.returncode == 0, shutdown.stderr
         assert service.wait(30) == 0
-        # the other console hears that the service is gone, in words
+        # the other consoles hear that the service ended (not lost), in words
         _wait(lambda: other is not None and other.label == "service gone", 10)
-        assert any("lost the site service" in getattr(e, "message", "") for e in seen.pump())
+        assert any(
+            "ended: the site service was stopped on request" in getattr(e, "message", "")
+            for e in seen.pump()
+        )
+
+        # both saw every event, in the same order (the one attached later: a suffix)
+        def engine_events(events: list[Event]) -> list[dict[str, Any]]:
+            return [
+                e.to_dict()
+                for e in events
+                if not isinstance(e, StateSnapshot) and getattr(e, "logger", "") != "fltui"
+            ]
+
+        a, b = engine_events(seen.pump()), engine_events(seen3.pump())
+        assert len(b) > 10 and a[len(a) - len(b) :] == b
         assert find_service(site) is None
         assert not _workers(site)
         gone = _ctl(site, "status")
         assert gone.returncode == 5 and "no site service runs" in gone.stderr
     finally:
-        if other is not None:
-            other.stop()
+        for bridge in (other, third):
+            if bridge is not None:
+                bridge.stop()
         if service.poll() is None:
             service.kill()
             service.wait()
@@ -233,7 +260,7 @@ def test_consoles_attach_mid_round_abort_detach_and_the_service_stays(tmp_path: 
 def test_one_service_per_workspace_and_a_killed_one_leaves_nothing_behind(tmp_path: Path) -> None:
     server, site = _federation(tmp_path)
     first = _service(site)
-    second = third = None
+    second = third = console = None
     try:
         info = _wait(lambda: find_service(site), 60, "the first service")
         _wait(lambda: _workers(site), 60, "training to start")
@@ -249,6 +276,10 @@ def test_one_service_per_workspace_and_a_killed_one_leaves_nothing_behind(tmp_pa
         assert second.returncode == 4
         assert f"fltui service pid {info.pid}" in second.stderr
         assert "fltui ctl --workspace" in second.stderr
+        # a console attached now outlives the service's death and attaches to the next one
+        console = RemoteBridge(site, "site-1")
+        console.start()
+        assert console.ready.wait(10)
         # SIGKILL: the kernel drops the lock; the worker notices and stops
         workers = _workers(site)
         first.send_signal(signal.SIGKILL)
@@ -259,6 +290,10 @@ def test_one_service_per_workspace_and_a_killed_one_leaves_nothing_behind(tmp_pa
         third = _service(site, "--serve")
         info3 = _wait(lambda: find_service(site), 60, "the next service")
         assert info3.pid == third.pid != info.pid
+        _wait(lambda: console.label == f"attached to service (pid {third.pid})", 30, "re-attach")
+        said = [getattr(e, "message", "") for e in console.drain()]
+        assert any(f"lost the site service (pid {info.pid})" in m for m in said), said
+        assert any(f"re-attached to the site service (pid {third.pid})" in m for m in said), said
         _wait(lambda: _ctl(site, "status").returncode == 0, 30, "ctl to reach it")
         # the console's actions from a script: deploy the next run, train it, abort it
         deployed = _ctl(site, "deploy", "demo_mmar")
@@ -276,8 +311,37 @@ def test_one_service_per_workspace_and_a_killed_one_leaves_nothing_behind(tmp_pa
         assert _ctl(site, "shutdown").returncode == 0
         assert third.wait(30) == 0
     finally:
+        if console is not None:
+            console.stop()
         for proc in (first, third):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
         server.stop(grace=0)
+
+
+def test_stopping_a_service_that_is_still_trying_to_reach_its_server_exits_0(
+    tmp_path: Path,
+) -> None:
+    prepare_workspace(tmp_path, num_sites=1, num_rounds=1)
+    site = tmp_path / "site-1"
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _set_port(SitePaths(site).kit, port)
+    kit = json.loads(SitePaths(site).kit.read_text())
+    kit["client"]["retry_timeout"] = 600
+    SitePaths(site).kit.write_text(json.dumps(kit))
+    service = _service(site, "--serve")
+    try:
+        _wait(lambda: find_service(site), 60, "the service to listen")
+        status = _status(site)
+        assert status["connection"] in ("connecting", "retrying", "not connected"), status
+        done = _ctl(site, "shutdown")
+        assert done.returncode == 0, done.stderr
+        # stopped on request: 0 (systemd must not restart it), not a registration failure
+        assert service.wait(30) == 0
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -179,7 +180,15 @@ def test_the_socket_is_owner_only_and_other_users_are_refused(tmp_path: Path) ->
         with pytest.raises(ServiceError, match=rf"uid {os.getuid()} may not control it"):
             ControlClient(server.path).connect()
         assert server.refused == 1
-        assert server.connections == 0
+        # on the wire: the refusal, then the service hangs up (no snapshot, no events)
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.settimeout(5)
+        raw.connect(str(server.path))
+        reader = raw.makefile("rb")
+        assert json.loads(reader.readline())["type"] == "refused"
+        bus.publish(RoundStarted(site=SITE, round=1, num_rounds=2))
+        assert reader.readline() == b""
+        raw.close()
     finally:
         server.close()
 
@@ -211,7 +220,13 @@ def test_a_real_other_user_is_refused_by_the_file_mode_and_by_its_credentials(
             os.write(write, result.encode())
             os._exit(0)
         os.close(write)
-        os.waitpid(pid, 0)
+        deadline = time.monotonic() + 20
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                return "the child hung"
+            time.sleep(0.05)
         with os.fdopen(read, "rb") as f:
             return f.read().decode()
 
@@ -228,6 +243,8 @@ def test_a_real_other_user_is_refused_by_the_file_mode_and_by_its_credentials(
 def test_one_lock_per_workspace_released_by_the_kernel(tmp_path: Path) -> None:
     first = WorkspaceLock(tmp_path)
     info = first.acquire("site-1", "service")
+    assert find_service(tmp_path) is None  # not reachable until it publishes (socket up)
+    first.publish()
     assert find_service(tmp_path) == info
     with pytest.raises(WorkspaceBusy, match=rf"already run by the fltui service pid {os.getpid()}"):
         WorkspaceLock(tmp_path).acquire("site-1", "service")
@@ -239,6 +256,56 @@ def test_one_lock_per_workspace_released_by_the_kernel(tmp_path: Path) -> None:
     again = WorkspaceLock(tmp_path)
     again.acquire("site-1", "service")
     again.release()
+
+
+def test_replies_queued_before_a_close_still_arrive(tmp_path: Path) -> None:
+    bus = EventBus()
+    server = _server(tmp_path, bus)
+    try:
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.settimeout(10)
+        raw.connect(str(server.path))
+        reader = raw.makefile("rb")
+        assert json.loads(reader.readline())["type"] == "hello"
+        assert json.loads(reader.readline())["type"] == "snapshot"
+        # an oversized request: the refusal is delivered before the service hangs up
+        with contextlib.suppress(BrokenPipeError):  # it stops reading once it has seen enough
+            raw.sendall(b"x" * (2 << 20) + b"\n")
+        refused = json.loads(reader.readline())
+        assert refused["type"] == "refused" and "longer than" in refused["error"]
+        assert reader.readline() == b""
+        raw.close()
+        # a script that sends, then half-closes at once, still gets its answer
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.settimeout(10)
+        raw.connect(str(server.path))
+        raw.sendall(b'{"op": "action", "id": 7, "name": "transfer_mmars", "args": []}\n')
+        raw.shutdown(socket.SHUT_WR)
+        lines = [json.loads(line) for line in raw.makefile("rb")]
+        assert lines[-1] == {"type": "reply", "id": 7, "ok": True, "result": []}
+        raw.close()
+        # a deeply nested request is refused in words, and the connection goes on
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.settimeout(10)
+        raw.connect(str(server.path))
+        reader = raw.makefile("rb")
+        reader.readline(), reader.readline()  # hello, snapshot
+        raw.sendall(b'{"op":' + b"[" * 100_000 + b"\n")
+        assert "nested too deeply" in json.loads(reader.readline())["error"]
+        raw.sendall(b'{"op": "action", "id": 1, "name": "shutdown", "args": []}\n')
+        assert json.loads(reader.readline())["ok"] is True
+        assert server.stopped.wait(5)  # type: ignore[attr-defined]
+        # once stopping: no new actions; a second shutdown is fine
+        raw.sendall(b'{"op": "action", "id": 2, "name": "abort", "args": []}\n')
+        assert json.loads(reader.readline())["error"] == "the service is stopping"
+        raw.sendall(b'{"op": "action", "id": 3, "name": "shutdown", "args": []}\n')
+        assert json.loads(reader.readline())["result"] == "already stopping"
+        server.close()
+        bye = json.loads(reader.readline())
+        assert bye == {"type": "bye", "reason": "the site service was stopped on request"}
+        raw.close()
+    finally:
+        server.close()
 
 
 def test_deep_workspaces_get_a_short_socket_path(tmp_path: Path) -> None:
