@@ -154,6 +154,10 @@ _PATH_VARIABLES = (
 ENVIRONMENT_FILE = Path("config") / "environment.json"
 
 
+# A site's name: in startup kits, certificates (provisioning) and the server's Register alike.
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 class ConfigError(ValueError):
     """A config file that cannot be used.
 
@@ -447,7 +451,12 @@ class ServerEndpoint:
     options: list[tuple[str, Any]] = field(default_factory=list)
 
 
-def _servers(reader: _Reader, need_target: bool) -> list[ServerEndpoint]:
+# Options that decide which server certificate is accepted: the startup kit's alone, never a
+# deployed MMAR's (which comes from the federation's admin, not from the site).
+_KIT_ONLY_OPTIONS = ("grpc.ssl_target_name_override", "grpc.default_authority")
+
+
+def _servers(reader: _Reader, need_target: bool, mmar: bool = False) -> list[ServerEndpoint]:
     items = reader.get("servers", list)
     if items is None:
         return []
@@ -475,6 +484,12 @@ def _servers(reader: _Reader, need_target: bool) -> list[ServerEndpoint]:
             if not name.startswith("grpc."):
                 service.report(
                     f"options[{j}]", f'expected a gRPC channel option "grpc.…", got {name!r}'
+                )
+            elif mmar and name in _KIT_ONLY_OPTIONS:
+                service.report(
+                    f"options[{j}]",
+                    f"{name} changes which server certificate is accepted; only the site's "
+                    "startup kit (startup/fed_client.json) may set it, not a deployed MMAR",
                 )
             elif isinstance(value, bool) or not isinstance(value, (int, str)):
                 # gRPC takes integers and strings only; 1e9 written as a float is refused there.
@@ -598,7 +613,7 @@ def _parse_client_kit(path: Path, sink: list[ConfigError]) -> ClientKitConfig:
     r = _Reader(path, load_json(path), problems=sink)
     client = r.sub("client", {})
     name = client.get("client_name", str)
-    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+    if name is not None and not SITE_NAME.fullmatch(name):
         client.report("client_name", f"expected letters, digits, '.', '_' or '-', got {name!r}")
 
     def cert(key: str) -> Path | None:
@@ -699,7 +714,7 @@ def _parse_mmar_client(mmar_root: Path, sink: list[ConfigError]) -> MMARClientCo
     path = mmar_root / "config" / "config_fed_client.json"
     r = _Reader(path, load_json(path), problems=sink)
     r.only(("format_version", "servers", "client"), " (a Clara 3.1 config_fed_client.json)")
-    servers = _servers(r, need_target=False)
+    servers = _servers(r, need_target=False, mmar=True)
     c = r.sub("client", {})
     c.only(_MMAR_CLIENT_KEYS)
     privacy_raw = c.get("privacy", dict, {})
@@ -813,6 +828,8 @@ class MMAREnvironment:
                 name = m.group(1)
                 if name in self.variables:
                     return str(self.variables[name])
+                if not name.isupper():  # "{epoch}" in a file name pattern is not a variable
+                    return m.group(0)
                 problems.append(
                     ConfigError(
                         file,
@@ -828,7 +845,7 @@ class MMAREnvironment:
         return walk(data, key), problems
 
 
-_PLACEHOLDER = re.compile(r"\{([A-Z][A-Z0-9_]*)\}")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _parse_environment(mmar_root: Path, sink: list[ConfigError]) -> MMAREnvironment:

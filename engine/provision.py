@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError, load_json
+from engine.config import SITE_NAME, ConfigError, load_json
 from engine.fileio import save_json_atomic
 from engine.tls import (
     ROLE_ADMIN,
@@ -169,7 +169,7 @@ def _host(path: Path, key: str, host: Any) -> str:
 
 
 def _participants(
-    path: Path, data: dict[str, Any], key: str, alias: str, required: bool
+    path: Path, data: dict[str, Any], key: str, alias: str, required: bool, sites: bool = False
 ) -> tuple[Participant, ...]:
     items = data.get(key)
     if items is None:
@@ -187,6 +187,14 @@ def _participants(
         name = _str(path, item, "name", f"{where}.", alias)
         if name is None:
             raise _fail(path, f"{where}.name", "is required")
+        if sites and not SITE_NAME.fullmatch(name):
+            # What a startup kit and the server's Register accept: a kit must be usable.
+            raise _fail(
+                path,
+                f"{where}.name",
+                "expected a site name of letters, digits and . _ - (at most 64, starting with a "
+                f"letter or digit), got {name!r}",
+            )
         if not valid_name(name):
             raise _fail(
                 path,
@@ -243,7 +251,7 @@ def load_project(path: Path) -> Project:
         raise _fail(path, "server.max_num_clients", "expected >= server.min_num_clients")
     if settings.get("start_round", 0) >= settings.get("num_rounds", 5):
         raise _fail(path, "server.start_round", "expected < server.num_rounds")
-    sites = _participants(path, data, "fl_clients", "client_name", required=True)
+    sites = _participants(path, data, "fl_clients", "client_name", required=True, sites=True)
     admins = _participants(path, data, "admin_clients", "email", required=False)
     return Project(
         path=path,
@@ -408,7 +416,10 @@ def provision(project: Project, out: Path) -> ProvisionResult:
             _write_site(project, ca, site, tmp / "sites" / site.name)
         for admin in project.admins:
             _write_admin(project, ca, admin, tmp / "admins" / admin.name)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the kits' keys are 0600 themselves
+        # Folders are made with the process's umask, which may be loose: set every mode, so no
+        # other user can swap a rootCA.pem or a key. The authority's folder is the owner's only.
+        for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            os.chmod(folder, 0o700 if folder.name == "ca" and folder.parent == tmp else 0o755)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -323,11 +323,13 @@ class SiteEngine:
             self.site,
             {
                 "heartbeat_interval": kit.heartbeat_interval,
-                # The kit's certificates, else the MMAR's (Clara 3.1 MMARs carried their own).
+                # The kit's certificates: the site's identity, which registered the session this
+                # worker uses (the server binds tokens to certificates). An MMAR's ssl_* are
+                # checked, not used.
                 "ssl_args": {
-                    "ssl_root_cert": kit.ssl_root_cert or cfg.ssl_root_cert,
-                    "ssl_cert": kit.ssl_cert or cfg.ssl_cert,
-                    "ssl_private_key": kit.ssl_private_key or cfg.ssl_private_key,
+                    "ssl_root_cert": kit.ssl_root_cert,
+                    "ssl_cert": kit.ssl_cert,
+                    "ssl_private_key": kit.ssl_private_key,
                 },
             },
             kit.secure_train,

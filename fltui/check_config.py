@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from engine.config import (
     ComponentSpec,
@@ -150,6 +150,23 @@ def _check_kit(kit: Path, report: Report) -> None:
                         )
                     ]
                 )
+    _check_kit_files(kit, config, report)
+
+
+def _check_kit_files(kit: Path, config: Any, report: Report) -> None:
+    """What the site checks before it connects: its key's mode, its certificate's dates/CA."""
+    from engine.tls import KitError, SecurityFailure, check_private_key_file, preflight_certificate
+
+    files = (config.ssl_root_cert, config.ssl_cert, config.ssl_private_key)
+    if not all(f is not None and Path(f).is_file() for f in files):
+        return  # reported above
+    try:
+        check_private_key_file(config.ssl_private_key)
+        preflight_certificate(*files)
+    except KitError as exc:
+        report.add([ConfigError(exc.path, "client.ssl_private_key", exc.problem)])
+    except SecurityFailure as exc:
+        report.add([ConfigError(kit, "client.ssl_cert", exc.reason)])
 
 
 def _check_server(path: Path, report: Report) -> None:

@@ -75,6 +75,37 @@ def resolve_component(
     )
 
 
+def _installed(dotted: str) -> bool:
+    """Whether module ``dotted`` is installed, found on disk without importing any of it."""
+    import importlib.machinery
+    import sys
+
+    from engine.components import _custom_dirs
+
+    top, *rest = dotted.split(".")
+    # The installed packages only: not an MMAR's custom/ this process put on sys.path, and not
+    # sys.modules (a site's module imported earlier is not "installed").
+    custom = {c.resolve() for c in _custom_dirs}
+    search = [p for p in sys.path if not p or Path(p).resolve() not in custom]
+    try:
+        spec = importlib.machinery.PathFinder.find_spec(top, search)  # nothing is imported
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    locations = [Path(p) for p in (spec.submodule_search_locations or [])]
+    for i, part in enumerate(rest):
+        last = i == len(rest) - 1
+        packages = [loc / part for loc in locations if (loc / part).is_dir()]
+        if packages:
+            locations = packages
+            continue
+        return last and any(
+            any(loc.glob(f"{part}.py")) or any(loc.glob(f"{part}.*.so")) for loc in locations
+        )
+    return True
+
+
 def check_component(spec: ComponentSpec, file: Path, custom_dir: Path | None) -> None:
     """Resolve a built-in or torch component and check its arguments, without building it.
 
@@ -86,14 +117,19 @@ def check_component(spec: ComponentSpec, file: Path, custom_dir: Path | None) ->
     """
     spec = _with_file(spec, file)
     if spec.path is not None:
-        module = spec.path.rpartition(".")[0].replace(".", "/")
+        dotted = spec.path.rpartition(".")[0]
+        module = dotted.replace(".", "/")
         if custom_dir is not None and (
             (custom_dir / f"{module}.py").is_file() or (custom_dir / module).is_dir()
         ):
             return
+        if _installed(dotted):  # an installed package's class (torch.nn.Linear, MONAI, ...)
+            return
         where = f"{custom_dir}" if custom_dir is not None else "the MMAR's custom/ (none here)"
         raise TrainConfigError(
-            file, f"{spec.key}.path", f"no module {module.replace('/', '.')!r} in {where}"
+            file,
+            f"{spec.key}.path",
+            f"no module {dotted!r} in {where}, nor installed in this Python",
         )
     factory = resolve_component(spec, file, custom_dir)
     leading: tuple[Any, ...] = ([],) if spec.key == "optimizer" else ()

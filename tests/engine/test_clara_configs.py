@@ -421,3 +421,53 @@ def test_check_config_runs_as_a_module() -> None:
     )
     assert result.returncode == 1
     assert "TFModelReaderWriter is a TensorFlow-only component" in result.stdout
+
+
+def test_components_from_installed_packages_pass_the_check_without_being_imported(
+    tmp_path: Path,
+) -> None:
+    import sys
+
+    from engine.config import ComponentSpec
+    from engine.training.components import check_component
+    from engine.training.errors import TrainConfigError
+
+    file = tmp_path / "config" / "config_train.json"
+    custom = tmp_path / "custom"
+    had_torch = "torch" in sys.modules
+    check_component(ComponentSpec(name=None, path="torch.nn.Linear", key="model"), file, custom)
+    check_component(ComponentSpec(name=None, path="numpy.linalg.norm", key="loss"), file, None)
+    assert ("torch" in sys.modules) == had_torch  # found on disk, nothing imported
+    with pytest.raises(TrainConfigError, match=r"no module 'torch.nope'.*nor installed"):
+        check_component(ComponentSpec(name=None, path="torch.nope.Net", key="model"), file, custom)
+    with pytest.raises(TrainConfigError, match=r"no module 'my_nets'"):
+        check_component(ComponentSpec(name=None, path="my_nets.Net", key="model"), file, custom)
+
+
+def test_lower_case_environment_variables_are_substituted_too() -> None:
+    from engine.config import MMAREnvironment
+
+    env = MMAREnvironment(
+        path=Path("environment.json"), mmar_root=Path("/m"), variables={"data_dir": "/d", "N": 3}
+    )
+    out, problems = env.substitute(
+        {"a": "{data_dir}/x", "b": "{N}", "c": "ckpt_{epoch}.pt", "d": "{MISSING}"},
+        Path("config_train.json"),
+    )
+    assert out == {"a": "/d/x", "b": 3, "c": "ckpt_{epoch}.pt", "d": "{MISSING}"}
+    assert [p.key for p in problems] == ["d"]
+
+
+def test_a_deployed_mmar_may_not_loosen_the_server_certificate_check(tmp_path: Path) -> None:
+    from engine.config import ConfigError
+
+    mmar = _copy("mmar", tmp_path)
+    path = mmar / "config" / "config_fed_client.json"
+    data = json.loads(path.read_text())
+    data["servers"][0].setdefault("service", {})["options"] = [
+        ["grpc.ssl_target_name_override", "evil.example.org"],
+        ["grpc.max_send_message_length", 1000000],
+    ]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"grpc.ssl_target_name_override changes which server"):
+        load_mmar_client_config(mmar)

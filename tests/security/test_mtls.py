@@ -207,11 +207,11 @@ def test_a_token_from_one_session_is_refused_on_another(pki, start_secure_server
     token_a, token_b = a.token, b.token
     assert token_a and token_b and token_a != token_b
 
-    def heartbeat(kit: Kit, token: str) -> grpc.RpcError | None:
+    def heartbeat(kit: Kit, token: str, name: str = "site-b") -> grpc.RpcError | None:
         channel = _channel(server, kit)
         try:
             FederatedStub(channel).Heartbeat(
-                pb.ClientState(client_name="site-b", token=token, meta=pb.ModelMetaData(task=TASK)),
+                pb.ClientState(client_name=name, token=token, meta=pb.ModelMetaData(task=TASK)),
                 metadata=((TOKEN_HEADER, token),),
                 timeout=5,
             )
@@ -222,7 +222,13 @@ def test_a_token_from_one_session_is_refused_on_another(pki, start_secure_server
             channel.close()
 
     assert heartbeat(pki.sites["site-b"], token_b) is None
-    # site-a's token over site-b's certificate: refused, and the token is not echoed.
+    # site-a's token over site-b's certificate, the message naming site-a as the token does:
+    # only the certificate binding can refuse it; the token is not echoed.
+    exc = heartbeat(pki.sites["site-b"], token_a, name="site-a")
+    assert exc is not None and exc.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "the site named in this connection's certificate" in exc.details()
+    assert token_a not in exc.details()
+    # with site-b's name in the message as well: refused too
     exc = heartbeat(pki.sites["site-b"], token_a)
     assert exc is not None and exc.code() == grpc.StatusCode.UNAUTHENTICATED
     assert exc.details().startswith("token refused") and token_a not in exc.details()

@@ -230,3 +230,20 @@ def test_fltui_admin_command_over_mutual_tls(pki, start_secure_server, tmp_path:
     refused = admin(_admin_kit(tmp_path / "site", pki.sites["site-b"], server.port))
     assert refused.returncode == EXIT_REFUSED
     assert "wrong certificate role" in refused.stderr
+
+
+def test_check_config_says_what_the_site_would_refuse_before_it_connects(
+    pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fltui.check_config import main as check_config
+
+    good = _site_workspace(tmp_path / "good", "site-a", pki.sites["site-a"], 8002)
+    assert check_config([str(good / "startup")]) == 0
+    loose = _site_workspace(tmp_path / "loose", "site-a", pki.sites["site-a"], 8002)
+    os.chmod(loose / "startup" / "client.key", 0o644)
+    assert check_config([str(loose / "startup")]) == 1
+    out = capsys.readouterr().out
+    assert "client.key" in out and "readable by others" in out and "chmod 600" in out
+    expired = _site_workspace(tmp_path / "expired", "site-a", pki.expired_site, 8002)
+    assert check_config([str(expired / "startup")]) == 1
+    assert "client.ssl_cert: expired certificate" in capsys.readouterr().out

@@ -211,7 +211,7 @@ def test_clara_spellings_are_accepted(tmp_path: Path) -> None:
         ({"fl_clients": []}, r"fl_clients: expected a non-empty list"),
         ({"fl_clients": None}, r"fl_clients: is required"),
         ({"fl_clients": [{"org": "x"}]}, r"fl_clients\[0\].name: is required"),
-        ({"fl_clients": [{"name": "../etc"}]}, r"fl_clients\[0\].name: expected letters"),
+        ({"fl_clients": [{"name": "../etc"}]}, r"fl_clients\[0\].name: expected a site name"),
         (
             {"fl_clients": [{"name": "a"}, {"name": "a"}]},
             r"fl_clients\[1\].name: 'a' is listed twice",
@@ -297,4 +297,16 @@ def test_key_files_are_never_readable_by_others_even_with_a_loose_umask(tmp_path
         )
     finally:
         os.umask(old)
-    assert all(_mode(k) == 0o600 for k in (tmp_path / "o").rglob("*.key"))
+    out = tmp_path / "o"
+    assert all(_mode(k) == 0o600 for k in out.rglob("*.key"))
+    # no folder anyone else may write (a swapped rootCA.pem or key); the authority's is private
+    folders = [out, *(p for p in out.rglob("*") if p.is_dir())]
+    assert all(_mode(f) & 0o022 == 0 for f in folders), [(f, oct(_mode(f))) for f in folders]
+    assert _mode(out / "ca") == 0o700
+
+
+def test_site_names_a_kit_would_refuse_are_refused_at_provisioning(tmp_path: Path) -> None:
+    for bad in ("hospital+a", "site@b", "x" * 65):
+        data = {**PROJECT, "fl_clients": [{"name": bad}]}
+        with pytest.raises(ConfigError, match=r"fl_clients\[0\]\.name: expected a site name"):
+            load_project(_project(tmp_path, data))
