@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from textual import work
@@ -26,8 +27,8 @@ from fltui.widgets.site_header import SiteHeader
 
 __all__ = ["Dashboard"]
 
-REFRESH_S = 0.5  # events are drained and shown twice a second
-LOG_EVERY = 2  # the log panel catches up every second tick (each write is a layout pass)
+REFRESH_S = 1.0  # events are drained and shown once a second
+LOG_EVERY = 1  # the log panel catches up on every tick
 
 
 class Dashboard(Screen[None]):
@@ -42,6 +43,7 @@ class Dashboard(Screen[None]):
         Binding("x", "stop_site", "stop site"),
         Binding("l", "log_level", "log level", show=False),
         Binding("slash", "search", "search logs", show=False),
+        Binding("p", "screenshot", "screenshot", show=False),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit", "quit"),
     ]
@@ -183,6 +185,37 @@ class Dashboard(Screen[None]):
         if event.input.id == "search":
             self.query_one(LogPanel).apply_search(event.value, self.state)
             self.query_one(RequestsPanel).focus()
+
+    def action_screenshot(self) -> None:
+        """Saves what is on screen now (SVG and PNG) under the workspace's screenshots/."""
+        from fltui.screenshot import default_stem
+
+        app = self.app
+        workspace = getattr(app, "workspace", None)
+        folder = (workspace if workspace is not None else Path.cwd()) / "screenshots"
+        clock = getattr(app, "clock", None)
+        stem = default_stem(folder, self.state.site, clock() if clock is not None else None)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            # The SVG now, on this thread: the picture is of this moment, before any notice.
+            svg = app.save_screenshot(filename=stem.name + ".svg", path=str(folder))
+        except OSError as exc:
+            self._report(f"screenshot not saved: {exc}", error=True)
+            return
+        self._write_png(Path(svg))
+
+    @work(thread=True, group="screenshot")
+    def _write_png(self, svg: Path) -> None:
+        from fltui.screenshot import write_screenshot
+
+        try:
+            _, png, problem = write_screenshot(svg.read_text(encoding="utf-8"), svg.with_suffix(""))
+        except OSError as exc:
+            png, problem = None, f"no PNG: {exc}"
+        saved = f"screenshot saved: {svg}" + (f" and {png.name}" if png is not None else "")
+        self.app.call_from_thread(
+            self._report, saved + (f" ({problem})" if problem else ""), bool(problem)
+        )
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen())

@@ -34,6 +34,7 @@ class ClientPanel(Vertical):
     ClientPanel #status.bad { color: $status-bad; }
     ClientPanel #status.ok { color: $status-ok; }
     ClientPanel #error { color: $error; }
+    ClientPanel #status, ClientPanel #details { text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
     def compose(self) -> ComposeResult:

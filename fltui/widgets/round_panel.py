@@ -6,6 +6,7 @@ import time
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
+from textual.widget import Widget
 from textual.widgets import ProgressBar, Sparkline, Static
 
 from engine.client.status import ClientStatus
@@ -17,25 +18,37 @@ __all__ = ["RoundPanel"]
 
 
 class RoundPanel(Vertical):
-    """The federation as this site sees it."""
+    """The federation as this site sees it.
+
+    Five rows that never change height (a hidden row keeps its place, a long line is cut with
+    an ellipsis): a round's phases and progress repaint the panel but never re-lay out the
+    screen, which is what a console would otherwise spend its CPU on while a site trains.
+    """
 
     DEFAULT_CSS = """
     RoundPanel { border: round $secondary; border-title-color: $secondary; height: auto; }
-    RoundPanel ProgressBar { width: 1fr; }
+    RoundPanel Static { height: 1; text-wrap: nowrap; text-overflow: ellipsis; }
+    RoundPanel ProgressBar { width: 1fr; height: 1; }
     RoundPanel Sparkline { height: 1; width: 100%; margin: 0 0; }
-    RoundPanel #outcome.completed { color: $success; text-style: bold; }
-    RoundPanel #outcome.failed, RoundPanel #outcome.aborted { color: $error; text-style: bold; }
+    RoundPanel #detail.completed { color: $success; text-style: bold; }
+    RoundPanel #detail.failed, RoundPanel #detail.aborted { color: $error; text-style: bold; }
     """
 
     def compose(self) -> ComposeResult:
         self.border_title = "Round"
         yield Static(id="round")
         yield ProgressBar(total=100, show_eta=False, id="progress")
+        yield Static(id="detail")  # step · loss · ETA, else the last transfer, else the outcome
         yield Static(id="metrics")
         yield Sparkline([], id="spark")
-        yield Static(id="outcome")
+
+    def on_resize(self) -> None:
+        last = getattr(self, "_last", None)
+        if last is not None:
+            self.refresh_from(*last)
 
     def refresh_from(self, state: SiteState, now: float | None = None) -> None:
+        self._last = (state, now)
         if state.num_rounds:
             head = f"round {state.round} of {state.num_rounds}"
         else:
@@ -51,35 +64,54 @@ class RoundPanel(Vertical):
             ClientStatus.TRAINING_STARTING,
             ClientStatus.TRAINING_STARTED,
         )
-        bar.display = running and bool(state.total_steps)
-        eta = state.eta_seconds(time.time() if now is None else now)
-        loss = f" · loss {state.loss:.4f}" if state.loss is not None else ""
-        lines = []
-        if running and state.total_steps:
-            lines.append(
-                f"step {state.step}/{state.total_steps}{loss}"
-                + (f" · ETA {ago(eta)}" if eta is not None else "")
-            )
-        if running and state.transfer:
-            lines.append(state.transfer)
+        _show(bar, running and bool(state.total_steps))
         metric = _metric_name(state)
         values = [float(m[metric]) for _, m in state.round_metrics if m.get(metric) is not None]
-        if values:
-            shown = " → ".join(f"{v:.3f}" for v in values[-4:])
-            more = "… " if len(values) > 4 else ""
-            lines.append(f"global {metric}: {more}{shown}")
-        set_text(self.query_one("#metrics", Static), "\n".join(lines) or "no training yet")
+        detail = self.query_one("#detail", Static)
+        if state.outcome and not running:
+            last = f" ({metric} {values[-1]:.3f})" if values else ""
+            why = f": {state.outcome_detail}" if state.outcome_detail else ""
+            text = f"federation {state.outcome}{last}{why}"
+            detail.set_classes(state.outcome)
+        else:
+            eta = state.eta_seconds(time.time() if now is None else now)
+            loss = f" · loss {state.loss:.4f}" if state.loss is not None else ""
+            text = ""
+            if running and state.total_steps and state.phase in ("training", ""):
+                text = f"step {state.step}/{state.total_steps}{loss}" + (
+                    f" · ETA {ago(eta)}" if eta is not None else ""
+                )
+            elif running and state.transfer:
+                text = state.transfer
+            detail.set_classes("")
+        set_text(detail, text)
+        set_text(self.query_one("#metrics", Static), self._metric_line(metric, values))
         spark = self.query_one("#spark", Sparkline)
         if list(spark.data or []) != values:
             spark.data = values  # type: ignore[misc]
-        spark.display = len(values) > 2
-        outcome = self.query_one("#outcome", Static)
-        if state.outcome:
-            last = f" ({metric} {values[-1]:.3f})" if values else ""
-            detail = f": {state.outcome_detail}" if state.outcome_detail else ""
-            set_text(outcome, f"federation {state.outcome}{last}{detail}")
-            outcome.set_classes(state.outcome)
-        outcome.display = bool(state.outcome)
+        _show(spark, len(values) > 2)
+
+    def _metric_line(self, metric: str, values: list[float]) -> str:
+        """The latest values that fit the panel's width, oldest first."""
+        if not values:
+            return "no training yet"
+        room = max(self.size.width - 2, 20) if self.size.width else 10_000
+        head = f"global {metric}: "
+        shown: list[str] = []
+        for v in reversed(values):
+            more = "… " if len(shown) + 1 < len(values) else ""
+            candidate = head + more + " → ".join([f"{v:.3f}", *shown])
+            if shown and len(candidate) > room:
+                break
+            shown.insert(0, f"{v:.3f}")
+        more = "… " if len(shown) < len(values) else ""
+        return head + more + " → ".join(shown)
+
+
+def _show(widget: Widget, visible: bool) -> None:
+    """Shows or hides ``widget`` in place: it keeps its row, so nothing moves."""
+    if widget.visible != visible:
+        widget.visible = visible
 
 
 def _metric_name(state: SiteState) -> str:

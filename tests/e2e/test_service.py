@@ -40,13 +40,14 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def _wait(check: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
+def _wait(check: Callable[[], Any], timeout: float = 60, what: Any = "") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
         time.sleep(0.1)
+    what = what() if callable(what) else what
     raise AssertionError(f"not reached within {timeout} s: {what or check}")
 
 
@@ -290,8 +291,13 @@ def test_one_service_per_workspace_and_a_killed_one_leaves_nothing_behind(tmp_pa
         third = _service(site, "--serve")
         info3 = _wait(lambda: find_service(site), 60, "the next service")
         assert info3.pid == third.pid != info.pid
-        _wait(lambda: console.label == f"attached to service (pid {third.pid})", 30, "re-attach")
-        said = [getattr(e, "message", "") for e in console.drain()]
+        said: list[str] = []
+
+        def reattached() -> bool:
+            said.extend(getattr(e, "message", "") for e in console.drain())
+            return console.label == f"attached to service (pid {third.pid})"
+
+        _wait(reattached, 30, lambda: f"re-attach; label {console.label!r}, said {said}")
         assert any(f"lost the site service (pid {info.pid})" in m for m in said), said
         assert any(f"re-attached to the site service (pid {third.pid})" in m for m in said), said
         _wait(lambda: _ctl(site, "status").returncode == 0, 30, "ctl to reach it")
