@@ -109,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done; 1 the service refused or the action failed; 2 bad usage; "
         "5 no service runs for the workspace.",
     )
-    _common(ctl, suppress=True)
+    ctl.add_argument(
+        "--workspace", type=Path, default=argparse.SUPPRESS, metavar="DIR", help="the workspace"
+    )
+    ctl.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="one JSON object"
+    )
     ctl.add_argument(
         "action",
         choices=("status", "deploy", "start", "abort", "restart", "validate", "shutdown"),
