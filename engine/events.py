@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 __all__ = [
     "AdminRequestHandled",
     "ConnectionChanged",
+    "ContributionResent",
     "CrossSiteValidated",
     "Event",
     "EventBus",
@@ -29,7 +30,9 @@ __all__ = [
     "RoundCompleted",
     "RoundStarted",
     "RunChanged",
+    "ServerResumed",
     "ServerRoundAggregated",
+    "SessionRenewed",
     "SiteConfigured",
     "SiteJoined",
     "SiteLeft",
@@ -400,6 +403,56 @@ class ServerRoundAggregated(Event):
         if self.missing:
             text += f" (missing: {', '.join(self.missing)})"
         return text + f" in {self.seconds * 1000:.0f} ms"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerResumed(Event):
+    """Server side: the server started again from its saved state (after a crash or a stop).
+
+    Attributes:
+        round: the round it resumes at (1-based: the round being trained next).
+        num_rounds: the federation's rounds.
+        sites: the sites registered before; each must register again (new token).
+        detail: what was restored, or what was given up (a round saved only in part).
+    """
+
+    round: int
+    num_rounds: int
+    sites: list[str] = field(default_factory=list)
+    detail: str = ""
+
+    def summary(self) -> str:
+        text = f"server resumed from its saved state at round {self.round}/{self.num_rounds}"
+        if self.sites:
+            text += f"; waiting for {', '.join(self.sites)} to register again"
+        return text + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionRenewed(Event):
+    """The server no longer knew this site's session (it restarted, or dropped the site), so the
+    site registered again and got a new token; nothing of the round is lost."""
+
+    server: str
+    reason: str
+
+    def summary(self) -> str:
+        return f"session lost ({self.reason}); registered again with {self.server}, new token"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContributionResent(Event):
+    """A contribution the server had received but lost (it restarted before aggregating the
+    round) was sent again, same id and same bytes, instead of training the round again."""
+
+    round: int
+    contribution_id: str
+
+    def summary(self) -> str:
+        return (
+            f"round {self.round} contribution sent again (the server restarted before "
+            f"aggregating it; id {self.contribution_id})"
+        )
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:

@@ -427,6 +427,7 @@ class _Connection:
         self._cond = threading.Condition()
         self.closed = False  # nothing more is queued; the writer flushes what is, then closes
         self.actions = 0  # actions of this connection still running
+        self.writer: threading.Thread | None = None
 
     def send(self, message: dict[str, Any]) -> None:
         line = (json.dumps(message, default=str, separators=(",", ":")) + "\n").encode()
@@ -606,6 +607,11 @@ class ControlServer:
         for conn in conns:  # consoles hear that the service ended, rather than lost
             conn.send({"type": "bye", "reason": self.bye_reason})
             conn.finish()
+        # The writers are daemon threads: let them deliver the goodbyes before this process ends.
+        deadline = time.monotonic() + 3.0
+        for conn in conns:
+            if conn.writer is not None:
+                conn.writer.join(max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(FileNotFoundError, OSError):
             self.path.unlink()
 
@@ -633,7 +639,8 @@ class ControlServer:
             sock.close()
             return
         conn = _Connection(sock, f"uid {uid}")
-        threading.Thread(target=conn.write_loop, name="control-write", daemon=True).start()
+        conn.writer = threading.Thread(target=conn.write_loop, name="control-write", daemon=True)
+        conn.writer.start()
         if uid not in self.allowed_uids:
             self.refused += 1
             log.warning("control: refused a connection from uid %d", uid)
@@ -844,6 +851,7 @@ class ControlClient:
             self.closed.set()
             with self._cond:
                 self._cond.notify_all()
+            self.close()  # the service sees our end close at once
 
     def call(self, name: str, *args: Any, timeout: float = 120.0) -> Any:
         """Runs an action on the service; returns its result or raises ActionError."""

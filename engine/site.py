@@ -323,6 +323,8 @@ class SiteEngine:
             self.site,
             {
                 "heartbeat_interval": kit.heartbeat_interval,
+                # The session token file there is shared with the site service (renewals).
+                "workspace": self.paths.root,
                 # The kit's certificates: the site's identity, which registered the session this
                 # worker uses (the server binds tokens to certificates). An MMAR's ssl_* are
                 # checked, not used.

@@ -11,6 +11,7 @@ from engine.client.status import ClientStatus
 from engine.events import (
     AdminRequestHandled,
     ConnectionChanged,
+    ContributionResent,
     Event,
     FederationFinished,
     HeartbeatAcknowledged,
@@ -22,6 +23,7 @@ from engine.events import (
     RoundCompleted,
     RoundStarted,
     RunChanged,
+    SessionRenewed,
     SiteConfigured,
     StateSnapshot,
     StatusChanged,
@@ -50,6 +52,9 @@ class SiteState:
     connection: str = "not connected"
     connection_detail: str = ""
     registered_at: float | None = None
+    # What the site recovered from (server restarts, lost contributions), newest last.
+    session_renewals: int = 0
+    recovery: str = ""
     last_heartbeat: float | None = None
     heartbeat_rtt_ms: float | None = None
     status: int = ClientStatus.TRAINING_NOT_STARTED
@@ -130,6 +135,17 @@ class SiteState:
         if e.state == "failed":
             self.last_error = e.detail
         return {"header", "client"} if e.state == "failed" else {"header"}
+
+    def _on_SessionRenewed(self, e: SessionRenewed) -> set[str]:
+        self.connection, self.connection_detail = "registered again", e.reason
+        self.registered_at = e.ts
+        self.session_renewals += 1
+        self.recovery = e.summary()
+        return {"header", "client"}
+
+    def _on_ContributionResent(self, e: ContributionResent) -> set[str]:
+        self.recovery = e.summary()
+        return {"round"}
 
     def _on_HeartbeatAcknowledged(self, e: HeartbeatAcknowledged) -> set[str]:
         self.last_heartbeat, self.heartbeat_rtt_ms = e.ts, e.rtt_ms
@@ -269,6 +285,8 @@ class SiteState:
             "server": self.server,
             "tls": self.tls,
             "connection": self.connection,
+            "session_renewals": self.session_renewals,
+            "recovery": self.recovery,
             "status": self.status_message,
             "run_number": self.run_number,
             "mmar": self.mmar,

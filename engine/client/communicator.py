@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import socket
@@ -51,8 +52,16 @@ KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 20_000),
 ]
+# gRPC waits up to 2 minutes between reconnection attempts after a few failures: a server back
+# within the retry budget would then be found only after it. Our own backoff paces the retries.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
 _BACKOFF_BASE = 0.25
 _BACKOFF_CAP = 5.0
+# "No token yet": poll again after this pause, unless the server held the call that long
+# already (a long-poll): then at once, or a site would learn of a new round up to this late.
 _NO_TOKEN_POLL = 0.2
 
 
@@ -181,6 +190,7 @@ class Communicator:
                         "grpc.max_receive_message_length": 8 << 20,
                         "grpc.max_send_message_length": 8 << 20,
                         **dict(KEEPALIVE_OPTIONS),
+                        **dict(RECONNECT_OPTIONS),
                         **{o[0]: o[1] for o in channel_dict.get("options", [])},
                     }.items()
                 )
@@ -277,6 +287,10 @@ class Communicator:
         self.should_stop = False
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("No token"):
             raise _Wait()
+        if code == grpc.StatusCode.UNAUTHENTICATED and details.startswith("Unknown client"):
+            # The server forgot the session (it restarted, or dropped the site): the caller
+            # registers again. The link is fine; this is no failure to show the operator.
+            raise FLCommunicationError(action, code, details)
         # TLS and authentication failures are not retried: the reason goes to the operator.
         failure = self._security_failure(service, code, details)
         if failure is not None:
@@ -314,6 +328,7 @@ class Communicator:
         while True:
             if self.stop.is_set():
                 raise FLCommunicationError(action, None, "aborted")
+            attempt = time.monotonic()
             try:
                 result = fn()
                 self._set_connected(True, service, "connected")
@@ -324,11 +339,38 @@ class Communicator:
                 except _Wait:
                     self._set_connected(True, service, "connected")
                     start, retry = time.monotonic(), 0
-                    delay = _NO_TOKEN_POLL
+                    held = start - attempt
+                    delay = 0.0 if held >= _NO_TOKEN_POLL else _NO_TOKEN_POLL
                 else:
                     retry += 1
-                if self.stop.wait(delay):
+                if delay > 0 and self.stop.wait(delay):
                     raise FLCommunicationError(action, None, "aborted") from None
+
+    @contextlib.contextmanager
+    def _abortable(self, call: Any, action: str) -> Iterator[None]:
+        """Cancels ``call`` (a model stream: it may take minutes) as soon as ``stop`` is set.
+
+        Raises:
+            FLCommunicationError: "aborted", when the call ended because of ``stop``.
+        """
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.1):
+                if self.stop.is_set():
+                    call.cancel()
+                    return
+
+        watcher = threading.Thread(target=watch, name=f"abort-{action}", daemon=True)
+        watcher.start()
+        try:
+            yield
+        except (grpc.RpcError, grpc.FutureCancelledError):
+            if self.stop.is_set():
+                raise FLCommunicationError(action, None, "aborted") from None
+            raise
+        finally:
+            done.set()
 
     def _set_connected(self, ok: bool, service: str, state: str, detail: str = "") -> None:
         if ok and self._connected:
@@ -406,7 +448,8 @@ class Communicator:
             frames = stub.GetModel(state, metadata=self._metadata(token))
             timed = _Timed(frames)
             try:
-                header, params = serde.decode_model_stream(timed, pb.CurrentModel)
+                with self._abortable(frames, "GetModel"):
+                    header, params = serde.decode_model_stream(timed, pb.CurrentModel)
             except serde.SerdeError as exc:
                 frames.cancel()
                 raise FLCommunicationError(
@@ -463,7 +506,9 @@ class Communicator:
         def send() -> pb.FederatedSummary:
             nonlocal seconds
             t0 = time.perf_counter()
-            reply = method(_with_header(header, params), metadata=self._metadata(token))
+            call = method.future(_with_header(header, params), metadata=self._metadata(token))
+            with self._abortable(call, action):
+                reply = call.result()
             seconds = time.perf_counter() - t0
             return reply
 

@@ -14,6 +14,7 @@ from engine.client.communicator import FLCommunicationError
 from engine.client.fed_client_base import FederatedClientBase
 from engine.client.status import ClientStatus
 from engine.events import (
+    ContributionResent,
     FederationFinished,
     MetricsReported,
     PrivacyApplied,
@@ -56,6 +57,11 @@ class FederatedClient(FederatedClientBase):
         self.phase("pulling model")
         self.pull_models()
         self._report_global_model(fitter)
+        if self.lost_contributions and not self.train_end and self.round_sync is None:
+            # (Under multi-GPU training the other ranks train each round with rank 0, so the
+            # round is trained again there instead.)
+            self._resend_lost_contributions()
+            return True
         if self.round_sync is not None:
             self.round_sync(not self.train_end)
         if self.train_end:
@@ -73,8 +79,19 @@ class FederatedClient(FederatedClientBase):
         if self.model_manager.privacy is not None:
             self.phase("privacy")
         self.phase("submitting")
+        if not self._counted(rnd, self.push_models):
+            return True
+        info = self.model_manager.last_privacy
+        if info is not None:
+            self.bus.publish(PrivacyApplied(site=self.client_name, round=rnd, **info))
+        log.info("%s: round %d contribution sent (n_iter=%d)", self.client_name, rnd, n_iter)
+        self.phase("waiting for the others")
+        return True
+
+    def _counted(self, rnd: int, send: Callable[[], object]) -> bool:
+        """Runs ``send``; False when the server did not count the update (we were late)."""
         try:
-            self.push_models()
+            send()
         except FLCommunicationError as exc:
             # The round closed without us (we were late) or training ended meanwhile: the
             # update is dropped, not the site. The next pull says what comes next.
@@ -84,13 +101,26 @@ class FederatedClient(FederatedClientBase):
             if not (late or exc.code == grpc.StatusCode.OUT_OF_RANGE):
                 raise
             log.warning("%s: round %d update not counted: %s", self.client_name, rnd, exc.reason)
-            return True
-        info = self.model_manager.last_privacy
-        if info is not None:
-            self.bus.publish(PrivacyApplied(site=self.client_name, round=rnd, **info))
-        log.info("%s: round %d contribution sent (n_iter=%d)", self.client_name, rnd, n_iter)
-        self.phase("waiting for the others")
+            return False
         return True
+
+    def _resend_lost_contributions(self) -> None:
+        """The server restarted before aggregating our contribution: the same one goes again."""
+        lost, self.lost_contributions = self.lost_contributions, {}
+        for task_name, pending in lost.items():
+            rnd = pending.round + 1
+            cid = pending.header.contribution_id
+            self.bus.publish(
+                ContributionResent(site=self.client_name, round=rnd, contribution_id=cid)
+            )
+            self.phase("submitting", rnd)
+
+            def send(task: str = task_name, kept: Any = pending) -> str:
+                return self.send_contribution(task, kept)
+
+            if self._counted(rnd, send):
+                log.info("%s: round %d contribution %s sent again", self.client_name, rnd, cid)
+        self.phase("waiting for the others")
 
     def _report_global_model(self, fitter: Any) -> None:
         # A model of server round r >= 1 is the aggregate of round r (1-based): measure it once.

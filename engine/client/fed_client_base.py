@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import threading
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 
 from engine.client.communicator import Communicator, FLCommunicationError, RemoteModel
 from engine.client.data_assembler import DataAssembler
@@ -22,12 +28,89 @@ from engine.events import (
     EventBus,
     HeartbeatAcknowledged,
     PhaseChanged,
+    SessionRenewed,
     StatusChanged,
 )
+from protos import federated_pb2 as pb
 
-__all__ = ["FederatedClientBase"]
+__all__ = ["SESSION_FILE", "FederatedClientBase", "SessionTokenFile"]
 
 log = logging.getLogger("engine.client")
+
+SESSION_FILE = "session_token.json"  # "token" in the name: the admin shell never reads it
+_LOST_SESSION = "the server no longer knows this site: it restarted, or dropped the site"
+
+
+class SessionTokenFile:
+    """The session token that a site's processes share: the service and its training worker.
+
+    One site has one session on the server (registering again voids the old token). When the
+    server forgets the session (it restarted), whichever process notices first registers again
+    and writes the new token here; the others find it here instead of registering themselves,
+    which would void each other's tokens in turn. A lock file makes "read, else register and
+    write" one step across processes.
+
+    Args:
+        path: the token file (owner-only), normally ``<workspace>/session_token.json``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock_path = self.path.with_suffix(".lock")
+
+    def read(self) -> str | None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        token = data.get("token") if isinstance(data, dict) else None
+        return str(token) if token else None
+
+    def write(self, token: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"token": token}, f)
+        os.replace(tmp, self.path)
+
+    @contextlib.contextmanager
+    def locked(self, stop: threading.Event, timeout: float) -> Iterator[None]:
+        """Holds the lock (polling, so that ``stop`` and ``timeout`` end the wait)."""
+        import fcntl
+
+        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if stop.is_set() or time.monotonic() > deadline:
+                        raise FLCommunicationError(
+                            "Register", None, "another process of this site holds the session"
+                        ) from None
+                    time.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+@dataclass
+class _Pending:
+    """This round's contribution, kept until the server has aggregated its round.
+
+    Attributes:
+        round: the server's ``current_round`` of the model it was trained from.
+        header: the Contribution header (its id stays the same when it is sent again).
+        data: the Δ as sent (after privacy: the same noise, never drawn twice).
+    """
+
+    round: int
+    header: pb.Contribution
+    data: dict[str, np.ndarray]
 
 
 def _servers(server_args: Any) -> dict[str, ServerEndpoint]:
@@ -125,6 +208,12 @@ class FederatedClientBase:
         self._heartbeat_done = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
         self._token_lock = threading.Lock()
+        self._renew_lock = threading.Lock()
+        workspace = self.client_args.get("workspace")
+        self.session_file = SessionTokenFile(Path(workspace) / SESSION_FILE) if workspace else None
+        # Contributions sent and not yet aggregated, by task; and those the server lost.
+        self._pending: dict[str, _Pending] = {}
+        self.lost_contributions: dict[str, _Pending] = {}
 
     # ------------------------------------------------------------------ context and status
 
@@ -167,6 +256,8 @@ class FederatedClientBase:
         token = self.communicator.client_registration(self.client_name, self.servers, task_name)
         with self._token_lock:
             self.token = token
+        if self.session_file is not None:
+            self.session_file.write(token)
         log.info("%s registered with %s", self.client_name, self.servers[task_name].target)
         return token
 
@@ -175,20 +266,55 @@ class FederatedClientBase:
         for task_name in self.servers:
             self.client_register(task_name)
 
+    def renew_session(self, stale: str | None, reason: str = _LOST_SESSION) -> str:
+        """A token for a session the server no longer knows (``stale`` was refused).
+
+        Another thread or process of this site may have registered again already: its token
+        is taken (from the session file). Otherwise this one registers and publishes
+        SessionRenewed.
+
+        Returns:
+            the token to use now.
+        """
+        with self._renew_lock:
+            if self.token and self.token != stale:
+                return self.token  # another thread of this process renewed it meanwhile
+            if self.session_file is None:
+                return self._register_again(reason)
+            timeout = self.communicator.retry_timeout + 30.0
+            with self.session_file.locked(self.stop_event, timeout):
+                shared = self.session_file.read()
+                if shared and shared != stale:
+                    with self._token_lock:
+                        self.token = shared
+                    log.info("%s: using the session registered again elsewhere", self.client_name)
+                    return shared
+                return self._register_again(reason)
+
+    def _register_again(self, reason: str) -> str:
+        log.warning("%s: %s; registering again", self.client_name, reason)
+        self.register()
+        assert self.token is not None
+        self.bus.publish(
+            SessionRenewed(
+                site=self.client_name,
+                server=", ".join(s.target for s in self.servers.values()),
+                reason=reason,
+            )
+        )
+        return self.token
+
     def _with_token(self, action: Any) -> Any:
         """Runs ``action(token)``; registers again once if the server forgot this site."""
         if self.token is None:
             self.register()
+        token = self.token
         try:
-            return action(self.token)
+            return action(token)
         except FLCommunicationError as exc:
             if not exc.token_expired:
                 raise
-            log.warning(
-                "%s: the server no longer knows this site; registering again", self.client_name
-            )
-            self.register()
-            return action(self.token)
+            return action(self.renew_session(token))
 
     # ------------------------------------------------------------------ models
 
@@ -208,6 +334,7 @@ class FederatedClientBase:
         """
         from engine.client.data_processors import DataContext
 
+        self.lost_contributions = {}
         for task_name in self.servers:
             remote = self.fetch_remote_model(task_name)
             data_ctx = DataContext(model=remote.params, header=remote.meta, fl_ctx=FLContext())
@@ -215,8 +342,35 @@ class FederatedClientBase:
                 processor.process(data_ctx, self.app_context)
             remote.params = data_ctx.model
             self.remote_models[task_name] = remote
+            self._check_pending(task_name, remote)
         self.check_progress(self.remote_models)
         return self.model_manager.assign_current_model(self.remote_models)
+
+    def _check_pending(self, task_name: str, remote: RemoteModel) -> None:
+        """Keeps a sent contribution until its round is aggregated; notes it if it was lost.
+
+        The server hands out the same round again, with the very model the contribution was
+        computed from, only when it restarted before aggregating that round: the contribution
+        is then sent again (same id, same bytes) instead of training the round again.
+        """
+        pending = self._pending.get(task_name)
+        if pending is None:
+            return
+        rnd = int(remote.meta.current_round)
+        if rnd > pending.round or remote.meta.finished:
+            del self._pending[task_name]  # aggregated
+            return
+        if rnd == pending.round and self.model_manager.is_current_global(task_name, remote.params):
+            self.lost_contributions[task_name] = pending
+            return
+        del self._pending[task_name]
+        log.warning(
+            "%s: the server went back to round %d (the contribution to round %d no longer "
+            "fits its model); training that round again",
+            self.client_name,
+            rnd + 1,
+            pending.round + 1,
+        )
 
     def check_progress(self, remote_models: Mapping[str, RemoteModel]) -> None:
         """Updates round and end-of-training state from the received models' meta."""
@@ -227,16 +381,30 @@ class FederatedClientBase:
                 self.train_end = True
 
     def push_remote_model(self, task_name: str) -> str:
-        """Reads Δ, runs privacy and the pre-processors, and submits it to ``task_name``."""
+        """Reads Δ, runs privacy and the pre-processors, and submits it to ``task_name``.
+
+        Δ is computed once (privacy noise is drawn once); every retry, and a resend after a
+        server restart, sends the same bytes under the same contribution id.
+        """
+        if self.token is None:
+            self.register()
         fl_ctx = FLContext(best_validation_metric=self._best_metric())
+        state = self.communicator.get_client_state(task_name, self.token or "", self.app_context)
+        header, data = DataAssembler.get_contribution_data(
+            self.model_manager, task_name, state, self.pre_processors, fl_ctx, self.app_context
+        )
+        if not header.contribution_id:
+            header.contribution_id = f"{self.client_name}-{uuid.uuid4()}"
+        pending = _Pending(round=self.current_round, header=header, data=data)
+        self._pending[task_name] = pending
+        return self.send_contribution(task_name, pending)
+
+    def send_contribution(self, task_name: str, pending: _Pending) -> str:
+        """Sends a kept contribution (again); returns the server's comment."""
 
         def submit(token: str) -> str:
-            state = self.communicator.get_client_state(task_name, token, self.app_context)
-            header, data = DataAssembler.get_contribution_data(
-                self.model_manager, task_name, state, self.pre_processors, fl_ctx, self.app_context
-            )
-            fl_ctx.set_prop("contribution", header)
-            fl_ctx.set_prop("model_data", data)
+            pending.header.client.token = token  # the session may have been renewed
+            fl_ctx = FLContext(contribution=pending.header, model_data=pending.data)
             reply = self.communicator.submitUpdate(
                 self.servers, task_name, token, fl_ctx, self.app_context, self.client_name
             )
@@ -264,6 +432,7 @@ class FederatedClientBase:
     def heartbeat(self) -> None:
         """Sends one heartbeat to every server; failures are logged, never raised."""
         for task_name in self.servers:
+            stale = self.token
             try:
                 t0 = time.perf_counter()
                 self.send_heartbeat(task_name)
@@ -272,13 +441,10 @@ class FederatedClientBase:
                     self.bus.publish(HeartbeatAcknowledged(site=self.client_name, rtt_ms=rtt))
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    # Dropped (silent too long) or the server restarted: join again.
-                    log.warning(
-                        "%s: the server no longer knows this site; registering again",
-                        self.client_name,
-                    )
+                    # Dropped (silent too long) or the server restarted: join again, once for
+                    # every process of this site.
                     with contextlib.suppress(Exception):
-                        self.client_register(task_name)
+                        self.renew_session(stale)
                 else:
                     log.warning(
                         "%s: heartbeat to %s failed: %s",

@@ -117,6 +117,22 @@ class ClientModelManager:
             self._meta[task_name] = remote.meta
         return changed
 
+    def is_current_global(self, task_name: str, params: Mapping[str, np.ndarray]) -> bool:
+        """Whether ``params`` is the global model loaded last (over the shared variables).
+
+        A contribution computed from that model still fits a server that hands it out again.
+        """
+        base = self._global.get(task_name)
+        if base is None:
+            return False
+        shared = {k: v for k, v in params.items() if not self.is_excluded(k)}
+        if shared.keys() != base.keys():
+            return False
+        return all(
+            np.asarray(v).dtype == base[k].dtype and np.array_equal(v, base[k])
+            for k, v in shared.items()
+        )
+
     def model_meta(self, task_name: str) -> pb.ModelMetaData | None:
         """Meta of the last global model from ``task_name`` (round, task...)."""
         return self._meta.get(task_name)

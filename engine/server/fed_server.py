@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -19,9 +20,15 @@ from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
 from engine import serde
-from engine.config import ServerConfig
-from engine.events import EventBus, ServerRoundAggregated, SiteJoined, SiteLeft
-from engine.fileio import load_npz, save_json_atomic, save_npz_atomic
+from engine.config import ConfigError, ServerConfig
+from engine.events import EventBus, ServerResumed, ServerRoundAggregated, SiteJoined, SiteLeft
+from engine.fileio import (
+    load_npz,
+    read_npz_meta,
+    remove_stale_temps,
+    save_json_atomic,
+    save_npz_atomic,
+)
 from engine.rpc import TOKEN_HEADER, federated_generic_handler
 from engine.server.admin import AdminQueues
 from engine.server.admin_console import AdminConsoleService
@@ -49,6 +56,8 @@ __all__ = ["FederatedServer"]
 log = logging.getLogger("engine.server")
 
 SERVER_OWNER = "server"
+STATE_FILE = "state.json"
+MODEL_FILE = "models/global_model.npz"
 
 
 @dataclass
@@ -68,6 +77,11 @@ class _Round:
     receiving: dict[str, str] = field(default_factory=dict)  # contribution id -> site, in flight
     expected: set[str] = field(default_factory=set)  # sites that fetched this round's model
     min_reached_at: float | None = None
+    closing: bool = False  # aggregated, being saved: no more contributions
+    # Set when the next round's model is there (or the server stops): the sites that have
+    # contributed wait on this, so a contribution wakes nobody and a round close wakes each
+    # waiting site once (a shared condition woke all N waiters per contribution: N² a round).
+    advanced: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -88,6 +102,17 @@ class FederatedServer:
         long_poll: how long GetModel waits for the next round before answering "No token".
         max_concurrent_uploads: uploads received at once (each needs a model-sized buffer);
             the others wait, their streams held back by gRPC flow control.
+        resume: when ``workspace`` holds the saved state of an unfinished federation of this
+            task (``state.json`` and ``models/global_model.npz``), go on from there instead of
+            from ``initial_model`` (a finished one is started afresh).
+
+    What survives a crash: each round's new global model and ``state.json`` (history with each
+    contribution's id) are on disk before any site can fetch the model, so a server started
+    again resumes at the round it was in; the sites register again and send the contributions
+    it had not aggregated yet (same ids), so no contribution is lost or counted twice.
+
+    Raises:
+        ConfigError: the saved state cannot be resumed (another task, another model's shapes).
     """
 
     def __init__(
@@ -98,6 +123,7 @@ class FederatedServer:
         bus: EventBus | None = None,
         long_poll: float = 2.0,
         max_concurrent_uploads: int = 4,
+        resume: bool = True,
     ) -> None:
         if not initial_model:
             raise ValueError("the server needs an initial model with at least one variable")
@@ -111,6 +137,11 @@ class FederatedServer:
         self.current_round = config.start_round
         self.finished = False
         self.sites: dict[str, _Site] = {}
+        self._tokens: dict[str, _Site] = {}  # token -> site: every call looks its caller up
+        # Sites registered before a restart: a round waits for them as for registered ones,
+        # until they register again or their heartbeat timeout passes (monotonic deadline).
+        self._returning: dict[str, float] = {}
+        self.resumed: dict[str, Any] | None = None
         self.dropped: list[str] = []
         self.history: list[dict[str, Any]] = []
         self.best_models: dict[str, dict[str, np.ndarray]] = {}
@@ -119,6 +150,8 @@ class FederatedServer:
         self._seen_ids: set[str] = set()
         self._cond = threading.Condition()
         self._fold_lock = threading.Lock()
+        if resume:
+            self._restore()
         self._round = self._new_round()
         model_bytes = sum(int(v.nbytes) for v in self.global_model.values())
         self._pool = BufferPool(max_bytes=2 * model_bytes)
@@ -127,7 +160,7 @@ class FederatedServer:
         self._readers_lock = threading.Lock()
         self._receive_slots = threading.BoundedSemaphore(max_concurrent_uploads)
         self._save_lock = threading.Lock()
-        self._saved_round = -1
+        self._saved_round = self.current_round  # the round whose model is on disk
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
         self._monitor: threading.Thread | None = None
@@ -203,11 +236,31 @@ class FederatedServer:
             self.port = server.add_insecure_port(target)
         if self.port == 0:
             raise OSError(f"cannot listen on {target}")
+        # Writers killed mid-write (a crash) leave temp files; nobody else writes these.
+        for name in (STATE_FILE, MODEL_FILE):
+            for tmp in remove_stale_temps(self.workspace / name):
+                log.info("removed %s, left by a write that did not finish", tmp)
         server.start()
         self._server = server
         self._monitor = threading.Thread(target=self._monitor_loop, name="fl-monitor", daemon=True)
         self._monitor.start()
         self._save_state()
+        if self.resumed is not None:
+            log.warning(
+                "resumed from the saved state at round %d/%d (%s)",
+                self.current_round + 1,
+                self.config.num_rounds,
+                self.resumed["detail"],
+            )
+            self.bus.publish(
+                ServerResumed(
+                    site="server",
+                    round=self.current_round + 1,
+                    num_rounds=self.config.num_rounds,
+                    sites=list(self.resumed["sites"]),
+                    detail=self.resumed["detail"],
+                )
+            )
         log.info(
             "server for task %r listening on port %d (%s): %d rounds, min %d sites",
             self.config.task_name,
@@ -222,6 +275,7 @@ class FederatedServer:
         """Stops serving; waiting GetModel calls are released."""
         self._stop.set()
         with self._cond:
+            self._round.advanced.set()
             self._cond.notify_all()
         if self._server is not None:
             self._server.stop(grace).wait()
@@ -299,11 +353,17 @@ class FederatedServer:
 
     def _site_by_token(self, token: str) -> _Site | None:
         with self._cond:
-            for site in self.sites.values():
-                if site.token == token:
-                    site.last_seen = time.monotonic()
-                    return site
-        return None
+            site = self._tokens.get(token)
+            if site is not None:
+                site.last_seen = time.monotonic()
+            return site
+
+    def _forget(self, name: str) -> _Site | None:
+        """Removes a site and its token (call with ``_cond`` held)."""
+        site = self.sites.pop(name, None)
+        if site is not None:
+            self._tokens.pop(site.token, None)
+        return site
 
     def _authenticate(self, state: pb.ClientState, context: grpc.ServicerContext) -> _Site:
         metadata = {k: str(v) for k, v in context.invocation_metadata()}
@@ -408,17 +468,112 @@ class FederatedServer:
     def _expected(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {k: (v.dtype.name, tuple(v.shape)) for k, v in self.global_model.items()}
 
-    def _save_state(self) -> None:
+    def _save_state(
+        self, current_round: int | None = None, history: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Writes ``state.json``: the round, the history (with contribution ids), the sites."""
         with self._cond:  # a snapshot: Register and round closes change these meanwhile
+            rnd = self.current_round if current_round is None else current_round
             state = {
                 "task": self.config.task_name,
-                "current_round": self.current_round,
+                "current_round": rnd,
                 "num_rounds": self.config.num_rounds,
-                "finished": self.finished,
-                "sites": sorted(self.sites),
-                "history": [dict(h) for h in self.history],
+                "finished": rnd >= self.config.num_rounds,
+                "sites": sorted({*self.sites, *self._returning}),
+                "history": [dict(h) for h in (self.history if history is None else history)],
             }
-        save_json_atomic(self.workspace / "state.json", state)
+        save_json_atomic(self.workspace / STATE_FILE, state)
+
+    def _restore(self) -> None:
+        """Goes on from the workspace's saved state, if it holds an unfinished federation.
+
+        The model file says which round it belongs to (its zip comment); the state may be one
+        round ahead of it (a crash between the two writes), never behind. The round restored is
+        the model's; history beyond it is dropped, so its contributions are taken again.
+        """
+        state_path = self.workspace / STATE_FILE
+        model_path = self.workspace / MODEL_FILE
+        if not state_path.exists():
+            return
+        try:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            saved_round = int(state["current_round"])
+            history = [dict(h) for h in state.get("history", [])]
+            task = str(state.get("task", ""))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                state_path,
+                "",
+                f"unreadable saved state ({exc}); move it away to start a new federation",
+            ) from exc
+        if task != self.config.task_name:
+            raise ConfigError(
+                state_path,
+                "task",
+                f"this workspace holds the state of task {task!r}, not "
+                f"{self.config.task_name!r}: use another workspace, or move state.json away",
+            )
+        if bool(state.get("finished")) or saved_round >= self.config.num_rounds:
+            log.info(
+                "the federation saved in %s finished (%d rounds): starting a new one",
+                self.workspace,
+                saved_round,
+            )
+            return
+        model_round = self.config.start_round
+        model: dict[str, np.ndarray] | None = None
+        if model_path.exists():
+            try:
+                meta = read_npz_meta(model_path)
+                model = load_npz(model_path)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    model_path, "", f"unreadable saved global model ({exc}); move it away"
+                ) from exc
+            # A model saved before the round was written into its file: trust the state.
+            model_round = int(meta.get("round", saved_round))
+        detail = []
+        if model is None or model_round <= self.config.start_round:
+            model, model_round = None, self.config.start_round  # the initial model's round
+        else:
+            self._check_same_shapes(model, model_path)
+        if model_round > saved_round:
+            raise ConfigError(
+                model_path,
+                "",
+                f"the saved model is of round {model_round} but state.json of round "
+                f"{saved_round}: these files are not of one federation; move them away",
+            )
+        if model_round < saved_round:
+            detail.append(
+                f"round {saved_round} was saved only in part; round {model_round + 1} is "
+                "trained again from its saved model"
+            )
+        kept = [h for h in history if int(h.get("round", 0)) <= model_round]
+        if model is not None:
+            self.global_model = {k: np.array(v, order="C") for k, v in model.items()}
+        self.current_round = model_round
+        self.history = kept
+        for entry in kept:
+            self._seen_ids.update(str(c) for c in dict(entry.get("contributions", {})).values())
+        sites = sorted(str(s) for s in state.get("sites", []))
+        deadline = time.monotonic() + self.config.heart_beat_timeout
+        self._returning = {name: deadline for name in sites}
+        detail.insert(0, f"{len(kept)} round{'s' if len(kept) != 1 else ''} done")
+        self.resumed = {"sites": sites, "detail": "; ".join(detail)}
+
+    def _check_same_shapes(self, model: Mapping[str, np.ndarray], path: Path) -> None:
+        ours = {k: (v.dtype.str, v.shape) for k, v in self.global_model.items()}
+        saved = {k: (np.asarray(v).dtype.str, np.shape(v)) for k, v in model.items()}
+        if ours != saved:
+            differ = sorted(k for k in set(ours) | set(saved) if ours.get(k) != saved.get(k))
+            raise ConfigError(
+                path,
+                "",
+                f"the saved global model is not of this federation's model (variables differ: "
+                f"{', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}); move it away to "
+                "start a new federation",
+            )
 
     # ------------------------------------------------------------------ FederatedTraining
 
@@ -462,9 +617,12 @@ class FederatedServer:
                     grpc.StatusCode.RESOURCE_EXHAUSTED, "Maximum number of clients reached"
                 )
             again = name in self.sites
+            self._forget(name)  # its old token is void from now on
+            self._returning.pop(name, None)
             token = str(uuid.uuid4())
             now = time.monotonic()
-            self.sites[name] = _Site(name, token, request.client_ip or context.peer(), now, now)
+            site = _Site(name, token, request.client_ip or context.peer(), now, now)
+            self.sites[name] = self._tokens[token] = site
             if name in self.dropped:
                 self.dropped.remove(name)
             count = len(self.sites)
@@ -480,7 +638,7 @@ class FederatedServer:
     def _quit(self, request: pb.ClientState, context: grpc.ServicerContext) -> pb.FederatedSummary:
         site = self._authenticate(request, context)
         with self._cond:
-            self.sites.pop(site.name, None)
+            self._forget(site.name)
             self._cond.notify_all()
         self.bus.publish(SiteLeft(site="server", site_name=site.name, reason="quit"))
         self._maybe_close_round()
@@ -499,17 +657,16 @@ class FederatedServer:
 
     def GetModel(self, request: pb.ClientState, context: grpc.ServicerContext) -> Iterator[bytes]:
         site = self._run(context, self._authenticate, request, context)
+        deadline = time.monotonic() + self.long_poll
+        while True:
+            with self._cond:
+                rnd = self._round
+                waiting = not self.finished and site.name in rnd.contributions
+            left = deadline - time.monotonic()
+            if not waiting or left <= 0 or self._stop.is_set():
+                break
+            rnd.advanced.wait(left)
         with self._cond:
-            deadline = time.monotonic() + self.long_poll
-            while (
-                not self.finished
-                and site.name in self._round.contributions
-                and not self._stop.is_set()
-            ):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
             if not self.finished and site.name in self._round.contributions:
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -559,6 +716,11 @@ class FederatedServer:
                     f"Contrib: round {rnd} is not the current round {self.current_round}",
                 )
             rnd_state = self._round
+            if rnd_state.closing:
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"Contrib: round {rnd} closed while the contribution was received",
+                )
             if site.name in rnd_state.contributions:
                 raise _Abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -586,7 +748,7 @@ class FederatedServer:
             # Checking the round and folding in one critical section: a round cannot close
             # between the two, and a site cannot be counted twice.
             with self._cond, self._fold_lock:
-                if rnd_state is not self._round or self.finished:
+                if rnd_state is not self._round or rnd_state.closing or self.finished:
                     raise _Abort(
                         grpc.StatusCode.FAILED_PRECONDITION,
                         f"Contrib: round {rnd} closed while the contribution was received",
@@ -601,13 +763,13 @@ class FederatedServer:
                     and len(rnd_state.contributions) >= self.config.min_num_clients
                 ):
                     rnd_state.min_reached_at = time.monotonic()
-                self._cond.notify_all()
         finally:
             with self._cond:
                 rnd_state.receiving.pop(cid, None)
         log.info(
-            "round %d: contribution from %s (n_iter=%d, %.1f MB)",
-            rnd,
+            "round %d: contribution %s from %s (n_iter=%d, %.1f MB)",
+            rnd + 1,
+            cid,
             site.name,
             header.n_iter,
             assembler.received_bytes / 1e6,
@@ -622,9 +784,9 @@ class FederatedServer:
     def _maybe_close_round(self) -> None:
         with self._cond:
             rnd = self._round
-            if self.finished or len(rnd.contributions) < self.config.min_num_clients:
+            if self.finished or rnd.closing or len(rnd.contributions) < self.config.min_num_clients:
                 return
-            waiting = [s for s in self.sites if s not in rnd.contributions]
+            waiting = [s for s in (*self.sites, *self._returning) if s not in rnd.contributions]
             timed_out = (
                 rnd.min_reached_at is not None
                 and time.monotonic() - rnd.min_reached_at >= self.config.wait_after_min_clients
@@ -633,32 +795,35 @@ class FederatedServer:
                 return
             if rnd.receiving and not timed_out:
                 return  # an upload is in flight: close when it lands (or fails)
+            rnd.closing = True  # uploads still arriving are refused from here on
             t0 = time.perf_counter()
             with self._fold_lock:
-                old = self.global_model
-                self.global_model = rnd.accumulator.apply(old)
-                self._retire(old)
+                new_model = rnd.accumulator.apply(self.global_model)
             contributors = sorted(rnd.contributions)
             missing = sorted((set(waiting) | rnd.expected) - set(contributors))
-            self.current_round += 1
-            self.finished = self.current_round >= self.config.num_rounds
-            self.history.append(
-                {"round": rnd.number + 1, "contributors": contributors, "missing": missing}
-            )
-            self._round = self._new_round()
-            model = self.global_model
+            entry = {
+                "round": rnd.number + 1,
+                "contributors": contributors,
+                "missing": missing,
+                "contributions": dict(sorted(rnd.contributions.items())),
+            }
+            next_round = rnd.number + 1
+            history = [*self.history, entry]
             seconds = time.perf_counter() - t0
-            self._hold(model)  # the save below reads it
+        # Durable before visible: no site can fetch the new model before it and the history
+        # are on disk, so a restarted server never hands out a round it cannot resume from,
+        # and the sites still hold every contribution it may have to receive again.
+        self._persist(new_model, next_round, history)
+        with self._cond:
+            old = self.global_model
+            self.global_model = new_model
+            self._retire(old)
+            self.current_round = next_round
+            self.finished = self.current_round >= self.config.num_rounds
+            self.history.append(entry)
+            self._round = self._new_round()
             self._cond.notify_all()
-        try:
-            # Two quick round closes may save concurrently: the older model never wins.
-            with self._save_lock:
-                if rnd.number > self._saved_round:
-                    save_npz_atomic(self.workspace / "models" / "global_model.npz", model)
-                    self._saved_round = rnd.number
-        finally:
-            self._release(model)
-        self._save_state()
+        rnd.advanced.set()
         self.bus.publish(
             ServerRoundAggregated(
                 site="server",
@@ -674,6 +839,34 @@ class FederatedServer:
         if self.finished:
             log.info("all %d rounds done; global model saved", self.config.num_rounds)
 
+    def _persist(
+        self, model: Mapping[str, np.ndarray], current_round: int, history: list[dict[str, Any]]
+    ) -> None:
+        """Saves the state, then the model of ``current_round`` (each atomically).
+
+        State first: a crash between the two leaves a state ahead of the model, and ``_restore``
+        goes back to the model's round (the sites still hold that round's contributions). The
+        other order could leave a model that nothing says was aggregated.
+        """
+        try:
+            with self._save_lock:
+                self._save_state(current_round, history)
+                save_npz_atomic(
+                    self.workspace / MODEL_FILE,
+                    model,
+                    meta={"task": self.config.task_name, "round": current_round},
+                )
+                self._saved_round = current_round
+        except OSError as exc:
+            # The federation goes on; a restart would resume from the last round saved.
+            log.error(
+                "could not save the global model of round %d (%s): a server restarted now "
+                "would resume from round %d",
+                current_round,
+                exc,
+                self._saved_round + 1,
+            )
+
     def _monitor_loop(self) -> None:
         period = max(0.05, min(1.0, self.config.heart_beat_timeout / 4))
         while not self._stop.wait(period):
@@ -684,17 +877,27 @@ class FederatedServer:
 
     def _check_sites(self) -> None:
         now = time.monotonic()
-        dead = []
+        dead: list[tuple[str, str]] = []
         with self._cond:
             for name, site in list(self.sites.items()):
                 if now - site.last_seen > self.config.heart_beat_timeout:
-                    del self.sites[name]
+                    self._forget(name)
                     self.dropped.append(name)
-                    dead.append(name)
+                    dead.append((name, f"no heartbeat for {self.config.heart_beat_timeout:g} s"))
+            for name, deadline in list(self._returning.items()):
+                if now > deadline:
+                    del self._returning[name]
+                    self.dropped.append(name)
+                    dead.append(
+                        (
+                            name,
+                            "did not register again within "
+                            f"{self.config.heart_beat_timeout:g} s of the server's restart",
+                        )
+                    )
             if dead:
                 self._cond.notify_all()
-        for name in dead:
-            reason = f"no heartbeat for {self.config.heart_beat_timeout:g} s"
+        for name, reason in dead:
             log.warning("site %s dropped: %s", name, reason)
             self.bus.publish(SiteLeft(site="server", site_name=name, reason=reason))
         self._maybe_close_round()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.client.fed_client_base import SESSION_FILE
 from engine.demo import DemoFederation
 from engine.events import EventBus, FederationFinished, SiteConfigured
 from engine.server import fed_server
@@ -50,8 +51,9 @@ def test_the_demo_runs_end_to_end_with_secure_on_and_no_token_reaches_a_log(
     assert len(tokens) >= 2 and all(tokens)
     texts = {"events on the bus": "\n".join(lines)}
     for path in tmp_path.rglob("*"):
-        if path.name == TOKEN_FILE:
-            # The service's hand-over to its worker (as in the lineage): owner-only, not a log.
+        if path.name in (TOKEN_FILE, SESSION_FILE):
+            # The service's hand-over to its worker (as in the lineage), and the session the two
+            # share after a renewal: owner-only files, not logs.
             assert path.stat().st_mode & 0o077 == 0
             continue
         if path.is_file() and path.suffix in (".log", ".jsonl", ".json", ".txt"):

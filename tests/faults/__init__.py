@@ -1,0 +1,1 @@
+"""Fault tolerance: real processes over loopback through a proxy that breaks connections."""
