@@ -1,5 +1,6 @@
 """Command line: ``fltui [--no-ui] [--json] [--workspace DIR]``, ``fltui demo``, ``fltui server``,
-``fltui ctl``, ``fltui admin``.
+``fltui ctl``, ``fltui admin``, ``fltui provision``, ``fltui check-config``, ``fltui runbook``,
+``fltui screenshot``.
 
 Exit codes: 0 the federation finished (or the service was asked to stop); 1 it failed or was
 aborted, or a ``ctl`` action was refused; 2 bad usage or configuration; 3 refused by TLS or
@@ -136,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(  # dispatched before parsing (see main); here for --help
+        "runbook",
+        help="write the operator runbook: screenshots (SVG, PNG) and Markdown pages of the "
+        "console driven through scenarios (fltui runbook --out DIR [--only N] "
+        "[--simulate-gpus N])",
+        add_help=False,
+    )
+    sub.add_parser(  # dispatched before parsing (see main); here for --help
+        "screenshot",
+        help="save the running site service's dashboard as SVG and PNG "
+        "(fltui screenshot [--workspace DIR] [--out FILE])",
+        add_help=False,
+    )
+    sub.add_parser(  # dispatched before parsing (see main); here for --help
         "check-config",
         help="check a workspace, startup kit, MMAR or server config (Clara 3.1 forms); "
         "every problem at once",
@@ -166,6 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fltui.provision import main as provision
 
         return provision(words[1:])
+    if words[:1] == ["runbook"]:
+        from fltui.runbook import main as runbook
+
+        return runbook(words[1:])
+    if words[:1] == ["screenshot"]:
+        from fltui.screenshot import main as screenshot
+
+        return screenshot(words[1:])
     args = build_parser().parse_args(words)
     if not args.no_ui and args.command in (None, "demo"):
         return _run_console(args)

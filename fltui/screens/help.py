@@ -19,6 +19,7 @@ v  validate  cross-site validation of every site's model on this site's data
 x  stop site stop the site service (asks first); q only detaches from a service
 l  logs      cycle the log level filter          /  search the logs
 t  theme     next colour theme                   ctrl+p  command palette (every action)
+p  screenshot save this screen (SVG and PNG) in screenshots/, for a support ticket
 ?  help      this screen                         q  quit (a service keeps running)
 """
 
