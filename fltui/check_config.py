@@ -118,38 +118,31 @@ def _check_workspace(root: Path, report: Report) -> None:
         _check_mmar(mmar, report)
 
 
+def _check_tls_files(file: Path, config: Any, prefix: str, missing: str, report: Report) -> None:
+    """The three ssl_* files exist where named, and are named where TLS is on."""
+    files = {
+        "ssl_root_cert": config.ssl_root_cert,
+        "ssl_cert": config.ssl_cert,
+        "ssl_private_key": config.ssl_private_key,
+    }
+    report.add(existing_files(file, {prefix + k: v for k, v in files.items()}))
+    if config.secure_train:
+        report.add([ConfigError(file, prefix + k, missing) for k, v in files.items() if v is None])
+
+
 def _check_kit(kit: Path, report: Report) -> None:
     report.checked.append(kit)
     config, problems = read_client_kit(kit)
     report.add(problems)
     if config is None:
         return
-    report.add(
-        existing_files(
-            kit,
-            {
-                "client.ssl_root_cert": config.ssl_root_cert,
-                "client.ssl_cert": config.ssl_cert,
-                "client.ssl_private_key": config.ssl_private_key,
-            },
-        )
+    _check_tls_files(
+        kit,
+        config,
+        "client.",
+        "required when secure_train is true (a file relative to the kit)",
+        report,
     )
-    if config.secure_train:
-        for key, value in (
-            ("ssl_root_cert", config.ssl_root_cert),
-            ("ssl_cert", config.ssl_cert),
-            ("ssl_private_key", config.ssl_private_key),
-        ):
-            if value is None:
-                report.add(
-                    [
-                        ConfigError(
-                            kit,
-                            f"client.{key}",
-                            "required when secure_train is true (a file relative to the kit)",
-                        )
-                    ]
-                )
     _check_kit_files(kit, config, report)
 
 
@@ -175,33 +168,13 @@ def _check_server(path: Path, report: Report) -> None:
     report.add(problems)
     if config is None:
         return
-    report.add(
-        existing_files(
-            path,
-            {
-                "servers[0].ssl_root_cert": config.ssl_root_cert,
-                "servers[0].ssl_cert": config.ssl_cert,
-                "servers[0].ssl_private_key": config.ssl_private_key,
-            },
-        )
+    _check_tls_files(
+        path,
+        config,
+        "servers[0].",
+        'required: a server uses mutual TLS unless its config says "secure_train": false',
+        report,
     )
-    if config.secure_train:
-        for key, value in (
-            ("ssl_root_cert", config.ssl_root_cert),
-            ("ssl_cert", config.ssl_cert),
-            ("ssl_private_key", config.ssl_private_key),
-        ):
-            if value is None:
-                report.add(
-                    [
-                        ConfigError(
-                            path,
-                            f"servers[0].{key}",
-                            "required: a server uses mutual TLS unless its config says "
-                            '"secure_train": false',
-                        )
-                    ]
-                )
 
 
 def _check_mmar(mmar: Path, report: Report) -> None:
