@@ -212,6 +212,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def parent_gone(parent: int) -> bool:
+    """Whether ``parent``, the process that started this one, has died (even by SIGKILL).
+
+    Re-parenting says so at once; a pid that no longer exists says so too.
+    """
+    return os.getppid() != parent or not _alive(parent)
+
+
 def find_service(workspace: Path) -> ServiceInfo | None:
     """The service that runs ``workspace`` now, ready for consoles; else None.
 
@@ -361,10 +369,7 @@ class SiteActions:
 
         if not isinstance(mmar, str) or not mmar:
             raise ActionError("deploy needs an MMAR: a name in transfer/ or a path")
-        if isinstance(run_number, bool) or not isinstance(run_number, int) or run_number < 1:
-            raise ActionError(
-                f"the run number must be a whole number of 1 or more, not {run_number!r}"
-            )
+        _whole("run number", run_number)
         path = Path(mmar)
         folder = path if path.is_absolute() else self.site_root / "transfer" / mmar
         if not (folder / "config").is_dir():
@@ -383,9 +388,8 @@ class SiteActions:
     def start_training(self, run_number: int, gpus: int = 1) -> str:
         from engine.admin_defs import Topic
 
-        for name, value in (("run number", run_number), ("GPU count", gpus)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ActionError(f"the {name} must be a whole number of 1 or more, not {value!r}")
+        _whole("run number", run_number)
+        _whole("GPU count", gpus)
         if gpus > 1:
             return self._local(Topic.START_MGPU, self.interface.start_mgpu_client, run_number, gpus)
         return self._local(Topic.START, self.interface.start_client, run_number)
@@ -405,6 +409,12 @@ class SiteActions:
 
         request = Message(Topic.VALIDATE, "", {MsgHeader.USER_NAME: "local"})
         return self._local(Topic.VALIDATE, self.interface.do_validate, request)
+
+
+def _whole(name: str, value: Any) -> None:
+    """Refuses what is not a whole number >= 1 (over the socket, JSON can carry anything)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ActionError(f"the {name} must be a whole number of 1 or more, not {value!r}")
 
 
 # ---------------------------------------------------------------------------- control socket

@@ -325,19 +325,14 @@ def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
 
 def _watch_parent(parent: int, on_gone: object) -> None:
     """Calls ``on_gone`` when process ``parent`` is gone (a console that launched us died)."""
+    import time
 
-    stop = threading.Event()
+    from engine.service import parent_gone
 
     def watch() -> None:
-        while True:
-            try:
-                os.kill(parent, 0)
-            except ProcessLookupError:
-                on_gone()  # type: ignore[operator]
-                return
-            except PermissionError:
-                pass
-            stop.wait(1.0)
+        while not parent_gone(parent):
+            time.sleep(1.0)
+        on_gone()  # type: ignore[operator]
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 

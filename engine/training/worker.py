@@ -144,21 +144,12 @@ def _watch_parent(period: float = 1.0, grace: float = 10.0) -> _ParentWatch:
     parent = int(os.environ.get("FLTUI_SERVICE_PID", os.getppid()))
     watch_state = _ParentWatch()
 
-    def gone() -> bool:
-        if os.getppid() != parent:
-            return True
-        try:
-            os.kill(parent, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+    from engine.service import parent_gone
 
     def watch() -> None:
         import time
 
-        while not gone():
+        while not parent_gone(parent):
             time.sleep(period)
         if watch_state.engine is None:
             os._exit(EXIT_ABORTED)  # nothing built yet: nothing to stop cleanly

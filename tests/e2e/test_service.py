@@ -35,6 +35,7 @@ from fltui.screens.confirm import ConfirmScreen
 from fltui.screens.dashboard import Dashboard
 from tests.e2e.test_orphans import _workers
 from tests.ui.replay import NoSampler
+from tests.ui.test_console import _until
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -49,16 +50,6 @@ def _wait(check: Callable[[], Any], timeout: float = 60, what: Any = "") -> Any:
         time.sleep(0.1)
     what = what() if callable(what) else what
     raise AssertionError(f"not reached within {timeout} s: {what or check}")
-
-
-async def _until(pilot: Pilot[None], check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        await pilot.pause(0.1)
-    raise AssertionError(f"not reached within {timeout} s: {check}")
 
 
 def _federation(tmp_path: Path, rounds: int = 500) -> tuple[FederatedServer, Path]:
