@@ -354,7 +354,7 @@ class RemoteBridge(SiteBridge):
 
     def _connect(self) -> None:
         """Attaches; after a lost connection (a crash, a restart by systemd), attaches again."""
-        from engine.service import ControlClient, ServiceError
+        from engine.service import ControlClient, NoService, ServiceError
 
         if self.launch:
             try:
@@ -363,8 +363,9 @@ class RemoteBridge(SiteBridge):
                 self._fail(f"cannot start the demo service: {exc}")
                 return
         wait_s = self.wait_s if self.launch else 2.0
+        deadline = time.monotonic() + wait_s
         while not self._stopping.is_set():
-            info = self._find(wait_s)
+            info = self._find(max(0.0, deadline - time.monotonic()))
             if info is None:
                 if self._gone in ("", "reconnecting"):
                     self._fail(
@@ -376,6 +377,14 @@ class RemoteBridge(SiteBridge):
             client = ControlClient(info.socket, self._on_message)
             try:
                 hello = client.connect()
+            except NoService as exc:
+                # A service that is dying (killed: its lock and socket go a moment after its
+                # pid stops answering) or not yet accepting: look again until the wait ends.
+                if time.monotonic() >= deadline:
+                    self._fail(str(exc))
+                    return
+                time.sleep(0.2)
+                continue
             except ServiceError as exc:
                 self._fail(str(exc))
                 return
@@ -403,6 +412,7 @@ class RemoteBridge(SiteBridge):
                 "waiting for it to come back",
             )
             wait_s = RECONNECT_S
+            deadline = time.monotonic() + wait_s
 
     def _fail(self, message: str) -> None:
         self._gone = message

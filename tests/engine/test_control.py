@@ -30,6 +30,7 @@ from engine.service import (
     ControlClient,
     ControlServer,
     ServiceError,
+    ServiceHost,
     SiteActions,
     WorkspaceBusy,
     WorkspaceLock,
@@ -318,3 +319,46 @@ def test_deep_workspaces_get_a_short_socket_path(tmp_path: Path) -> None:
         control_socket_path(tmp_path / "w")
         == (tmp_path / "w").resolve() / ".fltui" / "control.sock"
     )
+
+
+def test_a_console_that_reaches_a_dying_service_attaches_to_the_next(tmp_path: Path) -> None:
+    """A killed service drops its lock and socket a moment after its pid stops answering: a
+    console that connected in that moment has its connection reset, and must look again."""
+    import select
+
+    from fltui.bridge import RemoteBridge
+
+    dying = WorkspaceLock(tmp_path)
+    dying.acquire(SITE, "service")
+    dying.publish()
+    path = control_socket_path(tmp_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)  # ... and never accepts: it is being killed
+    console = RemoteBridge(tmp_path, SITE)
+    host = None
+    try:
+        console.start()
+        assert select.select([listener], [], [], 5)[0], "the console never connected"
+        listener.close()  # the kernel resets the connection that waited in the backlog
+        dying.release()
+        bus = EventBus()
+        host = ServiceHost(
+            tmp_path,
+            bus,
+            SITE,
+            "service",
+            SiteActions(tmp_path, lambda: None, lambda: SITE),
+            on_shutdown=lambda: None,
+        )
+        host.open()
+        assert console.ready.wait(5), console.label
+        assert console.label == f"attached to service (pid {os.getpid()})"
+        said = [getattr(e, "message", "") for e in console.drain()]
+        assert not any("did not say hello" in m for m in said), said
+    finally:
+        console.stop()
+        listener.close()
+        if host is not None:
+            host.close()
+        dying.release()
