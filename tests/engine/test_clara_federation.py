@@ -99,7 +99,9 @@ def _run(engines: list[SiteEngine]) -> dict[str, str]:
     ("variant", "protocol", "low", "high"),
     [
         ("percentile", "PercentileProtocol", 0.15, 0.35),  # about 25 % (percentile 75)
-        ("SVT", "SVTProtocol", 0.0, 0.1),  # at most fraction 0.1
+        # at most ceil(0.1 · N) of each tensor: with this small model's few tensors of a few
+        # dozen values, rounding up per tensor allows a little over 10 % (22 of 212 was seen)
+        ("SVT", "SVTProtocol", 0.0, 0.15),
         ("laplacian", "LaplacianProtocol", 0.0, 0.5),  # fraction 50 = 50 %
     ],
 )

@@ -105,8 +105,10 @@ def federation(tmp_path: Path) -> Iterator[Any]:
 def test_site_killed_mid_round_the_others_finish_after_the_wait_and_it_is_reported(
     federation,
 ) -> None:
-    fed = federation(3, 2, min_num_clients=2, wait_after_min_clients=1.5, heart_beat_timeout=60)
-    # site-3 trains longer, so that it is surely in the middle of round 2 when it is killed.
+    # site-3 trains longer (10 epochs: ~3 s here), so that it is surely in the middle of round 2
+    # when it is killed; the wait after the minimum is long enough that round 1 still has it
+    # under load (with 1.5 s it closed round 1 without site-3 when the others were quick).
+    fed = federation(3, 2, min_num_clients=2, wait_after_min_clients=8, heart_beat_timeout=60)
     fed.train_config("site-3", client={"local_epochs": 10})
     server = fed.start()
     sites = {name: fed.site(name, "--executor", "thread") for name in ("site-1", "site-2")}
