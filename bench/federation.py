@@ -4,7 +4,7 @@
 Usage::
 
     python bench/federation.py [--sites 5,10,25,50] [--rounds 20] [--model-mb 1] [--train-s 0.2]
-                               [--site-procs 2] [--json-only] [--profile FILE]
+                               [--site-procs 2] [--floor] [--json-only] [--profile FILE]
 
 For each number of sites N, a fresh server child process runs the real reference server
 (``engine.server.FederatedServer``, the default long-poll, every round saved to disk as in
@@ -25,6 +25,12 @@ Output: one JSON object per N, then (unless ``--json-only``) a Markdown table, t
 the smallest N to the largest (per-site cost ratio; 1.0 = linear), and the target: overhead under
 100 ms at 50 sites for a 1 MB model. ``--profile FILE`` writes a cProfile of the server's
 request threads (pstats format) for the largest N.
+
+``--floor`` also runs, for each N, the same traffic over bare gRPC: a server of two generic
+methods (pull: one message of the model's bytes, held until every site's push of the previous
+round arrived; push: one message) and the same N site threads in the same processes, measured the
+same way. No FL logic, no protobuf, no disk: what gRPC in Python alone costs on this machine, the
+floor under any server built on it. Reported as the ratio ours / floor.
 """
 
 from __future__ import annotations
@@ -118,7 +124,7 @@ def server_main(conn: Any, sites: int, rounds: int, model_mb: float, profile: st
 
         if profile:
             _ProfiledPool.base = fs.futures.ThreadPoolExecutor
-            fs.futures.ThreadPoolExecutor = _ProfiledPool.make  # type: ignore[attr-defined,assignment]
+            fs.futures.ThreadPoolExecutor = _ProfiledPool.make  # type: ignore[attr-defined,assignment,misc]
         saves: list[float] = []
         persist = fs.FederatedServer._persist
 
@@ -127,7 +133,7 @@ def server_main(conn: Any, sites: int, rounds: int, model_mb: float, profile: st
             persist(self, *args)
             saves.append(time.perf_counter() - t0)
 
-        fs.FederatedServer._persist = timed_persist  # type: ignore[method-assign]
+        fs.FederatedServer._persist = timed_persist  # type: ignore[method-assign,assignment]
         bus = EventBus()
         closes: list[float] = []
         bus.subscribe(
@@ -230,17 +236,124 @@ def sites_main(
         conn.send({"got": {}, "errors": [traceback.format_exc()], "cpu_s": 0.0})
 
 
+# ---------------------------------------------------------------------------- bare gRPC floor
+
+_FLOOR = "/bench.Floor/"
+
+
+def floor_server_main(conn: Any, sites: int, model_mb: float) -> None:
+    """Pull returns the model (one message) once the previous round's N pushes are in."""
+    try:
+        from concurrent import futures
+
+        import grpc
+
+        payload = bytes(int(model_mb * 1e6))
+        cond = threading.Condition()
+        pushes = [0]  # pushes received, all rounds
+
+        def pull(request: bytes, context: Any) -> Any:
+            wanted = int(request or b"0")  # round r needs the N pushes of rounds 0..r-1
+            with cond:
+                cond.wait_for(lambda: pushes[0] >= wanted * sites)
+            yield payload
+
+        def push(frames: Any, context: Any) -> bytes:
+            n = sum(len(f) for f in frames)
+            with cond:
+                pushes[0] += 1
+                cond.notify_all()
+            return str(n).encode()
+
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Floor",
+            {
+                "Pull": grpc.unary_stream_rpc_method_handler(pull),
+                "Push": grpc.stream_unary_rpc_method_handler(push),
+            },
+        )
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=min(256, 16 + 3 * sites)),
+            options=[
+                ("grpc.max_receive_message_length", 8 << 20),
+                ("grpc.max_send_message_length", 8 << 20),
+            ],
+        )
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        cpu0 = _cpu()
+        conn.send({"port": port})
+        conn.recv()
+        conn.send({"server_cpu_s": _cpu() - cpu0})
+        server.stop(0)
+    except BaseException:
+        conn.send({"error": traceback.format_exc()})
+
+
+def floor_sites_main(
+    conn: Any, port: int, names: list[str], rounds: int, model_mb: float, train_s: float
+) -> None:
+    try:
+        import grpc
+
+        payload = bytes(int(model_mb * 1e6))
+        opts = [
+            ("grpc.max_receive_message_length", 8 << 20),
+            ("grpc.max_send_message_length", 8 << 20),
+        ]
+        got: dict[str, list[float]] = {}
+        errors: list[str] = []
+        barrier = threading.Barrier(len(names))
+
+        def site(name: str) -> None:
+            try:
+                channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=opts)
+                pull = channel.unary_stream(_FLOOR + "Pull", None, None)  # bytes as they are
+                push = channel.stream_unary(_FLOOR + "Push", None, None)
+                grpc.channel_ready_future(channel).result(timeout=30)
+                barrier.wait()
+                times = got.setdefault(name, [])
+                for r in range(rounds + 1):
+                    for _ in pull(str(r).encode()):
+                        pass
+                    times.append(time.time())
+                    if r < rounds:
+                        time.sleep(train_s)
+                        push(iter([payload]))
+                channel.close()
+            except BaseException:
+                errors.append(f"{name}: {traceback.format_exc()}")
+                barrier.abort()
+
+        cpu0 = _cpu()
+        threads = [threading.Thread(target=site, args=(n,), name=n) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        conn.send({"got": got, "errors": errors, "cpu_s": _cpu() - cpu0})
+    except BaseException:
+        conn.send({"got": {}, "errors": [traceback.format_exc()], "cpu_s": 0.0})
+
+
 # ---------------------------------------------------------------------------- driver
 
 
-def run(
-    sites: int, rounds: int, model_mb: float, train_s: float, procs: int, profile: str | None
+def _drive(
+    server_fn: Any,
+    server_args: tuple[Any, ...],
+    sites_fn: Any,
+    sites: int,
+    rounds: int,
+    model_mb: float,
+    train_s: float,
+    procs: int,
 ) -> dict[str, Any]:
+    """Runs a server child and the site children; the timings every variant reports."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    server = ctx.Process(
-        target=server_main, args=(child, sites, rounds, model_mb, profile), daemon=True
-    )
+    server = ctx.Process(target=server_fn, args=(child, *server_args), daemon=True)
     server.start()
     hello = parent.recv()
     if "error" in hello:
@@ -252,9 +365,7 @@ def run(
     for group in groups:
         a, b = ctx.Pipe()
         p = ctx.Process(
-            target=sites_main,
-            args=(b, hello["port"], group, rounds, model_mb, train_s),
-            daemon=True,
+            target=sites_fn, args=(b, hello["port"], group, rounds, model_mb, train_s), daemon=True
         )
         p.start()
         pipes.append(a)
@@ -280,19 +391,40 @@ def run(
     overhead = [ms - train_s * 1000 for ms in round_ms]
     steady = overhead[1:] or overhead  # round 1 warms up (first buffers, first connections)
     return {
+        "srv": srv,
+        "site_procs": len(groups),
+        "overhead_ms_median": statistics.median(steady),
+        "overhead_ms_p90": sorted(steady)[max(0, int(len(steady) * 0.9) - 1)],
+        "round_ms": round_ms,
+        "server_cpu_ms_per_round": srv["server_cpu_s"] * 1000 / rounds,
+        "sites_cpu_ms_per_round": sum(r["cpu_s"] for r in results) * 1000 / rounds,
+        "wall_s": wall,
+    }
+
+
+def run(
+    sites: int, rounds: int, model_mb: float, train_s: float, procs: int, profile: str | None
+) -> dict[str, Any]:
+    d = _drive(
+        server_main,
+        (sites, rounds, model_mb, profile),
+        sites_main,
+        sites,
+        rounds,
+        model_mb,
+        train_s,
+        procs,
+    )
+    srv = d.pop("srv")
+    return {
         "bench": "federation",
         "sites": sites,
         "rounds": rounds,
         "model_mb": model_mb,
         "train_s": train_s,
-        "site_procs": len(groups),
-        "overhead_ms_median": statistics.median(steady),
-        "overhead_ms_p90": sorted(steady)[max(0, int(len(steady) * 0.9) - 1)],
-        "overhead_ms_per_site": statistics.median(steady) / sites,
-        "round_ms": round_ms,
-        "server_cpu_ms_per_round": srv["server_cpu_s"] * 1000 / rounds,
-        "server_cpu_ms_per_site_round": srv["server_cpu_s"] * 1000 / rounds / sites,
-        "sites_cpu_ms_per_round": sum(r["cpu_s"] for r in results) * 1000 / rounds,
+        **d,
+        "overhead_ms_per_site": d["overhead_ms_median"] / sites,
+        "server_cpu_ms_per_site_round": d["server_cpu_ms_per_round"] / sites,
         "server_aggregate_ms_median": statistics.median(srv["aggregate_ms"][1:] or [0.0]),
         "server_save_ms_median": statistics.median(srv["save_ms"][1:] or [0.0]),
         "server_rss_start_mb": srv["server_rss_start_mb"],
@@ -300,24 +432,56 @@ def run(
         "server_rss_end_mb": srv["server_rss_end_mb"],
         "finished": srv["finished"],
         "every_site_every_round": srv["contributors_min"] == sites and srv["rounds_done"] == rounds,
-        "wall_s": wall,
         "load_avg_1m": os.getloadavg()[0],
     }
 
 
-def report(rows: list[dict[str, Any]]) -> str:
+def run_floor(
+    sites: int, rounds: int, model_mb: float, train_s: float, procs: int
+) -> dict[str, Any]:
+    d = _drive(
+        floor_server_main,
+        (sites, model_mb),
+        floor_sites_main,
+        sites,
+        rounds,
+        model_mb,
+        train_s,
+        procs,
+    )
+    d.pop("srv")
+    return {
+        "bench": "federation-floor",
+        "sites": sites,
+        "rounds": rounds,
+        "model_mb": model_mb,
+        **d,
+    }
+
+
+def report(rows: list[dict[str, Any]], floors: dict[int, dict[str, Any]] | None = None) -> str:
+    floors = floors or {}
+    extra = " bare-gRPC floor | ours / floor |" if floors else ""
     lines = [
         "| sites | overhead/round (median) | p90 | per site | server CPU/round | server CPU "
-        "per site·round | aggregate + save | server RSS peak |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "per site·round | aggregate + save | server RSS peak |" + extra,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if floors else ""),
     ]
     for r in rows:
+        f = floors.get(r["sites"])
         lines.append(
             f"| {r['sites']} | {r['overhead_ms_median']:.0f} ms | {r['overhead_ms_p90']:.0f} ms "
             f"| {r['overhead_ms_per_site']:.2f} ms | {r['server_cpu_ms_per_round']:.0f} ms "
             f"| {r['server_cpu_ms_per_site_round']:.2f} ms "
             f"| {r['server_aggregate_ms_median']:.1f} + {r['server_save_ms_median']:.1f} ms "
             f"| {r['server_rss_peak_mb']:.0f} MB |"
+            + (
+                f" {f['overhead_ms_median']:.0f} ms (server CPU {f['server_cpu_ms_per_round']:.0f}"
+                f" ms, sites {f['sites_cpu_ms_per_round']:.0f} ms) "
+                f"| ×{r['overhead_ms_median'] / f['overhead_ms_median']:.2f} |"
+                if f
+                else ""
+            )
         )
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
@@ -340,6 +504,14 @@ def report(rows: list[dict[str, Any]]) -> str:
             f"{r['model_mb']:g} MB model: {r['overhead_ms_median']:.0f} ms → "
             f"{'met' if ok else 'NOT met'}."
         )
+        f = floors.get(TARGET_SITES)
+        if f:
+            lines.append(
+                f"Bare gRPC alone (same traffic, no FL logic): {f['overhead_ms_median']:.0f} ms at "
+                f"{TARGET_SITES} sites → the target is "
+                f"{'above' if f['overhead_ms_median'] < TARGET_MS else 'below'} what gRPC in "
+                "Python can do on this machine."
+            )
     lines.append(f"(load average at the end: {rows[-1]['load_avg_1m']:.2f}; {os.cpu_count()} CPUs)")
     return "\n".join(lines)
 
@@ -351,18 +523,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-mb", type=float, default=1.0, help="model size in MB (10^6 bytes)")
     p.add_argument("--train-s", type=float, default=0.2, help="simulated training per round")
     p.add_argument("--site-procs", type=int, default=2, help="processes the sites run in")
+    p.add_argument("--floor", action="store_true", help="also the same traffic over bare gRPC")
     p.add_argument("--json-only", action="store_true")
     p.add_argument("--profile", default=None, help="cProfile of the server at the largest N")
     args = p.parse_args(argv)
     counts = [int(x) for x in args.sites.split(",") if x.strip()]
-    rows = []
+    rows: list[dict[str, Any]] = []
+    floors: dict[int, dict[str, Any]] = {}
     for n in counts:
         prof = args.profile if args.profile and n == max(counts) else None
         row = run(n, args.rounds, args.model_mb, args.train_s, args.site_procs, prof)
         print(json.dumps(row), flush=True)
         rows.append(row)
+        if args.floor:
+            floors[n] = run_floor(n, args.rounds, args.model_mb, args.train_s, args.site_procs)
+            print(json.dumps(floors[n]), flush=True)
     if not args.json_only:
-        print(report(rows), flush=True)
+        print(report(rows, floors), flush=True)
     return 0
 
 

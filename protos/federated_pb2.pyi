@@ -140,27 +140,37 @@ class ValidationModelsDone(_message.Message):
     more_models_available: bool
     def __init__(self, more_models_available: _Optional[bool] = ...) -> None: ...
 
+class FrameBatch(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, frames: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class ModelChunk(_message.Message):
-    __slots__ = ("header", "chunk", "end", "done")
+    __slots__ = ("header", "chunk", "end", "done", "batch")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     header: CurrentModel
     chunk: TensorChunk
     end: StreamEnd
     done: ValidationModelsDone
-    def __init__(self, header: _Optional[_Union[CurrentModel, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ..., done: _Optional[_Union[ValidationModelsDone, _Mapping]] = ...) -> None: ...
+    batch: FrameBatch
+    def __init__(self, header: _Optional[_Union[CurrentModel, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ..., done: _Optional[_Union[ValidationModelsDone, _Mapping]] = ..., batch: _Optional[_Union[FrameBatch, _Mapping]] = ...) -> None: ...
 
 class ContributionChunk(_message.Message):
-    __slots__ = ("header", "chunk", "end")
+    __slots__ = ("header", "chunk", "end", "batch")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     header: Contribution
     chunk: TensorChunk
     end: StreamEnd
-    def __init__(self, header: _Optional[_Union[Contribution, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
+    batch: FrameBatch
+    def __init__(self, header: _Optional[_Union[Contribution, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ..., batch: _Optional[_Union[FrameBatch, _Mapping]] = ...) -> None: ...
 
 class ValidationResult(_message.Message):
     __slots__ = ("model_owner", "metrics")

@@ -162,6 +162,11 @@ class Communicator:
         self._channels: dict[str, tuple[grpc.Channel, FederatedStub]] = {}
         self._lock = threading.Lock()
         self._connected: bool | None = None
+        # Calls in flight that an abort cancels, and the one thread that watches for it.
+        self._in_flight: set[Any] = set()
+        self._flight_lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+        self._closed = threading.Event()
 
     # ------------------------------------------------------------------ channel
 
@@ -249,6 +254,7 @@ class Communicator:
 
     def close(self) -> None:
         """Closes every channel."""
+        self._closed.set()  # the abort watcher ends
         with self._lock:
             for channel, _ in self._channels.values():
                 channel.close()
@@ -353,16 +359,15 @@ class Communicator:
         Raises:
             FLCommunicationError: "aborted", when the call ended because of ``stop``.
         """
-        done = threading.Event()
-
-        def watch() -> None:
-            while not done.wait(0.1):
-                if self.stop.is_set():
-                    call.cancel()
-                    return
-
-        watcher = threading.Thread(target=watch, name=f"abort-{action}", daemon=True)
-        watcher.start()
+        with self._flight_lock:
+            self._in_flight.add(call)
+            if self._watcher is None:
+                self._watcher = threading.Thread(
+                    target=self._cancel_on_stop, name=f"abort-watch-{self.site}", daemon=True
+                )
+                self._watcher.start()
+        if self.stop.is_set():  # set before the watcher took its list: it may not see this call
+            call.cancel()
         try:
             yield
         except (grpc.RpcError, grpc.FutureCancelledError):
@@ -370,7 +375,23 @@ class Communicator:
                 raise FLCommunicationError(action, None, "aborted") from None
             raise
         finally:
-            done.set()
+            with self._flight_lock:
+                self._in_flight.discard(call)
+
+    def _cancel_on_stop(self) -> None:
+        """One thread per communicator (not one per call): cancels the calls in flight at once
+        when ``stop`` is set; ends after ``close`` once nothing is in flight."""
+        while True:
+            if self.stop.wait(1.0):
+                with self._flight_lock:
+                    calls = list(self._in_flight)
+                for call in calls:
+                    call.cancel()
+                return  # a call made from now on cancels itself
+            with self._flight_lock:
+                if self._closed.is_set() and not self._in_flight:
+                    self._watcher = None
+                    return
 
     def _set_connected(self, ok: bool, service: str, state: str, detail: str = "") -> None:
         if ok and self._connected:
@@ -660,4 +681,4 @@ class _Timed:
 
 def _with_header(header: pb.Contribution, params: Mapping[str, np.ndarray]) -> Iterator[bytes]:
     # A fresh generator per attempt: a retry re-sends the whole stream, same contribution id.
-    yield from serde.encode_model_stream(header, params)
+    yield from serde.encode_model_stream(header, params, batch=True)

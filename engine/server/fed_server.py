@@ -58,6 +58,9 @@ log = logging.getLogger("engine.server")
 SERVER_OWNER = "server"
 STATE_FILE = "state.json"
 MODEL_FILE = "models/global_model.npz"
+ENCODE_ONCE_BYTES = 64 << 20
+"""A global model up to this size is encoded once per round; every site gets the same messages
+(the cost of one more copy of the model in memory)."""
 
 
 @dataclass
@@ -158,6 +161,8 @@ class FederatedServer:
         self._readers: dict[int, int] = {}
         self._retired: dict[int, list[np.ndarray]] = {}
         self._readers_lock = threading.Lock()
+        self._encoded: tuple[dict[str, np.ndarray], bytes, list[bytes]] | None = None
+        self._encode_lock = threading.Lock()
         self._receive_slots = threading.BoundedSemaphore(max_concurrent_uploads)
         self._save_lock = threading.Lock()
         self._saved_round = self.current_round  # the round whose model is on disk
@@ -448,7 +453,7 @@ class FederatedServer:
         return peer.common_name if peer is not None else None
 
     def _contribution_header(
-        self, frames: Iterator[bytes], context: grpc.ServicerContext
+        self, frames: Iterator[bytes | memoryview], context: grpc.ServicerContext
     ) -> tuple[pb.Contribution, _Site]:
         """Reads an upload's header frame and authenticates it, before any payload is read."""
         first = next(frames, None)
@@ -679,18 +684,32 @@ class FederatedServer:
                 self._round.expected.add(site.name)
             self._hold(model)
         try:
-            header = pb.CurrentModel(meta=meta, owner=SERVER_OWNER)
-            yield from serde.encode_model_stream(header, model)
+            yield from self._model_messages(model, meta)
         finally:
             self._release(model)
+
+    def _model_messages(self, model: dict[str, np.ndarray], meta: pb.ModelMetaData) -> Any:
+        """The wire messages of ``model`` with ``meta``: encoded once per round and shared (all
+        the sites wake together when a round closes), or encoded per stream when it is big."""
+        header = pb.CurrentModel(meta=meta, owner=SERVER_OWNER)
+        if serde.model_nbytes(model) > ENCODE_ONCE_BYTES:
+            return serde.encode_model_stream(header, model, batch=True)
+        key = meta.SerializeToString(deterministic=True)
+        with self._encode_lock:
+            # Keyed by the model object itself (held here, so its id cannot be reused).
+            cached = self._encoded
+            if cached is None or cached[0] is not model or cached[1] != key:
+                messages = list(serde.encode_model_stream(header, model, batch=True))
+                cached = self._encoded = (model, key, messages)
+            return cached[2]
 
     def SubmitUpdate(
         self, frames: Iterator[bytes], context: grpc.ServicerContext
     ) -> pb.FederatedSummary:
-        return self._run(context, self._submit_update, frames, context)
+        return self._run(context, self._submit_update, serde.unbatch(frames), context)
 
     def _submit_update(
-        self, frames: Iterator[bytes], context: grpc.ServicerContext
+        self, frames: Iterator[bytes | memoryview], context: grpc.ServicerContext
     ) -> pb.FederatedSummary:
         header, site = self._contribution_header(frames, context)
         cid = header.contribution_id
@@ -907,10 +926,10 @@ class FederatedServer:
     def SubmitBestLocalModel(
         self, frames: Iterator[bytes], context: grpc.ServicerContext
     ) -> pb.FederatedSummary:
-        return self._run(context, self._submit_best, frames, context)
+        return self._run(context, self._submit_best, serde.unbatch(frames), context)
 
     def _submit_best(
-        self, frames: Iterator[bytes], context: grpc.ServicerContext
+        self, frames: Iterator[bytes | memoryview], context: grpc.ServicerContext
     ) -> pb.FederatedSummary:
         header, site = self._contribution_header(frames, context)
         assembler = serde.ModelAssembler(pb.Contribution, self._expected())
@@ -943,7 +962,7 @@ class FederatedServer:
             more = any(s not in self.best_models for s in self.sites) or not self.finished
         for owner in owners:
             yield from serde.encode_model_stream(
-                pb.CurrentModel(meta=self._meta(), owner=owner), models[owner]
+                pb.CurrentModel(meta=self._meta(), owner=owner), models[owner], batch=True
             )
         yield serde.encode_done_frame(more)
         # Only a stream that went through counts: after a broken one the site gets them again.

@@ -187,3 +187,76 @@ def test_a_shape_whose_byte_count_wraps_around_is_refused_by_name() -> None:
     frame = b"\x0a" + serde._varint(header.ByteSize()) + header.SerializeToString()
     with pytest.raises(SerdeError, match="limit"):
         _decode([frame])
+
+
+# ---------------------------------------------------------------------------- batches on the wire
+
+
+def test_a_model_under_one_mib_is_one_message_that_protobuf_reads_as_a_batch() -> None:
+    model = {"w": np.arange(200_000, dtype=np.float32), "b": np.ones(3, np.float32)}
+    header = pb.CurrentModel(meta=pb.ModelMetaData(current_round=2), owner="server")
+    messages = list(serde.encode_model_stream(header, model, batch=True))
+    assert len(messages) == 1
+    batch = pb.ModelChunk.FromString(messages[0])
+    assert batch.WhichOneof("part") == "batch"
+    kinds = [pb.ModelChunk.FromString(f).WhichOneof("part") for f in batch.batch.frames]
+    assert kinds == ["header", "chunk", "chunk", "end"]
+    # the frames inside are exactly the frames the unbatched stream sends
+    assert list(batch.batch.frames) == _frames(model, header)
+    got_header, got = serde.decode_model_stream(messages, pb.CurrentModel)
+    assert got_header.meta.current_round == 2
+    for name, value in model.items():
+        np.testing.assert_array_equal(got[name], value)
+    # and a batch that protobuf itself serialized decodes the same
+    again = pb.ModelChunk(batch=pb.FrameBatch(frames=batch.batch.frames)).SerializeToString()
+    np.testing.assert_array_equal(
+        serde.decode_model_stream([again], pb.CurrentModel)[1]["w"], model["w"]
+    )
+
+
+def test_big_models_batch_only_what_fits_and_every_message_stays_near_one_mib() -> None:
+    model = _model()
+    plain = _frames(model)
+    messages = list(serde.encode_model_stream(pb.CurrentModel(), model, batch=True))
+    assert len(messages) < len(plain)
+    assert all(len(m) <= serde.BATCH_BYTES for m in messages)
+    opened = [bytes(f) for f in serde.unbatch(messages)]
+    assert opened == plain  # same frames, same order
+    _, got = serde.decode_model_stream(messages, pb.CurrentModel)
+    for name, value in model.items():
+        np.testing.assert_array_equal(got[name], value)
+    # a frame bigger than a batch on its own (a huge header) goes alone, not wrapped
+    header = pb.CurrentModel(owner="x" * serde.BATCH_BYTES)
+    first = next(serde.encode_model_stream(header, {"w": np.ones(2, np.float32)}, batch=True))
+    assert pb.ModelChunk.FromString(first).WhichOneof("part") == "header"
+
+
+def _batch(*frames: bytes) -> bytes:
+    return pb.ModelChunk(batch=pb.FrameBatch(frames=list(frames))).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("messages", "error"),
+    [
+        (lambda f: [_batch()], "an empty batch"),
+        (lambda f: [_batch(_batch(*f))], r"unexpected frame \(field 5"),
+        (lambda f: [_batch(*f)[:-3]], "batch length"),
+        (
+            lambda f: [b"\x2a" + serde._varint(4) + b"\x10\x01\x10\x02"],
+            r"a batch holds field 2 \(wire type 0\), not frames",
+        ),
+        (lambda f: [_batch(f[0]), _batch(*f[2:])], "before its end frame|chunk.*does not|offset"),
+    ],
+    ids=["empty", "nested", "truncated", "not-frames", "a-chunk-missing"],
+)
+def test_malformed_batches_are_refused_and_nothing_is_returned(messages, error) -> None:
+    frames = _frames({"w": np.arange(10, dtype=np.float32)}, chunk_bytes=16)
+    with pytest.raises(SerdeError, match=error):
+        _decode(messages(frames))
+
+
+def test_batches_and_single_frames_mix_in_one_stream() -> None:
+    frames = _frames({"w": np.arange(40, dtype=np.float32)}, chunk_bytes=32)
+    mixed = [frames[0], _batch(*frames[1:3]), *frames[3:-1], _batch(frames[-1])]
+    _, got = _decode(mixed)
+    np.testing.assert_array_equal(got["w"], np.arange(40, dtype=np.float32))

@@ -52,8 +52,8 @@ MODEL = {
 EXPECTED = {k: (v.dtype.name, tuple(v.shape)) for k, v in MODEL.items()}
 
 
-def _frames(header: Any, chunk_bytes: int = 16) -> list[bytes]:
-    return list(serde.encode_model_stream(header, MODEL, chunk_bytes=chunk_bytes))
+def _frames(header: Any, chunk_bytes: int = 16, batch: bool = False) -> list[bytes]:
+    return list(serde.encode_model_stream(header, MODEL, chunk_bytes=chunk_bytes, batch=batch))
 
 
 # One edit of a valid stream: (operation, frame index, position, byte value).
@@ -113,10 +113,10 @@ def test_random_frames_decode_or_are_refused(frames: list[bytes]) -> None:
 
 
 @FUZZ
-@given(st.lists(_EDIT, min_size=1, max_size=4))
-def test_edited_model_streams_decode_or_are_refused(edits: list) -> None:
+@given(st.lists(_EDIT, min_size=1, max_size=4), st.booleans())
+def test_edited_model_streams_decode_or_are_refused(edits: list, batch: bool) -> None:
     header = pb.CurrentModel(meta=pb.ModelMetaData(task="t", current_round=1), owner="server")
-    frames = _mutate(_frames(header), edits)
+    frames = _mutate(_frames(header, batch=batch), edits)
     try:
         _, params = serde.decode_model_stream(frames, pb.CurrentModel, EXPECTED)
     except serde.SerdeError as exc:
@@ -145,7 +145,7 @@ def test_hostile_headers_and_chunks_never_allocate_past_the_limit_or_crash(
         header.data.params.add(name=name, array=pb.NDArray(dtype=dtype, shape=shape, data=inline))
     frames = [serde._encode_message_frame(1, header)]
     frames += [
-        serde._encode_chunk_frame(index, offset, memoryview(payload))
+        b"".join(serde._chunk_frame_pieces(index, offset, memoryview(payload)))
         for index, offset, payload in chunks
     ]
     end = pb.StreamEnd(total_bytes=totals[0], num_tensors=totals[1], num_chunks=totals[2])
@@ -178,8 +178,8 @@ def test_the_server_refuses_edited_uploads_cleanly_and_keeps_its_model(start_ser
     state: dict[str, Any] = {"accepted": 0, "n": 0, "client": None}
 
     @settings(max_examples=120, deadline=None)
-    @given(st.lists(_EDIT, min_size=1, max_size=3))
-    def upload(edits: list) -> None:
+    @given(st.lists(_EDIT, min_size=1, max_size=3), st.booleans())
+    def upload(edits: list, batch: bool) -> None:
         if state["client"] is None:
             state["n"] += 1
             state["client"] = direct_client(server, f"fuzz-{state['n']}")
@@ -193,7 +193,9 @@ def test_the_server_refuses_edited_uploads_cleanly_and_keeps_its_model(start_ser
             n_iter=1,
             contribution_id=f"c-{client.client_name}-{state['accepted']}-{id(edits)}",
         )
-        frames = _mutate(list(serde.encode_model_stream(header, MODEL, chunk_bytes=16)), edits)
+        frames = _mutate(
+            list(serde.encode_model_stream(header, MODEL, chunk_bytes=16, batch=batch)), edits
+        )
         try:
             stub.SubmitUpdate(iter(frames), metadata=((TOKEN_HEADER, client.token),), timeout=10)
         except grpc.RpcError as exc:

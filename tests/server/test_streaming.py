@@ -226,3 +226,48 @@ class socket_port:
 
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
+
+
+def test_a_small_model_is_one_message_each_way_and_every_site_gets_the_same_bytes(
+    start_server,
+) -> None:
+    init = {"w": np.arange(50_000, dtype=np.float32), "b": np.zeros(3, np.float32)}
+    server = start_server(init, min_num_clients=2, num_rounds=2)
+    a, b = direct_client(server, "site-a"), direct_client(server, "site-b")
+    stub = FederatedStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+
+    def download(client) -> list[bytes]:
+        state = pb.ClientState(
+            client_name=client.client_name, token=client.token, meta=pb.ModelMetaData(task=TASK)
+        )
+        return list(stub.GetModel(state))
+
+    got_a, got_b = download(a), download(b)
+    assert len(got_a) == 1  # header, two chunks and the end in one batch
+    assert pb.ModelChunk.FromString(got_a[0]).WhichOneof("part") == "batch"
+    assert got_a == got_b  # encoded once for the round, sent to both
+    _, params = serde.decode_model_stream(got_a, pb.CurrentModel)
+    np.testing.assert_array_equal(params["w"], init["w"])
+    # an upload in one batch message is received and counted
+    for client, value in ((a, 1.0), (b, 3.0)):
+        header = pb.Contribution(
+            client=pb.ClientState(
+                client_name=client.client_name,
+                token=client.token,
+                meta=pb.ModelMetaData(task=TASK),
+            ),
+            n_iter=1,
+            type="delta_w",
+            contribution_id=f"c-{client.client_name}",
+        )
+        delta = {k: np.full_like(v, value) for k, v in init.items()}
+        messages = list(serde.encode_model_stream(header, delta, batch=True))
+        assert len(messages) == 1
+        assert "Received" in stub.SubmitUpdate(iter(messages)).comment
+    assert server.current_round == 1
+    np.testing.assert_allclose(server.global_model["w"], init["w"] + 2.0)
+    # the next round's model is a new encoding (new meta, new values)
+    again = download(a)
+    assert again != got_a
+    _, params = serde.decode_model_stream(again, pb.CurrentModel)
+    np.testing.assert_allclose(params["w"], init["w"] + 2.0)
