@@ -28,7 +28,7 @@ from fltui.widgets.site_header import SiteHeader
 __all__ = ["Dashboard"]
 
 REFRESH_S = 1.0  # events are drained and shown once a second
-LOG_EVERY = 1  # the log panel catches up on every tick
+LOG_EVERY = 2  # the log panel catches up every other tick (each catch-up re-lays out the screen)
 
 
 class Dashboard(Screen[None]):

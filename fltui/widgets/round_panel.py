@@ -22,7 +22,8 @@ class RoundPanel(Vertical):
 
     Five rows that never change height (a hidden row keeps its place, a long line is cut with
     an ellipsis): a round's phases and progress repaint the panel but never re-lay out the
-    screen, which is what a console would otherwise spend its CPU on while a site trains.
+    screen, which is what a console would otherwise spend its CPU on while a site trains. Rows
+    are hidden by opacity, not visibility: Textual re-lays out the screen on a visibility change.
     """
 
     DEFAULT_CSS = """
@@ -109,9 +110,10 @@ class RoundPanel(Vertical):
 
 
 def _show(widget: Widget, visible: bool) -> None:
-    """Shows or hides ``widget`` in place: it keeps its row, so nothing moves."""
-    if widget.visible != visible:
-        widget.visible = visible
+    """Shows or hides ``widget`` in place: it keeps its row, so nothing moves (a repaint only)."""
+    opacity = 1.0 if visible else 0.0
+    if widget.styles.opacity != opacity:
+        widget.styles.opacity = opacity
 
 
 def _metric_name(state: SiteState) -> str:
