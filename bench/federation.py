@@ -185,48 +185,26 @@ def server_main(conn: Any, sites: int, rounds: int, model_mb: float, profile: st
 # ---------------------------------------------------------------------------- sites child
 
 
-def sites_main(
-    conn: Any, port: int, names: list[str], rounds: int, model_mb: float, train_s: float
-) -> None:
-    try:
-        from engine.client import DirectFederatedClient
-        from engine.config import ServerEndpoint
+def _run_sites(conn: Any, names: list[str], site: Any) -> None:
+    """Runs ``site(name, index, barrier, times)`` on a thread per site; sends what they saw.
 
-        model = _model(int(model_mb * 1e6))
-        endpoint = ServerEndpoint(name=TASK, target=f"127.0.0.1:{port}")
+    ``times`` gets when the site received each round's model; a failing site aborts the barrier
+    so that the others stop waiting for it.
+    """
+    try:
         got: dict[str, list[float]] = {}
         errors: list[str] = []
         barrier = threading.Barrier(len(names))
 
-        def site(name: str, index: int) -> None:
+        def run(name: str, index: int) -> None:
             try:
-                rng = np.random.default_rng(index + 1)
-                delta = {
-                    k: (rng.standard_normal(v.shape) * 0.01).astype(v.dtype)
-                    if v.dtype.kind == "f"
-                    else np.zeros_like(v)
-                    for k, v in model.items()
-                }
-                client = DirectFederatedClient(
-                    name, {"heartbeat_interval": 5.0}, False, [endpoint], retry_timeout=60
-                )
-                client.connect_to_server({"heart_beat": True})
-                barrier.wait()
-                times = got.setdefault(name, [])
-                for _ in range(rounds):
-                    client.pull_models_from_server()
-                    times.append(time.time())
-                    time.sleep(train_s)
-                    client.push_models_to_server(delta, {"n_iter": 1})
-                client.pull_models_from_server()  # the final model
-                times.append(time.time())
-                client.close()
+                site(name, index, barrier, got.setdefault(name, []))
             except BaseException:
                 errors.append(f"{name}: {traceback.format_exc()}")
                 barrier.abort()
 
         cpu0 = _cpu()
-        threads = [threading.Thread(target=site, args=(n, i), name=n) for i, n in enumerate(names)]
+        threads = [threading.Thread(target=run, args=(n, i), name=n) for i, n in enumerate(names)]
         for t in threads:
             t.start()
         for t in threads:
@@ -234,6 +212,40 @@ def sites_main(
         conn.send({"got": got, "errors": errors, "cpu_s": _cpu() - cpu0})
     except BaseException:
         conn.send({"got": {}, "errors": [traceback.format_exc()], "cpu_s": 0.0})
+
+
+def sites_main(
+    conn: Any, port: int, names: list[str], rounds: int, model_mb: float, train_s: float
+) -> None:
+    from engine.client import DirectFederatedClient
+    from engine.config import ServerEndpoint
+
+    model = _model(int(model_mb * 1e6))
+    endpoint = ServerEndpoint(name=TASK, target=f"127.0.0.1:{port}")
+
+    def site(name: str, index: int, barrier: threading.Barrier, times: list[float]) -> None:
+        rng = np.random.default_rng(index + 1)
+        delta = {
+            k: (rng.standard_normal(v.shape) * 0.01).astype(v.dtype)
+            if v.dtype.kind == "f"
+            else np.zeros_like(v)
+            for k, v in model.items()
+        }
+        client = DirectFederatedClient(
+            name, {"heartbeat_interval": 5.0}, False, [endpoint], retry_timeout=60
+        )
+        client.connect_to_server({"heart_beat": True})
+        barrier.wait()
+        for _ in range(rounds):
+            client.pull_models_from_server()
+            times.append(time.time())
+            time.sleep(train_s)
+            client.push_models_to_server(delta, {"n_iter": 1})
+        client.pull_models_from_server()  # the final model
+        times.append(time.time())
+        client.close()
+
+    _run_sites(conn, names, site)
 
 
 # ---------------------------------------------------------------------------- bare gRPC floor
@@ -294,47 +306,30 @@ def floor_server_main(conn: Any, sites: int, model_mb: float) -> None:
 def floor_sites_main(
     conn: Any, port: int, names: list[str], rounds: int, model_mb: float, train_s: float
 ) -> None:
-    try:
-        import grpc
+    import grpc
 
-        payload = bytes(int(model_mb * 1e6))
-        opts = [
-            ("grpc.max_receive_message_length", 8 << 20),
-            ("grpc.max_send_message_length", 8 << 20),
-        ]
-        got: dict[str, list[float]] = {}
-        errors: list[str] = []
-        barrier = threading.Barrier(len(names))
+    payload = bytes(int(model_mb * 1e6))
+    opts = [
+        ("grpc.max_receive_message_length", 8 << 20),
+        ("grpc.max_send_message_length", 8 << 20),
+    ]
 
-        def site(name: str) -> None:
-            try:
-                channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=opts)
-                pull = channel.unary_stream(_FLOOR + "Pull", None, None)  # bytes as they are
-                push = channel.stream_unary(_FLOOR + "Push", None, None)
-                grpc.channel_ready_future(channel).result(timeout=30)
-                barrier.wait()
-                times = got.setdefault(name, [])
-                for r in range(rounds + 1):
-                    for _ in pull(str(r).encode()):
-                        pass
-                    times.append(time.time())
-                    if r < rounds:
-                        time.sleep(train_s)
-                        push(iter([payload]))
-                channel.close()
-            except BaseException:
-                errors.append(f"{name}: {traceback.format_exc()}")
-                barrier.abort()
+    def site(name: str, index: int, barrier: threading.Barrier, times: list[float]) -> None:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=opts)
+        pull = channel.unary_stream(_FLOOR + "Pull", None, None)  # bytes as they are
+        push = channel.stream_unary(_FLOOR + "Push", None, None)
+        grpc.channel_ready_future(channel).result(timeout=30)
+        barrier.wait()
+        for r in range(rounds + 1):
+            for _ in pull(str(r).encode()):
+                pass
+            times.append(time.time())
+            if r < rounds:
+                time.sleep(train_s)
+                push(iter([payload]))
+        channel.close()
 
-        cpu0 = _cpu()
-        threads = [threading.Thread(target=site, args=(n,), name=n) for n in names]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        conn.send({"got": got, "errors": errors, "cpu_s": _cpu() - cpu0})
-    except BaseException:
-        conn.send({"got": {}, "errors": [traceback.format_exc()], "cpu_s": 0.0})
+    _run_sites(conn, names, site)
 
 
 # ---------------------------------------------------------------------------- driver
