@@ -819,10 +819,18 @@ class ControlClient:
             ) from None
         self._file = sock.makefile("rb")
         try:
-            first = json.loads(self._file.readline(MAX_LINE) or b"{}")
-        except (OSError, ValueError) as exc:
+            raw = self._file.readline(MAX_LINE)
+            if not raw.endswith(b"\n") and len(raw) < MAX_LINE:
+                # Closed before or during the hello: a service in the moment it stops.
+                raise OSError("it closed the connection before its hello")
+            first = json.loads(raw)
+        except OSError as exc:
             sock.close()
             raise NoService(f"the site service on {self.path} did not say hello: {exc}") from None
+        except ValueError:
+            first = {"answer": raw[:200].decode("utf-8", "replace")}
+        if not isinstance(first, dict):
+            first = {"answer": first}
         if first.get("type") == "refused":
             sock.close()
             raise ServiceError(f"the site service refused this connection: {first.get('error')}")

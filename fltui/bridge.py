@@ -349,7 +349,7 @@ class RemoteBridge(SiteBridge):
                 return None
             if time.monotonic() > deadline:
                 return None
-            time.sleep(0.1)
+            self._stopping.wait(0.1)
         return None
 
     def _connect(self) -> None:
@@ -383,7 +383,7 @@ class RemoteBridge(SiteBridge):
                 if time.monotonic() >= deadline:
                     self._fail(str(exc))
                     return
-                time.sleep(0.2)
+                self._stopping.wait(0.2)
                 continue
             except ServiceError as exc:
                 self._fail(str(exc))

@@ -29,6 +29,7 @@ from engine.service import (
     ActionError,
     ControlClient,
     ControlServer,
+    NoService,
     ServiceError,
     ServiceHost,
     SiteActions,
@@ -362,3 +363,34 @@ def test_a_console_that_reaches_a_dying_service_attaches_to_the_next(tmp_path: P
         if host is not None:
             host.close()
         dying.release()
+
+
+def test_a_service_that_hangs_up_before_its_hello_is_no_service_and_a_stranger_is_an_error(
+    tmp_path: Path,
+) -> None:
+    """Accepted and closed at once (a service in the moment it stops) is "no service": the
+    console looks again. A process that answers something else is an error it reports."""
+    path = str(tmp_path / "control.sock")
+    for answer, expected, words in (
+        (b"", NoService, "closed the connection before its hello"),
+        (b"SSH-2.0-OpenSSH_9.2\n", ServiceError, "does not speak fltui control protocol"),
+    ):
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+
+        def serve(listener: socket.socket = listener, answer: bytes = answer) -> None:
+            conn, _ = listener.accept()
+            conn.sendall(answer)
+            conn.close()
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        try:
+            with pytest.raises(ServiceError, match=words) as info:
+                ControlClient(path).connect(timeout=5)
+            assert type(info.value) is expected
+        finally:
+            server.join(5)
+            listener.close()
+            os.unlink(path)
