@@ -385,9 +385,12 @@ class Communicator:
             if self.stop.wait(1.0):
                 with self._flight_lock:
                     calls = list(self._in_flight)
+                    # Gone before the lock is let go: a call from now on starts a new watcher,
+                    # which matters once the site clears ``stop`` for its next run.
+                    self._watcher = None
                 for call in calls:
                     call.cancel()
-                return  # a call made from now on cancels itself
+                return  # a call made while stop is still set cancels itself
             with self._flight_lock:
                 if self._closed.is_set() and not self._in_flight:
                     self._watcher = None
@@ -660,23 +663,35 @@ class Communicator:
 
 
 class _Timed:
-    """Wraps a frame iterator; ``seconds`` runs from the first frame (not from a long-poll wait)."""
+    """Wraps a stream of response messages and times the transfer in it.
 
-    def __init__(self, frames: Iterator[bytes]) -> None:
-        self._frames = frames
+    The clock cannot start at the call (a long-poll may hold it for a whole round), so it runs
+    from the first message to the last and is scaled up by the bytes the first message carried:
+    ``seconds`` estimates the whole transfer. A model that came in one message (under ~1 MiB, see
+    ``serde.BATCH_BYTES``) cannot be timed this way: ``seconds`` is 0.0, "not measured".
+    """
+
+    def __init__(self, messages: Iterator[bytes]) -> None:
+        self._messages = messages
         self._t0: float | None = None
         self._t1 = 0.0
+        self._first = 0
+        self._total = 0
 
     def __iter__(self) -> Iterator[bytes]:
-        for frame in self._frames:
+        for message in self._messages:
             if self._t0 is None:
-                self._t0 = time.perf_counter()
-            yield frame
+                self._t0, self._first = time.perf_counter(), len(message)
+            self._total += len(message)
+            yield message
             self._t1 = time.perf_counter()
 
     @property
     def seconds(self) -> float:
-        return self._t1 - self._t0 if self._t0 is not None else 0.0
+        rest = self._total - self._first
+        if self._t0 is None or rest <= 0:
+            return 0.0
+        return (self._t1 - self._t0) * self._total / rest
 
 
 def _with_header(header: pb.Contribution, params: Mapping[str, np.ndarray]) -> Iterator[bytes]:

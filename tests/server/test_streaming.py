@@ -125,9 +125,14 @@ def test_corrupt_upload_is_refused_by_variable_and_the_global_model_is_untouched
 class _HostileServer:
     """A real gRPC server answering GetModel with a broken stream (test double of a bad peer)."""
 
-    def __init__(self, frames: list[bytes]) -> None:
+    def __init__(self, frames: list[bytes], stall: bool = False) -> None:
+        self.calls = 0
+
         def get_model(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            self.calls += 1
             yield from frames
+            while stall and context.is_active():  # a download that never finishes
+                time.sleep(0.01)
 
         def register(request: bytes, context: grpc.ServicerContext) -> bytes:
             return pb.FederatedSummary(token="t").SerializeToString()
@@ -166,6 +171,65 @@ def test_corrupt_download_is_refused_and_the_local_model_is_untouched() -> None:
         np.testing.assert_array_equal(local.weights["b"], 0)
     finally:
         hostile.server.stop(0)
+
+
+def test_an_abort_cancels_a_download_in_flight_and_does_so_again_after_a_new_start() -> None:
+    model = {"w": np.ones(600_000, np.float32)}
+    header = pb.CurrentModel(meta=pb.ModelMetaData(task=TASK))
+    frames = list(serde.encode_model_stream(header, model))
+    hostile = _HostileServer(frames[:2], stall=True)  # the header and one chunk, then nothing
+    client = DirectFederatedClient(
+        "site-a",
+        {},
+        False,
+        [ServerEndpoint(name=TASK, target=f"127.0.0.1:{hostile.port}")],
+        retry_timeout=60,
+    )
+    try:
+        client.connect_to_server({"heart_beat": False})
+        for attempt in (1, 2):  # the second after the site cleared stop for its next run
+            client.stop_event.clear()
+            done: list[BaseException] = []
+
+            def pull(done: list[BaseException] = done) -> None:
+                try:
+                    client.pull_models_from_server()
+                except BaseException as exc:
+                    done.append(exc)
+
+            puller = threading.Thread(target=pull)
+            puller.start()
+            deadline = time.monotonic() + 10
+            while hostile.calls < attempt and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # in the stream now
+            assert puller.is_alive()
+            t0 = time.monotonic()
+            client.stop_event.set()
+            puller.join(10)
+            assert not puller.is_alive(), f"abort {attempt} did not cancel the download"
+            assert time.monotonic() - t0 < 3  # the watcher polls stop once a second at most
+            assert isinstance(done[0], FLCommunicationError) and "aborted" in str(done[0])
+    finally:
+        hostile.server.stop(0)
+
+
+def test_a_download_is_timed_from_its_messages_and_one_message_is_not_timed() -> None:
+    from engine.client.communicator import _Timed
+
+    one = _Timed(iter([b"x" * 100]))
+    assert list(one) == [b"x" * 100] and one.seconds == 0.0  # "in one message", no speed
+
+    def paced() -> Iterator[bytes]:
+        yield b"a" * 100
+        time.sleep(0.05)
+        yield b"b" * 300
+
+    timed = _Timed(paced())
+    list(timed)
+    # 300 bytes took >= 50 ms after the first message: the 400 took >= 50 * 4/3 ms
+    assert 0.05 * 400 / 300 <= timed.seconds < 5
+    assert _Timed(iter([])).seconds == 0.0
 
 
 def test_unreachable_server_is_retried_with_backoff_then_given_up_with_the_reason() -> None:
@@ -229,8 +293,19 @@ class socket_port:
 
 
 def test_a_small_model_is_one_message_each_way_and_every_site_gets_the_same_bytes(
-    start_server,
+    start_server, monkeypatch
 ) -> None:
+    from engine.server import fed_server
+
+    encoded: list[int] = []
+    real_encode = serde.encode_model_stream
+
+    def counting(header, params, **kw):  # type: ignore[no-untyped-def]
+        if isinstance(header, pb.CurrentModel):  # the server's, not this test's uploads
+            encoded.append(int(header.meta.current_round))
+        return real_encode(header, params, **kw)
+
+    monkeypatch.setattr(fed_server.serde, "encode_model_stream", counting)
     init = {"w": np.arange(50_000, dtype=np.float32), "b": np.zeros(3, np.float32)}
     server = start_server(init, min_num_clients=2, num_rounds=2)
     a, b = direct_client(server, "site-a"), direct_client(server, "site-b")
@@ -245,7 +320,9 @@ def test_a_small_model_is_one_message_each_way_and_every_site_gets_the_same_byte
     got_a, got_b = download(a), download(b)
     assert len(got_a) == 1  # header, two chunks and the end in one batch
     assert pb.ModelChunk.FromString(got_a[0]).WhichOneof("part") == "batch"
-    assert got_a == got_b  # encoded once for the round, sent to both
+    assert got_a == got_b
+    assert download(a) == got_a
+    assert encoded == [0]  # three downloads of round 0's model, one encoding
     _, params = serde.decode_model_stream(got_a, pb.CurrentModel)
     np.testing.assert_array_equal(params["w"], init["w"])
     # an upload in one batch message is received and counted
@@ -268,6 +345,6 @@ def test_a_small_model_is_one_message_each_way_and_every_site_gets_the_same_byte
     np.testing.assert_allclose(server.global_model["w"], init["w"] + 2.0)
     # the next round's model is a new encoding (new meta, new values)
     again = download(a)
-    assert again != got_a
+    assert again != got_a and encoded == [0, 1]
     _, params = serde.decode_model_stream(again, pb.CurrentModel)
     np.testing.assert_allclose(params["w"], init["w"] + 2.0)
