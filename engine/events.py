@@ -164,17 +164,26 @@ class ModelTransferred(Event):
     direction: str
     round: int
     nbytes: int
-    seconds: float
+    seconds: float  # 0.0: not measured (a download that came in one message)
     what: str = "model"
 
     @property
     def mb_per_s(self) -> float:
         return self.nbytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
+    @property
+    def rate(self) -> str:
+        """ "at 420 MB/s", or "in one message" when the transfer was too small to time."""
+        return f"at {self.mb_per_s:.0f} MB/s" if self.seconds > 0 else "in one message"
+
     def summary(self) -> str:
-        return (
-            f"{self.what} {self.direction}ed: {self.nbytes / 1e6:.2f} MB in {self.seconds:.2f} s "
-            f"({self.mb_per_s:.0f} MB/s)" + (f", round {self.round}" if self.round else "")
+        took = (
+            f"in {self.seconds:.2f} s ({self.mb_per_s:.0f} MB/s)"
+            if self.seconds > 0
+            else ("in one message (too small to time)")
+        )
+        return f"{self.what} {self.direction}ed: {self.nbytes / 1e6:.2f} MB {took}" + (
+            f", round {self.round}" if self.round else ""
         )
 
 

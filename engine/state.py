@@ -192,7 +192,7 @@ class SiteState:
 
     def _on_ModelTransferred(self, e: ModelTransferred) -> set[str]:
         arrow = "↓" if e.direction == "download" else "↑"
-        self.transfer = f"{arrow} {e.what} {e.nbytes / 1e6:.1f} MB at {e.mb_per_s:.0f} MB/s"
+        self.transfer = f"{arrow} {e.what} {e.nbytes / 1e6:.1f} MB {e.rate}"
         return {"round"}
 
     def _on_MetricsReported(self, e: MetricsReported) -> set[str]:

@@ -170,7 +170,7 @@ class StandIns:
             changes["pid"] = self.pid(event.pid, worker=True)
         if isinstance(event, HeartbeatAcknowledged):
             changes["rtt_ms"] = RTT_MS
-        if isinstance(event, ModelTransferred):
+        if isinstance(event, ModelTransferred) and event.seconds > 0:  # 0: not measured
             changes["seconds"] = event.nbytes / (MB_PER_S * 1e6)
         if isinstance(event, GpuSampled) and event.gpus:
             changes["gpus"] = [self._gpu(g) for g in event.gpus]

@@ -49,6 +49,8 @@ def test_stand_ins_replace_what_differs_between_runs(tmp_path: Path) -> None:
     assert stand_ins.event(HeartbeatAcknowledged(rtt_ms=3.7), 1).rtt_ms == runbook.RTT_MS
     moved = stand_ins.event(ModelTransferred(direction="up", round=1, nbytes=52520, seconds=0.2), 1)
     assert moved.mb_per_s == pytest.approx(runbook.MB_PER_S)
+    one = ModelTransferred(direction="download", round=1, nbytes=52520, seconds=0.0)
+    assert stand_ins.event(one, 1).rate == "in one message"  # not measured: no made-up speed
     gpu = GpuSampled(available=True, gpus=[{"index": 0, "processes": [{"pid": 4321}]}])
     assert stand_ins.event(gpu, 1).gpus[0]["processes"][0]["pid"] == 1000
     configured = SiteConfigured(
