@@ -251,6 +251,13 @@ def sites_main(
 # ---------------------------------------------------------------------------- bare gRPC floor
 
 _FLOOR = "/bench.Floor/"
+FLOOR_WAIT_S = 120.0  # a lost site fails the floor run instead of hanging it
+
+
+def _floor_options(model_mb: float) -> list[tuple[str, int]]:
+    # The floor sends the whole model as one message: allow it, whatever its size.
+    limit = max(8 << 20, int(model_mb * 1e6) + (1 << 20))
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
 
 
 def floor_server_main(conn: Any, sites: int, model_mb: float) -> None:
@@ -267,7 +274,8 @@ def floor_server_main(conn: Any, sites: int, model_mb: float) -> None:
         def pull(request: bytes, context: Any) -> Any:
             wanted = int(request or b"0")  # round r needs the N pushes of rounds 0..r-1
             with cond:
-                cond.wait_for(lambda: pushes[0] >= wanted * sites)
+                if not cond.wait_for(lambda: pushes[0] >= wanted * sites, FLOOR_WAIT_S):
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {wanted} never came")
             yield payload
 
         def push(frames: Any, context: Any) -> bytes:
@@ -286,10 +294,7 @@ def floor_server_main(conn: Any, sites: int, model_mb: float) -> None:
         )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=min(256, 16 + 3 * sites)),
-            options=[
-                ("grpc.max_receive_message_length", 8 << 20),
-                ("grpc.max_send_message_length", 8 << 20),
-            ],
+            options=_floor_options(model_mb),
         )
         server.add_generic_rpc_handlers((handler,))
         port = server.add_insecure_port("127.0.0.1:0")
@@ -309,10 +314,7 @@ def floor_sites_main(
     import grpc
 
     payload = bytes(int(model_mb * 1e6))
-    opts = [
-        ("grpc.max_receive_message_length", 8 << 20),
-        ("grpc.max_send_message_length", 8 << 20),
-    ]
+    opts = _floor_options(model_mb)
 
     def site(name: str, index: int, barrier: threading.Barrier, times: list[float]) -> None:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=opts)
@@ -321,12 +323,12 @@ def floor_sites_main(
         grpc.channel_ready_future(channel).result(timeout=30)
         barrier.wait()
         for r in range(rounds + 1):
-            for _ in pull(str(r).encode()):
+            for _ in pull(str(r).encode(), timeout=FLOOR_WAIT_S):
                 pass
             times.append(time.time())
             if r < rounds:
                 time.sleep(train_s)
-                push(iter([payload]))
+                push(iter([payload]), timeout=FLOOR_WAIT_S)
         channel.close()
 
     _run_sites(conn, names, site)
