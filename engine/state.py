@@ -12,6 +12,7 @@ from engine.events import (
     AdminRequestHandled,
     ConnectionChanged,
     ContributionResent,
+    CrossSiteValidated,
     Event,
     FederationFinished,
     HeartbeatAcknowledged,
@@ -74,6 +75,8 @@ class SiteState:
     transfer: str = ""
     round_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     local_metrics: dict[str, float] = field(default_factory=dict)
+    # The latest cross-site validation on this site's data: {model owner: metrics}.
+    validation: dict[str, dict[str, float]] = field(default_factory=dict)
     outcome: str = ""
     outcome_detail: str = ""
     gpu: Any = None  # the last GpuSampled
@@ -169,9 +172,9 @@ class SiteState:
             )
             self.round_metrics, self.round, self.phase, self.outcome = [], 0, "", ""
             self.step, self.total_steps, self.loss, self.transfer = 0, 0, None, ""
-            self.last_error, self.local_metrics = "", {}
+            self.last_error, self.local_metrics, self.validation = "", {}, {}
         else:
-            self.worker_pid = None
+            self.worker_pid, self.phase = None, ""  # no worker: nothing is in progress
         return {"client", "round"}
 
     def _on_RoundStarted(self, e: RoundStarted) -> set[str]:
@@ -181,6 +184,8 @@ class SiteState:
 
     def _on_PhaseChanged(self, e: PhaseChanged) -> set[str]:
         self.phase = e.phase
+        if e.phase == "cross-site validation":
+            self.validation = {}  # a new validation: its results replace the last one's
         if e.phase == "training":
             self.train_started = e.ts
         return {"round"}
@@ -200,6 +205,10 @@ class SiteState:
             self.local_metrics = dict(e.metrics)
             return {"round"}
         return set()
+
+    def _on_CrossSiteValidated(self, e: CrossSiteValidated) -> set[str]:
+        self.validation[e.model_owner] = dict(e.metrics)
+        return {"round"}
 
     def _on_RoundCompleted(self, e: RoundCompleted) -> set[str]:
         self.num_rounds = e.num_rounds
@@ -269,6 +278,8 @@ class SiteState:
                     state.round_metrics = [(int(r), dict(m)) for r, m in value]
                 elif key == "local_metrics":
                     state.local_metrics = dict(value)
+                elif key == "validation":
+                    state.validation = {str(k): dict(v) for k, v in dict(value).items()}
                 else:
                     default = defaults[key]
                     kinds = (int, float) if isinstance(default, (int, float)) else type(default)
@@ -298,6 +309,7 @@ class SiteState:
             "step": self.step,
             "total_steps": self.total_steps,
             "round_metrics": self.round_metrics,
+            "validation": self.validation,
             "outcome": self.outcome,
             "last_error": self.last_error,
         }

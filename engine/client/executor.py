@@ -230,7 +230,7 @@ class ProcessExecutor(ClientExecutor):
                         self._pgid = proc.pid
                     self._procs.append(proc)
             self._listener = listener
-            client.set_status(ClientStatus.TRAINING_STARTED)
+            client.set_status(_busy_status(args))
             self._waiter = threading.Thread(
                 target=self._watch, args=(client, listener), name="worker-watch", daemon=True
             )
@@ -423,6 +423,13 @@ class _Anonymous:
         self.status = status
 
 
+def _busy_status(args: dict[str, Any]) -> int:
+    """The site's status while its worker runs: validating is not training."""
+    if args.get("mode") == "validate":
+        return ClientStatus.CROSS_SITE_VALIDATION
+    return ClientStatus.TRAINING_STARTED
+
+
 def _group_kwargs(pgid: int) -> dict[str, Any]:
     """Popen arguments that put the child in process group ``pgid`` (0: a new group)."""
     if sys.version_info >= (3, 11):
@@ -462,10 +469,15 @@ class ThreadExecutor(ClientExecutor):
         trainer.owns_session = False
         update_client_properties(trainer, engine.fitter)
         self._engine = engine
-        client.set_status(ClientStatus.TRAINING_STARTED)
+        client.set_status(_busy_status(args))
 
         def run() -> str:
-            outcome = engine.validate_only() if args.get("mode") == "validate" else engine.run()
+            if args.get("mode") == "validate":
+                outcome = engine.validate_only()
+                # As the process executor does when its worker exits: validation is over.
+                trainer.set_status(ClientStatus.TRAINING_STOPPED)
+            else:
+                outcome = engine.run()
             client.status = trainer.status
             client.bus.publish(
                 RunChanged(

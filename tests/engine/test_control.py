@@ -17,6 +17,7 @@ import pytest
 
 from engine.client.status import ClientStatus
 from engine.events import (
+    CrossSiteValidated,
     EventBus,
     LogRecord,
     RoundCompleted,
@@ -96,6 +97,7 @@ def test_a_client_gets_the_state_so_far_then_every_later_event_once(tmp_path: Pa
         )
         bus.publish(RoundStarted(site=SITE, round=3, num_rounds=10))
         bus.publish(RoundCompleted(site=SITE, round=3, num_rounds=10, metrics={"acc": 0.5}))
+        bus.publish(CrossSiteValidated(site=SITE, model_owner="server", metrics={"acc": 0.7}))
         bus.publish(RoundStarted(site="site-9", round=8, num_rounds=10))  # another site: not sent
         first, second = Messages(), Messages()
         a = ControlClient(server.path, first)
@@ -107,6 +109,7 @@ def test_a_client_gets_the_state_so_far_then_every_later_event_once(tmp_path: Pa
         assert (state.round, state.num_rounds, state.tls) == (3, 10, True)
         assert state.status == ClientStatus.TRAINING_STARTED
         assert state.round_metrics == [(3, {"acc": 0.5})]
+        assert state.validation == {"server": {"acc": 0.7}}  # the last cross-site validation
         # the console folds the snapshot in as one event: every part redraws
         console = SiteState(site=SITE)
         assert console.apply(StateSnapshot(site=SITE, state=snapshot["state"])) >= {
