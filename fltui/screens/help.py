@@ -20,6 +20,7 @@ x  stop site stop the site service (asks first); q only detaches from a service
 l  logs      cycle the log level filter          /  search the logs
 t  theme     next colour theme                   ctrl+p  command palette (every action)
 p  screenshot save this screen (SVG and PNG) in screenshots/, for a support ticket
+enter       on a request: the whole of it (why it was refused)
 ?  help      this screen                         q  quit (a service keeps running)
 """
 

@@ -1,12 +1,15 @@
-"""RequestsPanel: every admin request and local action: time, origin, topic, outcome."""
+"""RequestsPanel: every admin request and local action: time, origin, topic, outcome; the
+highlighted one's detail on the border, and Enter opens it in full."""
 
 from __future__ import annotations
 
 import time
 
 from rich.text import Text
+from textual.content import Content
 from textual.widgets import DataTable
 
+from engine.events import AdminRequestHandled
 from engine.state import SiteState
 
 __all__ = ["RequestsPanel"]
@@ -24,6 +27,22 @@ class RequestsPanel(DataTable[Text]):
         self.cursor_type = "row"
         self.add_columns("time", "origin", "topic", "outcome")
         self._shown = 0
+        self._rows: list[AdminRequestHandled] = []  # row index -> its request
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        req = self._request(event.cursor_row)
+        # Content, not markup: a detail from the wire is shown as it is.
+        self.border_subtitle = Content(req.detail) if req is not None and req.detail else None
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        from fltui.screens.request import RequestScreen
+
+        req = self._request(event.cursor_row)
+        if req is not None:
+            self.app.push_screen(RequestScreen(req))
+
+    def _request(self, row: int) -> AdminRequestHandled | None:
+        return self._rows[row] if 0 <= row < len(self._rows) else None
 
     def refresh_from(self, state: SiteState) -> None:
         requests = list(state.requests)
@@ -35,8 +54,9 @@ class RequestsPanel(DataTable[Text]):
                 Text(time.strftime("%H:%M:%S", time.localtime(req.ts))),
                 Text(req.origin),
                 Text(req.topic),
-                Text(req.outcome),
+                Text(req.outcome, style="" if req.outcome == "ok" else "bold"),
             )
+            self._rows.append(req)
         self._shown = state.requests_total
         if new:
             self.move_cursor(row=self.row_count - 1)
