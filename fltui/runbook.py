@@ -959,6 +959,8 @@ async def _cross_site_validation(run: Run) -> None:
 With `cross_site_validate: true` in the MMAR's `config_fed_client.json` (the demo MMAR has it),
 every site sends its best local model to the server after the last round, and every site
 validates every model (each site's and the server's global one) on its own validation data.
+**Round** shows what this site measured, one number per model (`cross-site accuracy: server …
+· site-1 … · site-2 …`); **Client** keeps the run's outcome.
 """,
         heartbeat=True,
     )
@@ -986,8 +988,9 @@ validates every model (each site's and the server's global one) on its own valid
         "`v`: validate again, on this site's data",
         """
 `v` runs cross-site validation again on this site's data (the federation's admin can ask for
-it too: `fltui admin … validate all`). It runs in a worker process like training; the log says
-how many models were validated.
+it too: `fltui admin … validate all`). It runs in a worker process like training; meanwhile
+**Client** says `cross site validation`, and **Round** fills in each model's result as it comes.
+The log says how many models were validated.
 """,
     )
     results = _cross_site_table(run)
@@ -1162,10 +1165,27 @@ async def _refused_request(run: Run) -> None:
 The federation's admin asked this site for its status (allowed) and then to deploy an MMAR,
 which this site's policy does not allow: **Requests** lists both, with their origin (the
 admin's name, from the admin's certificate where the federation uses TLS) and outcome
-`refused`. The admin got an error reply naming the rule; the site did nothing else.
+`refused`; the highlighted request's reason is on the panel's lower border. The admin got an
+error reply naming the rule; the site did nothing else.
 """,
         extra="The admin's side:\n\n```text\n" + "\n\n".join(outputs) + "\n```",
     )
+    from fltui.screens.request import RequestScreen
+    from fltui.widgets.requests_panel import RequestsPanel
+
+    run.dash.query_one(RequestsPanel).focus()
+    await run.press("enter")
+    await run.until(lambda: isinstance(run.app.screen, RequestScreen), "the request opened")
+    await run.shot(
+        "request",
+        "Enter on a request: all of it",
+        """
+`enter` on a request opens it whole: who asked, when, the outcome, and the reason of a refusal
+word for word, as the admin was told. The arrows choose the request (**Requests** has the keys
+when the console opens; `tab` moves them between it and the log). `esc` closes it.
+""",
+    )
+    await run.press("escape")
     await run.shot(
         "policy",
         "Why: the site's policy and the audit log",

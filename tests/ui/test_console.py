@@ -16,7 +16,7 @@ from textual.pilot import Pilot
 from engine.client.status import ClientStatus
 from engine.config import load_server_config
 from engine.demo import _set_port, prepare_workspace
-from engine.events import CrossSiteValidated, EventBus
+from engine.events import CrossSiteValidated, EventBus, StatusChanged
 from engine.fileio import load_npz
 from engine.server import FederatedServer
 from engine.site import SitePaths
@@ -166,6 +166,13 @@ def test_validate_key_and_palette_commands(tmp_path: Path) -> None:
             lambda: {e.model_owner for e in rec.of(CrossSiteValidated)} >= {"site-1", "server"},
             90,
         )
+        # validating is not training, and the results are on the dashboard
+        statuses = [e.status for e in rec.of(StatusChanged) if e.site == "site-1"]
+        assert ClientStatus.CROSS_SITE_VALIDATION in statuses
+        assert ClientStatus.TRAINING_STARTED not in statuses, statuses
+        detail = dash.query_one("#round").query_one("#detail")
+        await _until(pilot, lambda: "cross-site accuracy: server" in str(detail.render()), 30)
+        await _until(pilot, lambda: dash.state.status == ClientStatus.TRAINING_STOPPED, 30)
         # palette: abort asks for confirmation as the key does
         await pilot.press("ctrl+p")
         await pilot.pause(0.3)
@@ -291,7 +298,7 @@ def test_start_asks_how_many_gpus_where_there_are_several(tmp_path: Path) -> Non
 
 
 def test_text_from_the_wire_is_never_markup_and_logs_keep_flowing(tmp_path: Path) -> None:
-    from engine.events import LogRecord, StatusChanged
+    from engine.events import LogRecord
     from engine.state import MAX_LOGS
     from tests.ui import replay
 
@@ -317,3 +324,97 @@ def test_text_from_the_wire_is_never_markup_and_logs_keep_flowing(tmp_path: Path
         await _until(pilot, lambda: any("newest" in line for line in log.lines), 5)
 
     _run(app, test, size=(100, 30))
+
+
+def test_a_refused_request_shows_its_reason_and_enter_opens_it_whole(tmp_path: Path) -> None:
+    from engine.events import AdminRequestHandled
+    from fltui.screens.request import RequestScreen
+    from fltui.widgets.requests_panel import RequestsPanel
+    from tests.ui import replay
+
+    why = 'refused by site policy (startup/site_policy.json): "deploy" is not in allowed_commands'
+    requests = [
+        AdminRequestHandled(
+            site=replay.SITE, ts=replay.T0 + 1, origin="admin@x", topic="sys.check", outcome="ok"
+        ),
+        AdminRequestHandled(
+            site=replay.SITE,
+            ts=replay.T0 + 2,
+            origin="admin@x [b]",  # from the wire: never markup
+            topic="train.deploy",
+            outcome="refused",
+            detail=why,
+        ),
+    ]
+    bridge = replay.ReplayBridge([*replay.not_started(), *requests])
+    app = create_app(tmp_path, gpu_sampler=NoSampler(), bridge=bridge)
+
+    async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
+        dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
+        panel = dash.query_one(RequestsPanel)
+        await _until(pilot, lambda: panel.row_count == 2, 5)
+        # the newest is highlighted; its reason is on the panel's border
+        await _until(pilot, lambda: "allowed_commands" in str(panel.border_subtitle or ""), 5)
+        panel.focus()
+        await pilot.press("enter")
+        screen = await _until(pilot, lambda: isinstance(app.screen, RequestScreen) and app.screen)
+        shown = " ".join(str(s.render()) for s in screen.query("Static"))
+        assert why in shown and "admin@x [b]" in shown and "outcome: refused" in shown
+        await pilot.press("escape")
+        await _until(pilot, lambda: isinstance(app.screen, Dashboard))
+        # the first request: ok, no detail, no subtitle
+        await pilot.press("up")
+        await _until(pilot, lambda: panel.border_subtitle is None, 5)
+
+    _run(app, test, size=(80, 24))
+
+
+def test_cross_site_results_are_shown_on_this_sites_data_while_and_after_validating(
+    tmp_path: Path,
+) -> None:
+    from engine.client.status import ClientStatus as CS
+    from engine.events import PhaseChanged, RunChanged
+    from fltui.widgets.round_panel import RoundPanel
+    from tests.ui import replay
+
+    site = replay.SITE
+
+    def validated(owner: str, acc: float) -> CrossSiteValidated:
+        return CrossSiteValidated(
+            site=site, model_owner=owner, metrics={"accuracy": acc, "loss": 0.5}
+        )
+
+    bridge = replay.ReplayBridge(
+        [
+            *replay.training(),
+            StatusChanged(site=site, status=CS.TRAINING_STOPPED, message="training stopped"),
+            RunChanged(site=site, running=False, run_number=1, mmar="", executor="process"),
+            StatusChanged(site=site, status=CS.CROSS_SITE_VALIDATION, message="cross site"),
+            PhaseChanged(site=site, phase="cross-site validation", round=0),
+            validated("site-2", 0.691),
+            validated("server", 0.795),
+        ]
+    )
+    app = create_app(tmp_path, gpu_sampler=NoSampler(), bridge=bridge)
+
+    async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
+        dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
+        panel = dash.query_one(RoundPanel)
+
+        def detail() -> str:
+            return str(panel.query_one("#detail").render())
+
+        await _until(pilot, lambda: "cross-site accuracy:" in detail(), 5)
+        assert detail() == "cross-site accuracy: server 0.795 · site-2 0.691"
+        assert "cross-site validation" in str(panel.query_one("#round").render())
+        bridge.events = [
+            validated("site-1", 0.809),
+            StatusChanged(site=site, status=CS.TRAINING_STOPPED, message="training stopped"),
+        ]
+        await _until(pilot, lambda: "site-1 0.809" in detail(), 5)
+        assert detail() == "cross-site accuracy: server 0.795 · site-1 0.809 · site-2 0.691"
+        # the next validation starts afresh
+        bridge.events = [PhaseChanged(site=site, phase="cross-site validation", round=0)]
+        await _until(pilot, lambda: detail() == "", 5)
+
+    _run(app, test, size=(120, 40))
