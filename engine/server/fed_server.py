@@ -59,6 +59,7 @@ SERVER_OWNER = "server"
 STATE_FILE = "state.json"
 MODEL_FILE = "models/global_model.npz"
 ENCODE_ONCE_BYTES = 64 << 20
+CLOSE_WAIT_S = 60.0  # the longest an upload's reply waits for its round's close (save) to end
 """A global model up to this size is encoded once per round; every site gets the same messages
 (the cost of one more copy of the model in memory)."""
 
@@ -794,6 +795,11 @@ class FederatedServer:
             assembler.received_bytes / 1e6,
         )
         self._maybe_close_round()
+        if rnd_state.closing:
+            # Closed by the monitor thread between the fold and here: answer once it is done,
+            # as when this upload closes the round itself (the reply's meta is then the new
+            # round's, whichever thread closed it).
+            rnd_state.advanced.wait(CLOSE_WAIT_S)
         return pb.FederatedSummary(
             comment=f"Received contribution for round {rnd}", meta=self._meta()
         )

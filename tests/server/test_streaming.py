@@ -79,6 +79,37 @@ def test_300_mb_model_streams_both_ways_with_bounded_memory(start_server) -> Non
     np.testing.assert_allclose(server.global_model["small"], model["small"] + 1, rtol=1e-6)
 
 
+def test_the_reply_to_the_last_upload_of_a_round_comes_after_the_round_closed(
+    start_server, monkeypatch
+) -> None:
+    """The server's monitor thread may take the round's close between an upload's fold and its
+    reply; the reply still waits for the close (it came first, then a site saw round 0)."""
+    server = start_server({"w": np.zeros(1000, np.float32)}, min_num_clients=1, num_rounds=2)
+    client = direct_client(server, "site-a")
+    client.pull_models_from_server()
+    real_close, real_persist = server._maybe_close_round, server._persist
+
+    def slow_persist(*args):  # type: ignore[no-untyped-def]
+        time.sleep(0.5)  # a big model's fsync
+        return real_persist(*args)
+
+    def monitor_first() -> None:  # the race, made certain: another thread closes first
+        if threading.current_thread().name == "fl-monitor":
+            return real_close()
+        other = threading.Thread(target=real_close, name="monitor-stand-in")
+        other.start()
+        deadline = time.monotonic() + 5
+        while not server._round.closing and time.monotonic() < deadline:
+            time.sleep(0.001)
+        real_close()  # sees the round closing: returns at once
+
+    monkeypatch.setattr(server, "_persist", slow_persist)
+    monkeypatch.setattr(server, "_maybe_close_round", monitor_first)
+    client.push_models_to_server({"w": np.ones(1000, np.float32)}, {"n_iter": 1})
+    assert server.current_round == 1
+    np.testing.assert_array_equal(server.global_model["w"], 1)
+
+
 def _raw_contribution(token: str, frames: list[bytes]) -> Iterator[bytes]:
     yield from frames
 
