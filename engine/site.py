@@ -19,6 +19,7 @@ from engine.config import (
     ConfigError,
     MMARClientConfig,
     ServerEndpoint,
+    clara_base,
     load_client_kit,
     load_environment,
     load_mmar_client_config,
@@ -215,9 +216,19 @@ def byoc_refusal(mmar: Path, allow_byoc: bool, policy_file: object = None) -> st
 
 
 def _path_component(data: Any) -> str | None:
+    """The first ``{"path": ...}`` component that would import the MMAR's own code.
+
+    Clara's own module paths (``fed_learn.client.fed_privacy.SVTProtocol``) are not: they name
+    our built-ins, and one we do not have is refused by name, never imported.
+    """
     if isinstance(data, dict):
-        if isinstance(data.get("path"), str) and ("args" in data or "name" not in data):
-            return str(data["path"])
+        path = data.get("path")
+        if (
+            isinstance(path, str)
+            and ("args" in data or "name" not in data)
+            and clara_base(path) is None
+        ):
+            return path
         values: list[Any] = list(data.values())
     elif isinstance(data, list):
         values = data

@@ -151,6 +151,30 @@ def test_code_named_by_path_in_a_config_is_refused_without_byoc(service) -> None
     assert not Path("/tmp/fltui-pwned").exists()
 
 
+def test_clara_module_paths_are_built_ins_not_own_code(tmp_path: Path) -> None:
+    from engine.site import byoc_refusal
+
+    mmar = tmp_path / "mmar"
+    (mmar / "config").mkdir(parents=True)
+    clara = {
+        "client": {
+            "privacy": {
+                "path": "fed_learn.client.fed_privacy.SVTProtocol",
+                "args": {"fraction": 0.1, "epsilon": 0.1, "noise_var": 0.1, "gamma": 1e-5},
+            },
+            "pre_processors": [
+                {"path": "nvmidl.apps.fed_learn.client.processors.IteratorNumberGenerator"}
+            ],
+        }
+    }
+    config = mmar / "config" / "config_fed_client.json"
+    config.write_text(json.dumps(clara))
+    assert byoc_refusal(mmar, allow_byoc=False) is None  # written as Clara wrote it: accepted
+    clara["client"]["post_processors"] = [{"path": "fed_learn_evil.Thing", "args": {}}]
+    config.write_text(json.dumps(clara))
+    assert "fed_learn_evil.Thing" in str(byoc_refusal(mmar, allow_byoc=False))
+
+
 def test_the_session_token_file_cannot_be_read_remotely(service) -> None:
     (service.paths.root / "client_token.txt").write_text("secret")
     for command in (
