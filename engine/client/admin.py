@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from engine.admin_defs import Message, MsgHeader, error_reply, ok_reply, reply_to
+from engine.client.communicator import RECONNECT_OPTIONS, channel_options
 from engine.rpc import TOKEN_HEADER
 from engine.tls import read_tls_files
 from protos import admin_pb2 as apb
@@ -84,7 +85,9 @@ class AdminMessageSender(Sender):
         self.rank = rank
         args = dict(server_args or {})
         self.target = str(args.get("target", ""))
-        options = [tuple(o) for o in args.get("options", [])]
+        # As the training channel: gRPC's own reconnect backoff (up to 2 min) must not keep
+        # the agent away from a server that is back (it polls every few seconds).
+        options = channel_options(args.get("options", []), RECONNECT_OPTIONS)
         if secure:
             root, cert, key = read_tls_files(root_cert, ssl_cert, private_key)
             creds = grpc.ssl_channel_credentials(

@@ -58,6 +58,17 @@ RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+
+
+def channel_options(configured: Any, defaults: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """``defaults`` with a config's ``[[name, value], ...]`` replacing those it names.
+
+    gRPC takes the first of two equal option names, so the config's options (Clara's
+    ``servers[].service.options``) must replace our defaults rather than follow them.
+    """
+    return list({**dict(defaults), **{str(o[0]): o[1] for o in configured or []}}.items())
+
+
 _BACKOFF_BASE = 0.25
 _BACKOFF_CAP = 5.0
 # "No token yet": poll again after this pause, unless the server held the call that long
@@ -188,16 +199,14 @@ class Communicator:
         target = str(channel_dict["target"])
         with self._lock:
             if target not in self._channels:
-                # gRPC takes the first of two equal option names, so the config's
-                # servers[].service.options replace our defaults here rather than follow them.
-                options = list(
-                    {
-                        "grpc.max_receive_message_length": 8 << 20,
-                        "grpc.max_send_message_length": 8 << 20,
-                        **dict(KEEPALIVE_OPTIONS),
-                        **dict(RECONNECT_OPTIONS),
-                        **{o[0]: o[1] for o in channel_dict.get("options", [])},
-                    }.items()
+                options = channel_options(
+                    channel_dict.get("options", []),
+                    [
+                        ("grpc.max_receive_message_length", 8 << 20),
+                        ("grpc.max_send_message_length", 8 << 20),
+                        *KEEPALIVE_OPTIONS,
+                        *RECONNECT_OPTIONS,
+                    ],
                 )
                 compression = getattr(grpc.Compression, self.compression or "NoCompression")
                 if self.secure_train:

@@ -471,3 +471,20 @@ def test_a_deployed_mmar_may_not_loosen_the_server_certificate_check(tmp_path: P
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"grpc.ssl_target_name_override changes which server"):
         load_mmar_client_config(mmar)
+
+
+def test_service_options_replace_our_channel_defaults_on_both_channels() -> None:
+    from engine.client.communicator import RECONNECT_OPTIONS, channel_options
+
+    configured = [["grpc.max_reconnect_backoff_ms", 500], ["grpc.max_send_message_length", 9]]
+    got = channel_options(
+        configured, [("grpc.max_send_message_length", 8 << 20), *RECONNECT_OPTIONS]
+    )
+    # one value per name (gRPC would take the first of two), the config's where it names one
+    assert dict(got) == {
+        "grpc.max_send_message_length": 9,
+        "grpc.initial_reconnect_backoff_ms": 250,
+        "grpc.max_reconnect_backoff_ms": 500,
+    }
+    assert len(got) == 3
+    assert channel_options(None, RECONNECT_OPTIONS) == RECONNECT_OPTIONS
