@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -526,20 +524,11 @@ class Fitter:
     def _save_best(self, state: Mapping[str, torch.Tensor]) -> None:
         target = self.best_model_path
         tensors = {name: t.detach().to("cpu", copy=True) for name, t in state.items()}
+        from engine.fileio import atomic_write
+
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".best_model.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    torch.save(tensors, fh)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                # Readers see the old file or the new one, never half of one.
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            # Readers see the old file or the new one, never half of one, even after a crash.
+            atomic_write(target, lambda fh: torch.save(tensors, fh))
         except OSError as exc:
             # Training goes on (the weights are kept in memory); the operator sees why the file
             # is stale.
