@@ -119,11 +119,21 @@ def resolve_component(
     why = refusal(spec)
     if why:
         raise _err(error, spec, "name" if spec.name else "path", why)
-    if spec.path is not None and clara_base(spec.path) in builtins:
-        # Clara's own module path of a component we have built in (fed_learn.client....).
-        spec = ComponentSpec(
-            name=clara_base(spec.path), path=None, args=spec.args, key=spec.key, file=spec.file
-        )
+    clara = clara_base(spec.path) if spec.path is not None else None
+    if clara is not None:
+        # Clara's own module path (fed_learn.client....): one of our built-ins, never an import
+        # (the BYOC policy lets these through as not the MMAR's own code).
+        if clara not in builtins:
+            hint = difflib.get_close_matches(clara, list(builtins), n=1)
+            raise _err(
+                error,
+                spec,
+                "path",
+                f"Clara component {clara!r} is not one we have built in"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f"; ours: {', '.join(sorted(builtins)) or 'none'}",
+            )
+        spec = ComponentSpec(name=clara, path=None, args=spec.args, key=spec.key, file=spec.file)
     if spec.path is not None:
         try:
             obj = import_path(spec.path, custom_dir)

@@ -191,13 +191,22 @@ def check_mmar(mmar: Path) -> None:
 def byoc_refusal(mmar: Path, allow_byoc: bool, policy_file: object = None) -> str | None:
     """Why the site policy refuses this MMAR's own code, or None.
 
-    Own code is any file under ``custom/`` and any ``{"path": "module.attr"}`` component in the
-    MMAR's configs (it would import and call an arbitrary module).
+    Own code is any file under ``custom/`` (but ``.gitkeep`` and ``README*``) and any
+    ``{"path": "module.attr"}`` component in the MMAR's configs (it would import and call an
+    arbitrary module) but Clara's own module paths, which only ever name our built-ins.
     """
     if allow_byoc:
         return None
+    from engine.client.deploy import NOT_CODE_RE
+
     where = f"refused by site policy ({policy_file or 'defaults'}): "
-    custom = sorted((mmar / "custom").rglob("*.py")) if (mmar / "custom").is_dir() else []
+    # As deploy counts it: any file but .gitkeep and README* (a .pyc, a .so import as well).
+    folder = mmar / "custom"
+    custom = sorted(
+        p
+        for p in (folder.rglob("*") if folder.is_dir() else ())
+        if p.is_file() and not NOT_CODE_RE.match(p.name)
+    )
     if custom:
         return where + (
             f"the MMAR has custom code ({custom[0].relative_to(mmar)}) and allow_byoc is false"
@@ -219,7 +228,8 @@ def _path_component(data: Any) -> str | None:
     """The first ``{"path": ...}`` component that would import the MMAR's own code.
 
     Clara's own module paths (``fed_learn.client.fed_privacy.SVTProtocol``) are not: they name
-    our built-ins, and one we do not have is refused by name, never imported.
+    our built-ins, and one we do not have is refused by name, never imported
+    (``engine.components.resolve_component``).
     """
     if isinstance(data, dict):
         path = data.get("path")
@@ -405,8 +415,8 @@ class SiteEngine:
     def validate_only(self) -> str:
         """Cross-site validation on its own (the admin's ``validate``), with the best model."""
         client = self.client or self.build()
-        client.model_manager.set_fitter(self.fitter)
         try:
+            client.model_manager.set_fitter(self.fitter)
             results = client.run_cross_site_validation()
         except Exception as exc:
             log.error("%s: cross-site validation failed: %s", self.site, exc)

@@ -30,7 +30,7 @@ MAX_CONFIG_BYTES = 16 << 20
 _CHUNK = 1 << 20
 _SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Files under custom/ that are not code: an MMAR without BYOC often ships custom/ with these.
-_NOT_CODE_RE = re.compile(r"^(\.gitkeep|README.*)$", re.IGNORECASE)
+NOT_CODE_RE = re.compile(r"^(\.gitkeep|README.*)$", re.IGNORECASE)
 # macOS Finder adds these to zips; they are never part of an MMAR.
 _MAC_JUNK = "__MACOSX"
 
@@ -320,7 +320,7 @@ def deploy_mmar(
         custom = sorted(
             rel
             for rel in by_name
-            if rel.startswith("custom/") and not _NOT_CODE_RE.match(rel.rsplit("/", 1)[-1])
+            if rel.startswith("custom/") and not NOT_CODE_RE.match(rel.rsplit("/", 1)[-1])
         )
         if custom and not allow_byoc:
             shown = ", ".join(custom[:5]) + (

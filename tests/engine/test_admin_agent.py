@@ -175,6 +175,32 @@ def test_clara_module_paths_are_built_ins_not_own_code(tmp_path: Path) -> None:
     assert "fed_learn_evil.Thing" in str(byoc_refusal(mmar, allow_byoc=False))
 
 
+def test_a_clara_path_we_do_not_have_is_refused_by_name_never_imported(tmp_path: Path) -> None:
+    """A Clara module path passes the BYOC check, so it must never reach an import: not even
+    of a compiled module hidden under custom/ (which the BYOC check refuses too, .py or not)."""
+    import py_compile
+
+    from engine.components import resolve_component
+    from engine.config import ComponentSpec, ConfigError
+    from engine.site import byoc_refusal
+
+    mmar = tmp_path / "mmar"
+    (mmar / "config").mkdir(parents=True)
+    source = tmp_path / "pwn.py"
+    marker = tmp_path / "pwned"
+    source.write_text(f"open({str(marker)!r}, 'w').close()\nclass Evil: pass\n")
+    hidden = mmar / "custom" / "fed_learn" / "client"
+    hidden.mkdir(parents=True)
+    py_compile.compile(str(source), cfile=str(hidden / "pwn.pyc"))
+    assert "custom/fed_learn/client/pwn.pyc" in str(byoc_refusal(mmar, allow_byoc=False))
+    spec = ComponentSpec(name=None, path="fed_learn.client.pwn.Evil", key="client.privacy")
+    with pytest.raises(ConfigError, match="Clara component 'Evil' is not one we have built in"):
+        resolve_component(
+            spec, {"SVTProtocol": object}, "privacy protocol", custom_dir=mmar / "custom"
+        )
+    assert not marker.exists()
+
+
 def test_the_session_token_file_cannot_be_read_remotely(service) -> None:
     (service.paths.root / "client_token.txt").write_text("secret")
     for command in (
