@@ -164,7 +164,7 @@ class ModelTransferred(Event):
     direction: str
     round: int
     nbytes: int
-    seconds: float  # 0.0: not measured (a download that came in one message)
+    seconds: float  # 0.0: not measured (a model that went in one message)
     what: str = "model"
 
     @property

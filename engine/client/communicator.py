@@ -539,10 +539,24 @@ class Communicator:
         def send() -> pb.FederatedSummary:
             nonlocal seconds
             t0 = time.perf_counter()
-            call = method.future(_with_header(header, params), metadata=self._metadata(token))
+            sent: list[float] = []
+            count = 0
+
+            def messages() -> Iterator[bytes]:
+                nonlocal count
+                for message in _with_header(header, params):
+                    count += 1
+                    yield message
+                # gRPC took the last one: flow control held the rest until the server read
+                # them. The reply may come much later (the upload that completes a round is
+                # answered once the round is saved), and that is not transfer.
+                sent.append(time.perf_counter())
+
+            call = method.future(messages(), metadata=self._metadata(token))
             with self._abortable(call, action):
                 reply = call.result()
-            seconds = time.perf_counter() - t0
+            # One message (a model under ~1 MiB) is taken at once: too small to time.
+            seconds = sent[0] - t0 if sent and count > 1 else 0.0
             return reply
 
         reply = self._call(servers, task_name, action, send)
@@ -674,31 +688,36 @@ class Communicator:
 class _Timed:
     """Wraps a stream of response messages and times the transfer in it.
 
-    The clock cannot start at the call (a long-poll may hold it for a whole round), so it runs
-    from the first message to the last and is scaled up by the bytes the first message carried:
-    ``seconds`` estimates the whole transfer. A model that came in one message (under ~1 MiB, see
-    ``serde.BATCH_BYTES``) cannot be timed this way: ``seconds`` is 0.0, "not measured".
+    The clock cannot start at the call (a long-poll may hold it for a whole round). It starts
+    when the consumer, done with the first message, asks for the second, and stops when it is
+    done with the last: that span carries every byte but the first message's, so ``seconds``
+    scales it by ``total / rest`` to estimate the whole transfer. Where the rest is under a
+    quarter of the total (a model in one message, or one big message and a small tail) that
+    estimate means little: ``seconds`` is 0.0, "not measured".
     """
 
     def __init__(self, messages: Iterator[bytes]) -> None:
         self._messages = messages
         self._t0: float | None = None
-        self._t1 = 0.0
+        self._t1: float | None = None
         self._first = 0
         self._total = 0
 
     def __iter__(self) -> Iterator[bytes]:
-        for message in self._messages:
-            if self._t0 is None:
-                self._t0, self._first = time.perf_counter(), len(message)
+        for index, message in enumerate(self._messages):
+            if index == 0:
+                self._first = len(message)
             self._total += len(message)
             yield message
-            self._t1 = time.perf_counter()
+            if index == 0:
+                self._t0 = time.perf_counter()
+            else:
+                self._t1 = time.perf_counter()
 
     @property
     def seconds(self) -> float:
         rest = self._total - self._first
-        if self._t0 is None or rest <= 0:
+        if self._t0 is None or self._t1 is None or rest * 4 < self._total:
             return 0.0
         return (self._t1 - self._t0) * self._total / rest
 

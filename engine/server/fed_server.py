@@ -59,9 +59,10 @@ SERVER_OWNER = "server"
 STATE_FILE = "state.json"
 MODEL_FILE = "models/global_model.npz"
 ENCODE_ONCE_BYTES = 64 << 20
-CLOSE_WAIT_S = 60.0  # the longest an upload's reply waits for its round's close (save) to end
 """A global model up to this size is encoded once per round; every site gets the same messages
 (the cost of one more copy of the model in memory)."""
+CLOSE_WAIT_S = 60.0
+"""The longest an upload's reply waits for its round's close (aggregation and save) to end."""
 
 
 @dataclass
