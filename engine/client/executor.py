@@ -471,24 +471,26 @@ class ThreadExecutor(ClientExecutor):
         self._engine = engine
         client.set_status(_busy_status(args))
 
+        validate = args.get("mode") == "validate"
+
         def run() -> str:
-            if args.get("mode") == "validate":
-                outcome = engine.validate_only()
-                # As the process executor does when its worker exits: validation is over.
-                trainer.set_status(ClientStatus.TRAINING_STOPPED)
-            else:
-                outcome = engine.run()
-            client.status = trainer.status
-            client.bus.publish(
-                RunChanged(
-                    site=client.client_name,
-                    running=False,
-                    run_number=int(args["run_number"]),
-                    mmar="",
-                    executor="thread",
-                    detail=outcome,
+            outcome = "failed"
+            try:
+                outcome = engine.validate_only() if validate else engine.run()
+            finally:
+                if validate:  # as the process executor does when its worker exits
+                    trainer.set_status(ClientStatus.TRAINING_STOPPED)
+                client.status = trainer.status
+                client.bus.publish(
+                    RunChanged(
+                        site=client.client_name,
+                        running=False,
+                        run_number=int(args["run_number"]),
+                        mmar="",
+                        executor="thread",
+                        detail=outcome,
+                    )
                 )
-            )
             return outcome
 
         self._future = self.executor.submit(run)

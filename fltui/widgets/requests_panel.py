@@ -32,7 +32,8 @@ class RequestsPanel(DataTable[Text]):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         req = self._request(event.cursor_row)
         # Content, not markup: a detail from the wire is shown as it is.
-        self.border_subtitle = Content(req.detail) if req is not None and req.detail else None
+        line = req.detail.strip().splitlines()[0] if req is not None and req.detail.strip() else ""
+        self.border_subtitle = Content(line) if line else None
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         from fltui.screens.request import RequestScreen
@@ -49,6 +50,9 @@ class RequestsPanel(DataTable[Text]):
         # The deque drops old rows past its bound: what is new is counted by the total.
         fresh = min(state.requests_total - self._shown, len(requests))
         new = requests[-fresh:] if fresh > 0 else []
+        # The cursor follows new rows only from the last row: one the operator chose (a refusal
+        # being read) stays where it is.
+        following = self.cursor_row >= self.row_count - 1
         for req in new:
             self.add_row(  # Text: an origin or topic from the wire is never markup
                 Text(time.strftime("%H:%M:%S", time.localtime(req.ts))),
@@ -58,5 +62,5 @@ class RequestsPanel(DataTable[Text]):
             )
             self._rows.append(req)
         self._shown = state.requests_total
-        if new:
+        if new and following:
             self.move_cursor(row=self.row_count - 1)

@@ -365,6 +365,30 @@ def test_a_refused_request_shows_its_reason_and_enter_opens_it_whole(tmp_path: P
         # the first request: ok, no detail, no subtitle
         await pilot.press("up")
         await _until(pilot, lambda: panel.border_subtitle is None, 5)
+        # from the last row the cursor follows new requests; a detail of several lines shows
+        # its first on the border
+        await pilot.press("down")
+
+        def info(n: int) -> AdminRequestHandled:
+            return AdminRequestHandled(
+                site=replay.SITE,
+                ts=replay.T0 + 2 + n,
+                origin="local",
+                topic="sys.info",
+                outcome="ok",
+                detail=f"line one {n}\nline two",
+            )
+
+        bridge.events = [info(1)]
+        await _until(pilot, lambda: panel.row_count == 3 and panel.cursor_row == 2, 5)
+        await _until(pilot, lambda: str(panel.border_subtitle or "") == "line one 1", 5)
+        # a row the operator chose (the refusal being read) stays chosen when another arrives
+        await pilot.press("up")
+        await _until(pilot, lambda: "allowed_commands" in str(panel.border_subtitle or ""), 5)
+        bridge.events = [info(2)]
+        await _until(pilot, lambda: panel.row_count == 4, 5)
+        await pilot.pause(0.2)
+        assert panel.cursor_row == 1 and "allowed_commands" in str(panel.border_subtitle)
 
     _run(app, test, size=(80, 24))
 
