@@ -173,14 +173,14 @@ class ModelTransferred(Event):
 
     @property
     def rate(self) -> str:
-        """ "at 420 MB/s", or "in one message" when the transfer was too small to time."""
+        """The rate in words: "at 420 MB/s", or "in one message" when too small to time."""
         return f"at {self.mb_per_s:.0f} MB/s" if self.seconds > 0 else "in one message"
 
     def summary(self) -> str:
         took = (
             f"in {self.seconds:.2f} s ({self.mb_per_s:.0f} MB/s)"
             if self.seconds > 0
-            else ("in one message (too small to time)")
+            else "in one message (too small to time)"
         )
         return f"{self.what} {self.direction}ed: {self.nbytes / 1e6:.2f} MB {took}" + (
             f", round {self.round}" if self.round else ""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from engine.client.data_processors import build_processors
+from engine.client.deploy import is_custom_code
 from engine.client.fed_client import FederatedClient
 from engine.config import (
     ClientKitConfig,
@@ -197,15 +198,12 @@ def byoc_refusal(mmar: Path, allow_byoc: bool, policy_file: object = None) -> st
     """
     if allow_byoc:
         return None
-    from engine.client.deploy import NOT_CODE_RE
-
     where = f"refused by site policy ({policy_file or 'defaults'}): "
-    # As deploy counts it: any file but .gitkeep and README* (a .pyc, a .so import as well).
     folder = mmar / "custom"
     custom = sorted(
         p
         for p in (folder.rglob("*") if folder.is_dir() else ())
-        if p.is_file() and not NOT_CODE_RE.match(p.name)
+        if p.is_file() and is_custom_code(p.relative_to(mmar).as_posix())  # as deploy counts it
     )
     if custom:
         return where + (

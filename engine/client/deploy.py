@@ -20,6 +20,7 @@ __all__ = [
     "check_zip",
     "deploy_mmar",
     "extract_zip",
+    "is_custom_code",
     "make_mmar_zip",
 ]
 
@@ -30,9 +31,15 @@ MAX_CONFIG_BYTES = 16 << 20
 _CHUNK = 1 << 20
 _SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Files under custom/ that are not code: an MMAR without BYOC often ships custom/ with these.
-NOT_CODE_RE = re.compile(r"^(\.gitkeep|README.*)$", re.IGNORECASE)
+_NOT_CODE_RE = re.compile(r"^(\.gitkeep|README.*)$", re.IGNORECASE)
 # macOS Finder adds these to zips; they are never part of an MMAR.
 _MAC_JUNK = "__MACOSX"
+
+
+def is_custom_code(rel: str) -> bool:
+    """Whether ``rel`` (a path inside an MMAR, with ``/``) is the MMAR's own code: any file
+    under ``custom/`` but ``.gitkeep`` and ``README*`` (a ``.pyc`` or ``.so`` imports too)."""
+    return rel.startswith("custom/") and not _NOT_CODE_RE.match(rel.rsplit("/", 1)[-1])
 
 
 class DeployError(ValueError):
@@ -317,11 +324,7 @@ def deploy_mmar(
             )
         for config in REQUIRED_CONFIGS:
             _check_config(zf, by_name[config], config)
-        custom = sorted(
-            rel
-            for rel in by_name
-            if rel.startswith("custom/") and not NOT_CODE_RE.match(rel.rsplit("/", 1)[-1])
-        )
+        custom = sorted(rel for rel in by_name if is_custom_code(rel))
         if custom and not allow_byoc:
             shown = ", ".join(custom[:5]) + (
                 f" and {len(custom) - 5} more" if len(custom) > 5 else ""
