@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,8 +25,11 @@ __all__ = [
     "Fallback",
     "bind_arguments",
     "build_component",
+    "code_in_config",
     "import_path",
+    "own_code",
     "resolve_component",
+    "set_code_policy",
 ]
 
 #: ``fallback(name) -> (factory or None, names it knows, where it looked)``, e.g. ``torch.nn``.
@@ -44,6 +48,76 @@ _FOREIGN_PACKAGES = {
 # custom/ folders this process has put on sys.path; a cached module loaded from one of them
 # must not answer for another MMAR's custom/ code of the same name.
 _custom_dirs: set[Path] = set()
+
+
+# Whether this process may import the code a component names by path: None until a process that
+# runs one site's training (the worker) says, from that site's policy (set_code_policy).
+_code_policy: tuple[bool, str] | None = None
+
+
+def own_code(spec: ComponentSpec) -> str | None:
+    """The import path this component would run that is not one of ours, or None.
+
+    The one rule for "may this component be imported" under a site policy without BYOC: a
+    ``name`` is looked up among our built-ins (and torch classes by name) and never imports the
+    MMAR's code; a Clara module path (``fed_learn.client.fed_privacy.SVTProtocol``) names one of
+    our built-ins and is never imported (one we lack is refused by name). Every other ``path`` is
+    code: a module under the MMAR's ``custom/`` or anything importable (``os.getpid``).
+    """
+    if spec.path is None or clara_base(spec.path) is not None:
+        return None
+    return spec.path
+
+
+def code_in_config(data: Any) -> str | None:
+    """The first component in a parsed JSON config that names code by path, or None.
+
+    Walks every object at any depth (nested processors, sections, lists): an object with a
+    ``"path"`` key is a component whose path is code unless it is a Clara module path alone
+    (no ``"name"`` beside it: such a component is malformed and judged as code). A ``"path"``
+    that is not a string is code too, for the config check to name; nothing is imported.
+    """
+    if isinstance(data, dict):
+        if "path" in data:
+            path = data["path"]
+            clara = isinstance(path, str) and "name" not in data and clara_base(path) is not None
+            if not clara:
+                return path if isinstance(path, str) else json.dumps(path)
+        values: list[Any] = list(data.values())
+    elif isinstance(data, list):
+        values = data
+    else:
+        return None
+    for value in values:
+        found = code_in_config(value)
+        if found is not None:
+            return found
+    return None
+
+
+def set_code_policy(allow: bool, source: str) -> None:
+    """Says, for this whole process, whether components may import code by path.
+
+    A training worker runs one site's MMAR and calls this before building anything, from the
+    site's ``allow_byoc``: every later ``resolve_component`` then refuses a component that
+    ``own_code`` flags, whichever config or builder it came through.
+
+    Args:
+        allow: the site policy's ``allow_byoc``.
+        source: where the policy came from, for the refusal ("startup/site_policy.json").
+    """
+    global _code_policy
+    _code_policy = (bool(allow), source)
+
+
+def _code_refusal(spec: ComponentSpec) -> str | None:
+    code = own_code(spec)
+    if code is None or _code_policy is None or _code_policy[0]:
+        return None
+    return (
+        f"refused by site policy ({_code_policy[1]}): {code!r} names code by path and "
+        "allow_byoc is false; nothing was imported"
+    )
 
 
 def _err(error: type[ConfigError], spec: ComponentSpec, suffix: str, problem: str) -> ConfigError:
@@ -116,7 +190,7 @@ def resolve_component(
         ConfigError: a TensorFlow-only or refused component, an unknown name, or a path that
             cannot be imported or is not callable.
     """
-    why = refusal(spec)
+    why = refusal(spec) or _code_refusal(spec)
     if why:
         raise _err(error, spec, "name" if spec.name else "path", why)
     clara = clara_base(spec.path) if spec.path is not None else None

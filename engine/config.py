@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -151,6 +152,10 @@ _PATH_VARIABLES = (
     "MMAR_EVAL_OUTPUT_PATH",
     "PRETRAIN_WEIGHTS_FILE",
 )
+#: The path variables the site writes under (checkpoints, evaluation output): these must resolve
+#: (links followed) inside the MMAR, with these defaults.
+_PATH_DEFAULTS = {"MMAR_CKPT_DIR": "models", "MMAR_EVAL_OUTPUT_PATH": "eval"}
+_WRITTEN_PATH_VARIABLES = tuple(_PATH_DEFAULTS)
 ENVIRONMENT_FILE = Path("config") / "environment.json"
 
 
@@ -372,10 +377,23 @@ def _component(reader: _Reader, value: Any, key: str) -> ComponentSpec | None:
     if not isinstance(value, dict):
         reader.report(key, f'expected {{"name"|"path": ..., "args": {{...}}}}, got {value!r}')
         return None
-    name, path = value.get("name"), value.get("path")
-    if bool(name) == bool(path) or not isinstance(name or path, str):
-        reader.report(key, 'expected exactly one of "name" or "path" (a string)')
+    # Exactly one of the two keys, holding a non-empty string: a null or empty "name" beside a
+    # "path" is not "no name" (it once let a path through the BYOC check unseen).
+    present = [k for k in ("name", "path") if k in value]
+    if len(present) != 1:
+        reader.report(
+            key,
+            'expected exactly one of "name" or "path" (a non-empty string), got '
+            + (" and ".join(f'"{k}"' for k in present) if present else "neither"),
+        )
         return None
+    which = present[0]
+    if not isinstance(value[which], str) or not value[which].strip():
+        reader.report(
+            f"{key}.{which}", f"expected a non-empty string, got {json.dumps(value[which])}"
+        )
+        return None
+    name, path = value.get("name"), value.get("path")
     for extra in value:
         if extra not in ("name", "path", "args"):
             hint = difflib.get_close_matches(str(extra), ("name", "path", "args"), n=1)
@@ -853,11 +871,11 @@ def _parse_environment(mmar_root: Path, sink: list[ConfigError]) -> MMAREnvironm
     path = root / ENVIRONMENT_FILE
     variables: dict[str, Any] = {
         "MMAR_ROOT": str(root),
-        "MMAR_CKPT_DIR": "models",
-        "MMAR_EVAL_OUTPUT_PATH": "eval",
+        **_PATH_DEFAULTS,
     }
+    given: dict[str, Any] = {}
     if path.exists():
-        data = load_json(path)
+        data = given = load_json(path)
         for name, value in data.items():
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
                 sink.append(
@@ -878,6 +896,24 @@ def _parse_environment(mmar_root: Path, sink: list[ConfigError]) -> MMAREnvironm
         value = variables.get(name)
         if isinstance(value, str) and value:
             variables[name] = str(root / value)  # an absolute value stays as it is
+    for name in _WRITTEN_PATH_VARIABLES:
+        value = variables.get(name)
+        if not isinstance(value, str) or not value:
+            continue
+        # The worker creates and writes these folders: an MMAR shipped by the federation must
+        # not make it write anywhere the service user can (an absolute path, "../..", a link).
+        resolved = os.path.realpath(value)
+        if os.path.commonpath([resolved, str(root)]) != str(root):
+            sink.append(
+                ConfigError(
+                    path,
+                    name,
+                    f"{json.dumps(given.get(name))} resolves to {resolved}, outside the "
+                    f"MMAR ({root}); the folders the site writes must be inside it (a relative "
+                    'path such as "models")',
+                )
+            )
+            variables[name] = str(root / _PATH_DEFAULTS[name])  # never used: the MMAR is refused
     return MMAREnvironment(path=path, mmar_root=root, variables=variables)
 
 

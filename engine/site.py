@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from engine.client.data_processors import build_processors
-from engine.client.deploy import is_custom_code
+from engine.client.deploy import code_refusal
 from engine.client.fed_client import FederatedClient
 from engine.config import (
     ClientKitConfig,
     ConfigError,
     MMARClientConfig,
     ServerEndpoint,
-    clara_base,
     load_client_kit,
     load_environment,
     load_mmar_client_config,
@@ -189,66 +188,6 @@ def check_mmar(mmar: Path) -> None:
     build_processors([s for s in config.post_processors if s.name is not None])
 
 
-def byoc_refusal(mmar: Path, allow_byoc: bool, policy_file: object = None) -> str | None:
-    """Why the site policy refuses this MMAR's own code, or None.
-
-    Own code is any file under ``custom/`` (but ``.gitkeep`` and ``README*``) and any
-    ``{"path": "module.attr"}`` component in the MMAR's configs (it would import and call an
-    arbitrary module) but Clara's own module paths, which only ever name our built-ins.
-    """
-    if allow_byoc:
-        return None
-    where = f"refused by site policy ({policy_file or 'defaults'}): "
-    folder = mmar / "custom"
-    custom = sorted(
-        p
-        for p in (folder.rglob("*") if folder.is_dir() else ())
-        if p.is_file() and is_custom_code(p.relative_to(mmar).as_posix())  # as deploy counts it
-    )
-    if custom:
-        return where + (
-            f"the MMAR has custom code ({custom[0].relative_to(mmar)}) and allow_byoc is false"
-        )
-    for config in sorted((mmar / "config").glob("*.json")):
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # a broken config is reported by the config check, with file and key
-        found = _path_component(data)
-        if found:
-            return where + (
-                f"config/{config.name} names code by path ({found!r}) and allow_byoc is false"
-            )
-    return None
-
-
-def _path_component(data: Any) -> str | None:
-    """The first ``{"path": ...}`` component that would import the MMAR's own code.
-
-    Clara's own module paths (``fed_learn.client.fed_privacy.SVTProtocol``) are not: they name
-    our built-ins, and one we do not have is refused by name, never imported
-    (``engine.components.resolve_component``).
-    """
-    if isinstance(data, dict):
-        path = data.get("path")
-        if (
-            isinstance(path, str)
-            and ("args" in data or "name" not in data)
-            and clara_base(path) is None
-        ):
-            return path
-        values: list[Any] = list(data.values())
-    elif isinstance(data, list):
-        values = data
-    else:
-        return None
-    for value in values:
-        found = _path_component(value)
-        if found:
-            return found
-    return None
-
-
 class SiteEngine:
     """Runs this site's part of a federation from its workspace.
 
@@ -264,6 +203,14 @@ class SiteEngine:
         self.kit: ClientKitConfig = load_client_kit(self.paths.kit)
         self.site = self.kit.client_name
         self.run_number, self.mmar = find_deployed_mmar(self.paths.root, self.site, run_number)
+        # The site policy before anything of the MMAR is built: its own code is imported only
+        # where allow_byoc says so (the worker also gates every import: set_code_policy).
+        from engine.client.policy import load_site_policy
+
+        self.policy = load_site_policy(self.paths.startup / "site_policy.json")
+        refusal = code_refusal(self.mmar, self.policy.allow_byoc, self.policy.path)
+        if refusal:
+            raise ConfigError(self.mmar, "", refusal)
         self.mmar_config: MMARClientConfig = load_mmar_client_config(self.mmar)
         custom = [self.mmar / "custom"]
         self.privacy = build_privacy(self.mmar_config.privacy, custom)
@@ -564,7 +511,7 @@ class SiteService:
         number = None
         if auto_start:
             number, mmar = find_deployed_mmar(self.paths.root, self.site, run_number)
-            refusal = byoc_refusal(mmar, self.policy.allow_byoc, self.policy.path)
+            refusal = code_refusal(mmar, self.policy.allow_byoc, self.policy.path)
             if refusal:
                 raise ConfigError(mmar, "", refusal)
             # Config mistakes are found here, with file and key, before anything starts.

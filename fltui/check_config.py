@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from engine.client.deploy import code_refusal
+from engine.client.policy import load_site_policy
+from engine.components import own_code
 from engine.config import (
     ComponentSpec,
     ConfigError,
@@ -194,6 +197,18 @@ def _check_mmar(mmar: Path, report: Report) -> None:
         )
     report.checked.append(config_dir / "environment.json")
     report.add(environment_problems(mmar))
+    policy_file = _workspace_policy(mmar)
+    if policy_file is not None:
+        # The MMAR sits in a site workspace (run_<N>/ or transfer/): that site's policy decides
+        # whether its own code may run, by the same check as deploy, start and the worker.
+        try:
+            policy = load_site_policy(policy_file)
+        except ConfigError as exc:
+            report.add([exc])
+        else:
+            refusal = code_refusal(mmar, policy.allow_byoc, policy.path)
+            if refusal:
+                report.add([ConfigError(mmar, "", refusal)])
     if fed_client.is_file():
         _check_mmar_client(mmar, report)
     if fed_server.is_file():
@@ -204,6 +219,7 @@ def _check_mmar(mmar: Path, report: Report) -> None:
 def _check_mmar_client(mmar: Path, report: Report) -> None:
     from engine.client.data_processors import build_processors
     from engine.privacy import build_privacy
+    from engine.training.components import is_installed
 
     path = mmar / "config" / "config_fed_client.json"
     report.checked.append(path)
@@ -229,8 +245,22 @@ def _check_mmar_client(mmar: Path, report: Report) -> None:
     specs += [(s, "processor") for s in config.post_processors]
     specs += [(s, "processor") for s in config.client_state_processors]
     for spec, kind in specs:
-        if spec.path is not None and _custom_module(spec.path, custom):
-            continue  # a site's own code: present; it is imported only by the worker
+        code = own_code(spec)
+        if code is not None:
+            # Code by path (custom/ or any installed module): never imported here, only found;
+            # whether the site lets it run is the policy check of _check_mmar.
+            if not (_custom_module(code, custom) or is_installed(code.rpartition(".")[0])):
+                report.add(
+                    [
+                        ConfigError(
+                            path,
+                            f"{spec.key}.path",
+                            f"no module {code.rpartition('.')[0]!r} in {custom}, nor installed "
+                            "in this Python",
+                        )
+                    ]
+                )
+            continue
         try:
             if kind == "privacy":
                 build_privacy(spec, [custom])
@@ -238,6 +268,15 @@ def _check_mmar_client(mmar: Path, report: Report) -> None:
                 build_processors([spec], [custom])
         except ConfigError as exc:
             report.add([exc])
+
+
+def _workspace_policy(mmar: Path) -> Path | None:
+    """``startup/site_policy.json`` of the workspace holding ``mmar`` (run_<N>/ or transfer/),
+    or None for an MMAR outside a workspace."""
+    workspace = mmar.resolve().parent.parent
+    if not (workspace / "startup" / "fed_client.json").is_file():
+        return None
+    return workspace / "startup" / "site_policy.json"
 
 
 def _custom_module(dotted: str, custom: Path) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.admin_defs import Message, MsgHeader, Topic, new_message
-from engine.client.deploy import DeployError, deploy_mmar
+from engine.client.deploy import DeployError, code_refusal, deploy_mmar
 from engine.client.policy import AuditLog, SitePolicy
 from engine.client.status import ClientStatus
 from engine.events import AdminRequestHandled, CrossSiteValidated, Event, RunChanged
@@ -160,8 +160,6 @@ class ClientAdminInterface:
         app = data.get_header(MsgHeader.APP_NAME) or "mmar"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", app):
             raise AdminError(f"deploy: app name {app!r} must be letters, digits, '.', '_', '-'")
-        if not self.policy.allow_byoc:
-            _refuse_path_components(data.body, self.policy.path)
         with self._lock:
             if self.executor.is_running() and self.run_number in (number, None):
                 raise AdminError(f"run {number} is in use; abort it before deploying over it")
@@ -172,6 +170,7 @@ class ClientAdminInterface:
                 self.client_name,
                 max_bytes=self.policy.max_deploy_bytes,
                 allow_byoc=self.policy.allow_byoc,
+                policy_file=self.policy.path,
             )
         (self._run_dir(number) / "fl_app.txt").write_text(app + "\n")
         log.info("%s: deployed %s as %s", self.client_name, app, path)
@@ -204,10 +203,10 @@ class ClientAdminInterface:
         if not (mmar / "config").is_dir():
             raise AdminError(f"run {number} is not deployed on {self.client_name}: deploy first")
         from engine.config import ConfigError
-        from engine.site import byoc_refusal, check_mmar
+        from engine.site import check_mmar
 
         # The policy first: nothing of the MMAR's own code is imported before it says yes.
-        refusal = byoc_refusal(mmar, self.policy.allow_byoc, self.policy.path)
+        refusal = code_refusal(mmar, self.policy.allow_byoc, self.policy.path)
         if refusal:
             raise AdminError(refusal)
         try:
@@ -337,35 +336,6 @@ class ClientAdminInterface:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _refuse_path_components(zip_bytes: bytes, policy_file: object) -> None:
-    """Refuses (before anything is written) a zip whose configs name code by ``path``."""
-    import io
-    import zipfile
-
-    from engine.site import _path_component
-
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(zip_bytes))
-    except zipfile.BadZipFile:
-        return  # deploy_mmar says what is wrong with it
-    with zf:
-        for info in zf.infolist():
-            parts = info.filename.split("/")
-            if len(parts) < 2 or parts[-2] != "config" or not parts[-1].endswith(".json"):
-                continue
-            if info.file_size > 16 << 20:
-                continue
-            try:
-                found = _path_component(json.loads(zf.read(info)))
-            except (ValueError, RuntimeError, zipfile.BadZipFile):
-                continue
-            if found:
-                raise AdminError(
-                    f"refused by site policy ({policy_file or 'defaults'}): {info.filename} names "
-                    f"code by path ({found!r}) and allow_byoc is false"
-                )
 
 
 def _app_name(run_dir: Path) -> str:

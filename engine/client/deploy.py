@@ -11,13 +11,14 @@ import stat
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = [
     "REQUIRED_CONFIGS",
     "DeployError",
     "check_zip",
+    "code_refusal",
     "deploy_mmar",
     "extract_zip",
     "is_custom_code",
@@ -30,16 +31,60 @@ RATIO_MIN_SIZE = 1 << 20  # small entries compress absurdly well (a file of zero
 MAX_CONFIG_BYTES = 16 << 20
 _CHUNK = 1 << 20
 _SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# Files under custom/ that are not code: an MMAR without BYOC often ships custom/ with these.
-_NOT_CODE_RE = re.compile(r"^(\.gitkeep|README.*)$", re.IGNORECASE)
 # macOS Finder adds these to zips; they are never part of an MMAR.
 _MAC_JUNK = "__MACOSX"
 
 
-def is_custom_code(rel: str) -> bool:
-    """Whether ``rel`` (a path inside an MMAR, with ``/``) is the MMAR's own code: any file
-    under ``custom/`` but ``.gitkeep`` and ``README*`` (a ``.pyc`` or ``.so`` imports too)."""
-    return rel.startswith("custom/") and not _NOT_CODE_RE.match(rel.rsplit("/", 1)[-1])
+def is_custom_code(rel: str, size: int | None = None) -> bool:
+    """Whether ``rel`` (a path inside an MMAR, with ``/``) is the MMAR's own code.
+
+    Every file under ``custom/`` is: ``custom/`` is on the import path, so a ``README.py``
+    imports as well as any module (and a ``.pyc`` or ``.so`` too). The one exception is an empty
+    ``.gitkeep`` (``size`` 0), which holds nothing to run and keeps an empty ``custom/`` in git.
+    """
+    if not rel.startswith("custom/"):
+        return False
+    return not (rel.rsplit("/", 1)[-1] == ".gitkeep" and size == 0)
+
+
+def code_refusal(mmar: Path, allow_byoc: bool, policy_file: object = None) -> str | None:
+    """Why the site policy refuses this MMAR's own code, or None: the one check of deploy,
+    start, the training worker and ``check-config``.
+
+    Own code is any file under ``custom/`` (``is_custom_code``) and any component in any of the
+    MMAR's JSON configs that names code by path (``engine.components.code_in_config``: at any
+    depth, whatever keys stand beside it). Nothing is imported here.
+
+    Args:
+        mmar: the MMAR folder.
+        allow_byoc: the site policy's ``allow_byoc``.
+        policy_file: where the policy came from, for the message.
+    """
+    if allow_byoc:
+        return None
+    from engine.components import code_in_config
+
+    where = f"refused by site policy ({policy_file or 'defaults'}): "
+    folder = Path(mmar) / "custom"
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else ():
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        rel = path.relative_to(mmar).as_posix()
+        if not stat.S_ISDIR(st.st_mode) and is_custom_code(rel, st.st_size):
+            return where + f"the MMAR has custom code ({rel}) and allow_byoc is false"
+    config_dir = Path(mmar) / "config"
+    for config in sorted(config_dir.rglob("*.json")) if config_dir.is_dir() else ():
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a broken config is reported by the config check, with file and key
+        found = code_in_config(data)
+        if found is not None:
+            rel = config.relative_to(mmar).as_posix()
+            return where + f"{rel} names code by path ({found!r}) and allow_byoc is false"
+    return None
 
 
 class DeployError(ValueError):
@@ -167,8 +212,12 @@ def _extract(
     members: Sequence[tuple[zipfile.ZipInfo, str]],
     dest: Path,
     max_bytes: int,
+    verify: Callable[[Path], None] | None = None,
 ) -> list[Path]:
-    """Extracts ``(entry, relative path)`` pairs to ``dest``, replacing it only on success."""
+    """Extracts ``(entry, relative path)`` pairs to ``dest``, replacing it only on success.
+
+    ``verify(tree)`` may refuse the extracted tree (by raising) before it replaces ``dest``.
+    """
     dest = Path(dest)
     # Parent folders this call creates go again when it fails: a failed deploy writes nothing.
     created: list[Path] = []
@@ -201,6 +250,8 @@ def _extract(
             except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
                 raise DeployError(f"entry {info.filename!r} cannot be extracted: {exc}") from None
             out.append(dest / rel)
+        if verify is not None:
+            verify(tmp)
         _swap(tmp, dest)
     except BaseException:
         _cleanup(tmp)
@@ -283,13 +334,16 @@ def deploy_mmar(
     *,
     max_bytes: int,
     allow_byoc: bool,
+    policy_file: object = None,
 ) -> Path:
     """Deploys an MMAR zip to ``<workspace>/run_<N>/mmar_<site>``.
 
     The MMAR's files may lie at the top of the zip or under one top folder (stripped). It must
-    hold ``config/config_fed_client.json`` and ``config/config_train.json`` (JSON objects). Code
-    under ``custom/`` (any file but ``.gitkeep`` and ``README*``) needs ``allow_byoc``. All is
-    checked before anything is written; an earlier deployment is replaced only on success.
+    hold ``config/config_fed_client.json`` and ``config/config_train.json`` (JSON objects). Its
+    own code (``code_refusal``: any file under ``custom/``, any component that names code by
+    path) needs ``allow_byoc``, and the folders it would have the site write
+    (``environment.json``'s MMAR_CKPT_DIR, MMAR_EVAL_OUTPUT_PATH) must stay inside it. All is
+    checked before the MMAR replaces anything; an earlier deployment is replaced only on success.
 
     Args:
         data: the MMAR zip's bytes.
@@ -298,6 +352,7 @@ def deploy_mmar(
         site: this site's name.
         max_bytes: the most bytes the extracted MMAR may hold.
         allow_byoc: whether the site's policy lets custom code run.
+        policy_file: where the policy came from, for a refusal.
 
     Returns:
         The deployed MMAR's folder.
@@ -324,7 +379,7 @@ def deploy_mmar(
             )
         for config in REQUIRED_CONFIGS:
             _check_config(zf, by_name[config], config)
-        custom = sorted(rel for rel in by_name if is_custom_code(rel))
+        custom = sorted(rel for rel, i in by_name.items() if is_custom_code(rel, i.file_size))
         if custom and not allow_byoc:
             shown = ", ".join(custom[:5]) + (
                 f" and {len(custom) - 5} more" if len(custom) > 5 else ""
@@ -333,9 +388,31 @@ def deploy_mmar(
                 f"the MMAR contains custom code under custom/ ({shown}), which this site's "
                 "policy (allow_byoc=false in startup/site_policy.json) does not allow"
             )
+
+        def verify(tree: Path) -> None:
+            # The extracted tree, before it replaces anything: the same checks as start and the
+            # worker make (code by path anywhere in the configs; paths that stay in the MMAR).
+            refusal = code_refusal(tree, allow_byoc, policy_file)
+            if refusal:
+                raise DeployError(refusal)
+            _check_environment(tree)
+
         dest = Path(workspace) / f"run_{run_number}" / f"mmar_{site}"
-        _extract(zf, members, dest, max_bytes)
+        _extract(zf, members, dest, max_bytes, verify)
     return dest
+
+
+def _check_environment(tree: Path) -> None:
+    from engine.config import environment_problems
+
+    problems = environment_problems(tree)
+    if problems:
+        lines = [
+            f"config/environment.json: {p.key}: {p.problem}"
+            for one in problems
+            for p in getattr(one, "problems", [one])
+        ]
+        raise DeployError("the MMAR's " + "; ".join(lines))
 
 
 def _check_config(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> None:

@@ -15,7 +15,7 @@ from engine import components
 from engine.config import ComponentSpec
 from engine.training.errors import TrainConfigError
 
-__all__ = ["BUILTINS", "build_component", "check_component", "resolve_component"]
+__all__ = ["BUILTINS", "build_component", "check_component", "is_installed", "resolve_component"]
 
 _DATA = {
     "SyntheticClassification": "engine.training.data:SyntheticClassification",
@@ -75,7 +75,7 @@ def resolve_component(
     )
 
 
-def _installed(dotted: str) -> bool:
+def is_installed(dotted: str) -> bool:
     """Whether module ``dotted`` is installed, found on disk without importing any of it."""
     import importlib.machinery
     import sys
@@ -123,7 +123,7 @@ def check_component(spec: ComponentSpec, file: Path, custom_dir: Path | None) ->
             (custom_dir / f"{module}.py").is_file() or (custom_dir / module).is_dir()
         ):
             return
-        if _installed(dotted):  # an installed package's class (torch.nn.Linear, MONAI, ...)
+        if is_installed(dotted):  # an installed package's class (torch.nn.Linear, MONAI, ...)
             return
         where = f"{custom_dir}" if custom_dir is not None else "the MMAR's custom/ (none here)"
         raise TrainConfigError(

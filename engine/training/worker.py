@@ -95,6 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    # One site's MMAR runs in this process: its policy gates every import a component would make
+    # (engine.components.own_code), whichever config or builder the component came through.
+    from engine.client.policy import load_site_policy
+    from engine.components import set_code_policy
+
+    policy = load_site_policy(args.workspace / "startup" / "site_policy.json")
+    set_code_policy(policy.allow_byoc, str(policy.path or "defaults"))
     engine = SiteEngine(args.workspace, bus, int(info["run_number"]))
     if world > 1:
         engine.distributed(rank, world)

@@ -152,7 +152,7 @@ def test_code_named_by_path_in_a_config_is_refused_without_byoc(service) -> None
 
 
 def test_clara_module_paths_are_built_ins_not_own_code(tmp_path: Path) -> None:
-    from engine.site import byoc_refusal
+    from engine.client.deploy import code_refusal
 
     mmar = tmp_path / "mmar"
     (mmar / "config").mkdir(parents=True)
@@ -169,10 +169,10 @@ def test_clara_module_paths_are_built_ins_not_own_code(tmp_path: Path) -> None:
     }
     config = mmar / "config" / "config_fed_client.json"
     config.write_text(json.dumps(clara))
-    assert byoc_refusal(mmar, allow_byoc=False) is None  # written as Clara wrote it: accepted
+    assert code_refusal(mmar, allow_byoc=False) is None  # written as Clara wrote it: accepted
     clara["client"]["post_processors"] = [{"path": "fed_learn_evil.Thing", "args": {}}]
     config.write_text(json.dumps(clara))
-    assert "fed_learn_evil.Thing" in str(byoc_refusal(mmar, allow_byoc=False))
+    assert "fed_learn_evil.Thing" in str(code_refusal(mmar, allow_byoc=False))
 
 
 def test_a_clara_path_we_do_not_have_is_refused_by_name_never_imported(tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ def test_a_clara_path_we_do_not_have_is_refused_by_name_never_imported(tmp_path:
 
     from engine.components import resolve_component
     from engine.config import ComponentSpec, ConfigError
-    from engine.site import byoc_refusal
+    from engine.client.deploy import code_refusal
 
     mmar = tmp_path / "mmar"
     (mmar / "config").mkdir(parents=True)
@@ -192,7 +192,7 @@ def test_a_clara_path_we_do_not_have_is_refused_by_name_never_imported(tmp_path:
     hidden = mmar / "custom" / "fed_learn" / "client"
     hidden.mkdir(parents=True)
     py_compile.compile(str(source), cfile=str(hidden / "pwn.pyc"))
-    assert "custom/fed_learn/client/pwn.pyc" in str(byoc_refusal(mmar, allow_byoc=False))
+    assert "custom/fed_learn/client/pwn.pyc" in str(code_refusal(mmar, allow_byoc=False))
     spec = ComponentSpec(name=None, path="fed_learn.client.pwn.Evil", key="client.privacy")
     with pytest.raises(ConfigError, match="Clara component 'Evil' is not one we have built in"):
         resolve_component(

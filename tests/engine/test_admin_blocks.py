@@ -208,16 +208,22 @@ def test_byoc_needs_the_policy(tmp_path: Path) -> None:
     data = make_mmar_zip(folder)
     with pytest.raises(DeployError) as err:
         deploy_mmar(data, tmp_path / "ws", 1, "s", max_bytes=MB, allow_byoc=False)
+    # every file under custom/ is code: custom/ is on the import path (a README.py imports)
     assert str(err.value) == (
-        "the MMAR contains custom code under custom/ (custom/my_loss.py), which this site's "
-        "policy (allow_byoc=false in startup/site_policy.json) does not allow"
+        "the MMAR contains custom code under custom/ (custom/README.md, custom/my_loss.py), "
+        "which this site's policy (allow_byoc=false in startup/site_policy.json) does not allow"
     )
     assert not (tmp_path / "ws").exists()
     dest = deploy_mmar(data, tmp_path / "ws", 1, "s", max_bytes=MB, allow_byoc=True)
     assert (dest / "custom" / "my_loss.py").read_text() == "X = 1\n"
-    # A custom/ holding only a README is not code.
-    (folder / "custom" / "my_loss.py").unlink()
+    # A custom/ holding only an empty .gitkeep holds nothing to run.
+    for name in ("my_loss.py", "README.md"):
+        (folder / "custom" / name).unlink()
+    (folder / "custom" / ".gitkeep").write_text("")
     deploy_mmar(make_mmar_zip(folder), tmp_path / "ws", 2, "s", max_bytes=MB, allow_byoc=False)
+    (folder / "custom" / ".gitkeep").write_text("import os\n")  # not empty: code like any other
+    with pytest.raises(DeployError, match=r"custom/\.gitkeep"):
+        deploy_mmar(make_mmar_zip(folder), tmp_path / "ws", 3, "s", max_bytes=MB, allow_byoc=False)
 
 
 # --- shell --------------------------------------------------------------------------------

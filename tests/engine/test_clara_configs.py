@@ -257,8 +257,7 @@ def test_environment_variables_are_honoured_by_the_torch_fitter(tmp_path: Path) 
     mmar = _copy("mmar", tmp_path)
     env_path = mmar / "config" / "environment.json"
     env = json.loads(env_path.read_text())
-    env.update({"MMAR_CKPT_DIR": "checkpoints", "MMAR_EVAL_OUTPUT_PATH": "/nonexistent-ro"})
-    env["MMAR_EVAL_OUTPUT_PATH"] = str(tmp_path / "eval_out")  # absolute stays absolute
+    env.update({"MMAR_CKPT_DIR": "checkpoints", "MMAR_EVAL_OUTPUT_PATH": "out/eval"})
     env_path.write_text(json.dumps(env))
     environment = load_environment(mmar)
     assert environment.dataset_json == mmar.resolve() / "config" / "dataset_0.json"
@@ -275,7 +274,7 @@ def test_environment_variables_are_honoured_by_the_torch_fitter(tmp_path: Path) 
     # MMAR_CKPT_DIR and MMAR_EVAL_OUTPUT_PATH
     assert (mmar / "checkpoints" / "best_model.pt").is_file()
     assert not (mmar / "models" / "best_model.pt").exists()
-    written = json.loads((tmp_path / "eval_out" / "validation_metrics.json").read_text())
+    written = json.loads((mmar / "out" / "eval" / "validation_metrics.json").read_text())
     assert written["metrics"] == metrics and written["site"] == "client1"
 
 
