@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -10,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from engine.admin_defs import Message, MsgHeader, error_reply, ok_reply, reply_to
+from engine.admin_defs import Message, MsgHeader, Topic, error_reply, ok_reply, reply_to
 from engine.client.communicator import RECONNECT_OPTIONS, channel_options
 from engine.rpc import TOKEN_HEADER
 from engine.tls import read_tls_files
@@ -267,11 +268,26 @@ class FedAdminAgent:
             failed = reply.get_header(MsgHeader.RETURN_CODE) == "_error"
             outcome = "error" if failed else "ok"
             detail = reply.body if isinstance(reply.body, str) else f"{len(reply.body)} bytes"
+            if req.topic == Topic.SHELL and not failed:
+                # What an admin read is the command line; the output (a log, a config) stays
+                # out of the audit log, which is kept longer and read by more people.
+                size = len(reply.body.encode() if isinstance(reply.body, str) else reply.body)
+                detail = f"{size} bytes of output"
+        if req.topic == Topic.SHELL:
+            detail = f"command {_command_line(req.body)}: {detail}"
         reply_to(req, reply)
         record = getattr(self.app_ctx, "record", None)  # ClientAdminInterface.record
         if record is not None:
             record(origin, req.topic, outcome, str(detail))
         return reply
+
+
+def _command_line(body: Any) -> str:
+    """A shell request's command line as the admin sent it, quoted, for the audit log."""
+    if not isinstance(body, str):
+        return f"(none: the body is {type(body).__name__})"
+    text = body if len(body) <= 200 else body[:197] + "..."
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _details(exc: grpc.RpcError) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -65,6 +66,10 @@ _KEYS_HELP = {
     "max_deploy_bytes": "the most bytes a deployed MMAR may hold once extracted",
     "shell_timeout": "seconds an admin shell command (ls, cat, head, tail, grep) may run",
     "shell_max_output": "bytes of shell command output sent back",
+    "env_shown": (
+        "more environment variables (names, or prefixes ending in *) whose values the admin's "
+        "env command shows; every other variable is listed with its value hidden"
+    ),
 }
 
 
@@ -102,6 +107,8 @@ class SitePolicy:
         max_deploy_bytes: the most bytes a deployed MMAR may hold once extracted.
         shell_timeout: seconds an admin shell command may run.
         shell_max_output: bytes of shell output sent back.
+        env_shown: more variables (names, or prefixes ending in ``*``) whose values ``env``
+            shows, beside ``engine.client.shell.ENV_SHOWN``.
         path: the file the policy came from; None for the defaults.
     """
 
@@ -111,6 +118,7 @@ class SitePolicy:
     max_deploy_bytes: int = DEFAULT_MAX_DEPLOY_BYTES
     shell_timeout: float = 10.0
     shell_max_output: int = 65536
+    env_shown: tuple[str, ...] = ()
     path: Path | None = None
 
     def refusal(self, topic: str) -> str | None:
@@ -137,6 +145,7 @@ class SitePolicy:
             "max_deploy_bytes": self.max_deploy_bytes,
             "shell_timeout": self.shell_timeout,
             "shell_max_output": self.shell_max_output,
+            "env_shown": list(self.env_shown),
         }
 
 
@@ -195,7 +204,21 @@ def load_site_policy(path: Path) -> SitePolicy:
     max_output = _get(path, data, "shell_max_output", int, defaults.shell_max_output)
     if max_output < 1:
         raise ConfigError(path, "shell_max_output", f"expected a number >= 1, got {max_output}")
+    env_shown = data.get("env_shown", [])
+    if not isinstance(env_shown, list):
+        raise ConfigError(
+            path, "env_shown", f"expected a list of variable names, got {json.dumps(env_shown)}"
+        )
+    for i, name in enumerate(env_shown):
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\*?", name):
+            raise ConfigError(
+                path,
+                f"env_shown[{i}]",
+                "expected a variable name or a prefix ending in * (PROXY_*), got "
+                + json.dumps(name),
+            )
     return SitePolicy(
+        env_shown=tuple(env_shown),
         allow_byoc=_get(path, data, "allow_byoc", bool, defaults.allow_byoc),
         allowed_commands=frozenset(commands),
         read_only=_get(path, data, "read_only", bool, defaults.read_only),

@@ -126,6 +126,7 @@ class ShellCommandProcessor(_Processor):
             app_ctx.workspace,
             timeout=policy.shell_timeout,
             max_output=policy.shell_max_output,
+            env_shown=policy.env_shown,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import selectors
@@ -9,11 +10,13 @@ import shlex
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
     "ALLOWED_COMMANDS",
+    "ENV_SHOWN",
     "ShellCommandError",
     "parse_shell_command",
     "run_shell_command",
@@ -41,6 +44,36 @@ _METACHARACTERS = {
 }
 _FILE_RE = re.compile(r"^[A-Za-z0-9\-._/]*$")
 _SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE", re.IGNORECASE)
+#: Environment variables ``env`` shows with their values (names, or prefixes ending in ``*``);
+#: every other variable is listed by name with its value hidden. An allow-list, because secrets
+#: hide behind names no deny-list foresees (DATABASE_URL, GH_PAT, AUTH_BEARER).
+ENV_SHOWN = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "TERM",
+    "PWD",
+    "TZ",
+    "HOSTNAME",
+    "TMPDIR",
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
+    "VIRTUAL_ENV",
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "CUDA_HOME",
+    "NVIDIA_*",
+    "NCCL_*",
+    "OMP_*",
+    "MKL_*",
+    "PYTHON*",
+    "FLTUI_*",
+)
+#: The file holding the session token and the worker's key (never readable remotely).
+TOKEN_FILE = "client_token.txt"
 
 
 class ShellCommandError(ValueError):
@@ -100,7 +133,7 @@ def _check_file(cmd: str, path: str, spec: _Spec) -> None:
         )
     if ".." in path.split("/"):
         raise ShellCommandError(f"{cmd}: path {path!r} may not hold a '..' component")
-    if _SECRET_RE.search(path.rsplit("/", 1)[-1]) or path.rsplit("/", 1)[-1] == "client_token.txt":
+    if _secret_file(path):
         # The session token and worker key live in client_token.txt; keys in startup/.
         raise ShellCommandError(f"{cmd}: {path!r} may hold a secret and is not readable remotely")
     if spec.readable and not path.endswith(READABLE_EXTENSIONS):
@@ -211,16 +244,35 @@ def parse_shell_command(command: str) -> list[str]:
     return _parse(command).argv
 
 
-def _secret_name(name: str) -> bool:
-    return bool(_SECRET_RE.search(name))
+def _secret_file(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return bool(_SECRET_RE.search(name)) or name == TOKEN_FILE
 
 
-def _env_text() -> str:
-    shown = {k: v for k, v in os.environ.items() if not _secret_name(k)}
-    hidden = len(os.environ) - len(shown)
-    lines = [f"{k}={v}" for k, v in sorted(shown.items())]
+def _shown(name: str, extra: Sequence[str]) -> bool:
+    """Whether ``env`` shows this variable's value: on the allow-list (ours and the policy's)
+    and not named like a secret (FLTUI_TOKEN stays hidden)."""
+    if _SECRET_RE.search(name):
+        return False
+    return any(
+        name.startswith(p[:-1]) if p.endswith("*") else name == p for p in (*ENV_SHOWN, *extra)
+    )
+
+
+def _env_text(extra: Sequence[str] = ()) -> str:
+    lines = []
+    hidden = 0
+    for name, value in sorted(os.environ.items()):
+        if _shown(name, extra):
+            lines.append(f"{name}={value}")
+        else:
+            hidden += 1
+            lines.append(f"{name}=[hidden]")
     if hidden:
-        lines.append(f"[{hidden} variable(s) hidden: their names look secret]")
+        lines.append(
+            f"[{hidden} value(s) hidden: only {', '.join(ENV_SHOWN)} and the site policy's "
+            "env_shown are shown]"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -232,10 +284,51 @@ def _cap(data: bytes, max_output: int) -> str:
     return f"{text}{sep}[output truncated at {max_output} bytes]\n"
 
 
-def _inside(workspace: str, cmd: str, path: str) -> None:
+def _inside(workspace: str, cmd: str, path: str, spec: _Spec) -> None:
+    """The file a path operand really reaches (links followed) is inside the workspace, and is
+    neither a secret nor, for the readers, of a kind they may not read: the checks of the name
+    hold for what it resolves to, and a hard link to a secret is the secret."""
     real = os.path.realpath(os.path.join(workspace, path))
     if real != workspace and os.path.commonpath([workspace, real]) != workspace:
         raise ShellCommandError(f"{cmd}: path {path!r} resolves outside the workspace")
+    rel = os.path.relpath(real, workspace)
+    if real != os.path.normpath(os.path.join(workspace, path)):
+        if _secret_file(rel):
+            raise ShellCommandError(
+                f"{cmd}: {path!r} resolves to {rel!r}, which may hold a secret and is not "
+                "readable remotely"
+            )
+        if spec.readable and not rel.endswith(READABLE_EXTENSIONS):
+            raise ShellCommandError(
+                f"{cmd}: {path!r} resolves to {rel!r}, which is not one of the readable kinds "
+                f"({' '.join(READABLE_EXTENSIONS)})"
+            )
+    if spec.readable and _same_as_a_secret(workspace, real):
+        raise ShellCommandError(
+            f"{cmd}: {path!r} is the same file as one that may hold a secret (a hard link); "
+            "it is not readable remotely"
+        )
+
+
+def _same_as_a_secret(workspace: str, real: str) -> bool:
+    try:
+        st = os.stat(real)
+    except OSError:
+        return False  # the tool says the file is missing
+    if st.st_nlink < 2:
+        return False  # no other name: it is what its (checked) name says
+    candidates = [os.path.join(workspace, TOKEN_FILE)]
+    startup = os.path.join(workspace, "startup")
+    with contextlib.suppress(OSError):
+        candidates += [os.path.join(startup, n) for n in os.listdir(startup)]
+    for other in candidates:
+        try:
+            ost = os.stat(other)
+        except OSError:
+            continue
+        if (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino) and _secret_file(other):
+            return True
+    return False
 
 
 def _run(exe: str, argv: list[str], cwd: str, timeout: float, max_output: int) -> str:
@@ -285,22 +378,28 @@ def _run(exe: str, argv: list[str], cwd: str, timeout: float, max_output: int) -
 
 
 def run_shell_command(
-    command: str, workspace: Path, timeout: float = 10.0, max_output: int = 64 * 1024
+    command: str,
+    workspace: Path,
+    timeout: float = 10.0,
+    max_output: int = 64 * 1024,
+    env_shown: Sequence[str] = (),
 ) -> str:
     """Validates and runs an admin shell command in the site's workspace.
 
     The server validated the command too, but the site does not trust that: the command is
     checked again (see ``parse_shell_command``), every path operand must resolve (symlinks
-    followed) inside ``workspace``, and the tool runs without a shell, with stdin closed and an
-    environment of only ``PATH`` and ``LANG=C``. ``pwd`` prints the workspace; ``env`` prints
-    this process's environment without variables whose names look secret (TOKEN, KEY, SECRET,
-    PASSWORD, CREDENTIAL).
+    followed) inside ``workspace`` to a file its name rules allow (a link named ``tok.txt`` to
+    ``client_token.txt`` is refused, as is a hard link to a key), and the tool runs without a
+    shell, with stdin closed and an environment of only ``PATH`` and ``LANG=C``. ``pwd`` prints
+    the workspace; ``env`` lists this process's variables, with the values of those on
+    ``ENV_SHOWN`` (and the policy's ``env_shown``) only, never of one named like a secret.
 
     Args:
         command: the command line.
         workspace: the site's workspace folder; the command's working directory.
         timeout: seconds the command may run.
         max_output: bytes of output returned; more ends with "[output truncated at N bytes]".
+        env_shown: more variable names (or prefixes ending in ``*``) whose values ``env`` shows.
 
     Returns:
         The command's stdout and stderr together, as text.
@@ -316,9 +415,10 @@ def run_shell_command(
     if cmd == "pwd":
         return _cap((os.path.abspath(workspace) + "\n").encode(), max_output)
     if cmd == "env":
-        return _cap(_env_text().encode("utf-8", errors="replace"), max_output)
+        return _cap(_env_text(env_shown).encode("utf-8", errors="replace"), max_output)
+    spec = _SPECS[cmd]
     for path in parsed.files:
-        _inside(ws, cmd, path)
+        _inside(ws, cmd, path, spec)
     exe = shutil.which(cmd, path=SAFE_PATH)
     if exe is None:
         raise ShellCommandError(f"{cmd}: not found on this site (looked in {SAFE_PATH})")

@@ -306,13 +306,74 @@ def test_shell_timeout(workspace: Path) -> None:
         run_shell_command("cat pipe.log", workspace, timeout=0.5)
 
 
-def test_shell_env_hides_secrets(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLTUI_TOKEN", "s3cr3t")
-    monkeypatch.setenv("db_password", "hunter2")
+def test_shell_env_shows_only_allowed_values(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An allow-list: secrets hide behind names no deny-list foresees."""
+    secrets = {
+        "FLTUI_TOKEN": "s3cr3t",  # allowed prefix, but named like a secret
+        "db_password": "hunter2",
+        "DATABASE_URL": "postgres://u:pw@db/x",
+        "GH_PAT": "ghp_abcdef123456",
+        "AUTH_BEARER": "eyJhbGciOi",
+        "PROXY_URL": "http://user:pw@proxy:3128",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("FLTUI_SITE", "site-1")
+    monkeypatch.setenv("LC_TIME", "C.UTF-8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     out = run_shell_command("env", workspace)
-    assert "FLTUI_SITE=site-1" in out
-    assert "FLTUI_TOKEN" not in out and "s3cr3t" not in out and "hunter2" not in out
+    assert "FLTUI_SITE=site-1\n" in out and "LC_TIME=C.UTF-8\n" in out
+    assert "CUDA_VISIBLE_DEVICES=0,1\n" in out
+    for name, value in secrets.items():
+        assert f"{name}=[hidden]\n" in out  # listed by name, its value hidden
+        assert value not in out
+    # the policy may show more, by name or prefix; a secret-looking name stays hidden
+    out = run_shell_command("env", workspace, env_shown=["PROXY_*", "FLTUI_TOKEN"])
+    assert "PROXY_URL=http://user:pw@proxy:3128\n" in out
+    assert "s3cr3t" not in out and "GH_PAT=[hidden]\n" in out
+
+
+def test_shell_env_allow_list_comes_from_the_policy_file(tmp_path: Path) -> None:
+    path = tmp_path / "site_policy.json"
+    path.write_text(json.dumps({"env_shown": ["HTTP_PROXY", "SLURM_*"]}))
+    assert load_site_policy(path).env_shown == ("HTTP_PROXY", "SLURM_*")
+    path.write_text(json.dumps({"env_shown": ["OK", "bad name"]}))
+    with pytest.raises(ConfigError) as err:
+        load_site_policy(path)
+    assert err.value.key == "env_shown[1]" and "bad name" in str(err.value)
+    path.write_text(json.dumps({"env_shown": "HOME"}))
+    with pytest.raises(ConfigError, match="env_shown: expected a list"):
+        load_site_policy(path)
+
+
+def test_a_link_to_a_secret_is_the_secret(workspace: Path) -> None:
+    """The secret-file rule holds for where a name resolves, not only for the name asked."""
+    (workspace / "client_token.txt").write_text('{"token": "T0KEN-VALUE", "authkey": "ab"}')
+    (workspace / "startup").mkdir(exist_ok=True)
+    (workspace / "startup" / "client.key").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (workspace / "tok.txt").symlink_to("client_token.txt")
+    (workspace / "k.txt").symlink_to("startup/client.key")
+    (workspace / "s").symlink_to("startup")
+    for command in ("cat tok.txt", "head -n 1 k.txt", "grep T0KEN tok.txt", "tail tok.txt"):
+        with pytest.raises(ShellCommandError, match="may hold a secret"):
+            run_shell_command(command, workspace)
+    with pytest.raises(ShellCommandError, match="may hold a secret"):
+        run_shell_command("cat s/client.key", workspace)
+    os.link(workspace / "client_token.txt", workspace / "hard.txt")
+    with pytest.raises(ShellCommandError, match="hard link"):
+        run_shell_command("cat hard.txt", workspace)
+    # a link to a file of a kind the readers may not read is refused by what it reaches
+    (workspace / "startup" / "rootCA.pem").write_text("cert")
+    (workspace / "ca.txt").symlink_to("startup/rootCA.pem")
+    with pytest.raises(ShellCommandError, match="not one of the readable kinds"):
+        run_shell_command("cat ca.txt", workspace)
+    # an honest link still reads
+    (workspace / "logs").mkdir(exist_ok=True)
+    (workspace / "logs" / "fltui.log").write_text("hello\n")
+    (workspace / "latest.log").symlink_to("logs/fltui.log")
+    assert run_shell_command("cat latest.log", workspace) == "hello\n"
 
 
 def test_shell_output_is_capped(workspace: Path) -> None:
