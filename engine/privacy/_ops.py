@@ -307,13 +307,22 @@ def _laplace(
 
 
 def _linear_ranks(n: int, percentile: float) -> tuple[int, int, float]:
-    """The two order statistics and the weight numpy's default ('linear') percentile uses."""
+    """The two order statistics and the weight numpy's default ('linear') percentile uses.
+
+    Computed as numpy computes them, operation for operation: q = percentile / 100 and the
+    virtual index (n - 1) · q. The algebraically equal n·q + (1 - q) - 1 rounds differently
+    (at n = 6, q = 0.4 it gives 2.0000000000000004, not 2.0): the cutoff then lies a hair
+    above a value that numpy's cutoff equals, and that value, which the reference keeps
+    (|d| >= cutoff), is zeroed.
+    """
     q = percentile / 100.0
-    virtual = n * q + (1.0 - q) - 1.0  # numpy's _compute_virtual_index with alpha = beta = 1
+    virtual = (n - 1) * q
     below = math.floor(virtual)
     k0 = min(max(below, 0), n - 1)
     k1 = min(max(below + 1, 0), n - 1)
-    return k0, k1, virtual - k0
+    # numpy's weight is the fractional part of the virtual index (0 at the top: both ranks
+    # are then the largest value, and any weight gives it)
+    return k0, k1, virtual - below
 
 
 def _lerp(a: float, b: float, t: float, dtype: torch.dtype) -> float:

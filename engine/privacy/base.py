@@ -16,12 +16,13 @@ class PrivacyProtocol(ABC):
     """Turns a model difference into what may be shared."""
 
     @abstractmethod
-    def apply(self, model_diff: dict[str, Any], train_ctx: Any) -> dict[str, Any]:
+    def apply(self, model_diff: dict[str, Any], train_ctx: Any = None) -> dict[str, Any]:
         """Computes the model data to be uploaded to the server.
 
         Args:
             model_diff: Δ = local − global, variable name to array.
-            train_ctx: the training context (``total_steps`` is read from it where needed).
+            train_ctx: the training context (``total_steps`` is read from it where needed);
+                None, as the lineage allows, means one local step.
 
         Returns:
             variable name to array, the same names as ``model_diff``.

@@ -96,12 +96,13 @@ class SVTProtocol(PrivacyProtocol):
             self._generators[key] = g
         return g
 
-    def apply(self, model_diff: dict[str, Any], train_ctx: Any) -> dict[str, Any]:
+    def apply(self, model_diff: dict[str, Any], train_ctx: Any = None) -> dict[str, Any]:
         """The privatized update.
 
         Args:
             model_diff: Δ = local − global, variable name to numpy array or torch tensor.
-            train_ctx: a mapping (or object) with ``total_steps``, the local steps T.
+            train_ctx: a mapping (or object) with ``total_steps``, the local steps T; None
+                (the default, as in the lineage) for T = 1.
 
         Returns:
             variable name to array, the same names, types, shapes, dtypes and devices.

@@ -21,6 +21,7 @@ from engine.privacy import (
     NonFiniteDiffError,
     PercentileProtocol,
     PrivacyArgumentError,
+    PrivacyProtocol,
     SVTProtocol,
     _ops,
     build_privacy,
@@ -98,6 +99,52 @@ def test_percentile_matches_the_numpy_reference(
         assert out[k].dtype == diff[k].dtype and out[k].shape == diff[k].shape
         np.testing.assert_array_equal(out[k] != 0, ref[k] != 0, err_msg=k)
         np.testing.assert_allclose(out[k], ref[k], rtol=1e-6, atol=0, err_msg=k)
+
+
+def _decimal_diff(n: int, kind: str, seed: int) -> dict[str, np.ndarray]:
+    """Values with few decimals (0.04, -0.02, ...): not binary fractions, so a rank or an
+    interpolation computed differently from numpy's lands a rounding step off a value."""
+    rng = np.random.default_rng(seed)
+    values = np.round(rng.standard_normal(n) * 0.5, 2 if n > 200 else 3)
+    if kind == "float64":
+        return {"w": values[: n // 2], "b": values[n // 2 :]}
+    if kind == "float32":
+        return {"w": values[: n // 2].astype(np.float32), "b": values[n // 2 :].astype(np.float32)}
+    # mixed: float32 arrays beside a float64 array and a float64 scalar; the concatenation of
+    # |d| is then float64, and so is the cutoff every float32 value is compared with
+    return {
+        "w": values[: n // 2].astype(np.float32),
+        "b": values[n // 2 : -1],
+        "s": np.array(values[-1]),
+    }
+
+
+def test_percentile_keeps_the_value_at_the_cutoff_for_float64_input() -> None:
+    d = np.array([0.5, -0.02, 0.003, -0.9, 0.04, 2.0])
+    assert np.percentile(np.abs(d), 40) == 0.04  # numpy's cutoff is the value itself
+    out = PercentileProtocol(percentile=40, gamma=10).apply({"d": d}, {})
+    np.testing.assert_array_equal(out["d"], [0.5, 0, 0, -0.9, 0.04, 2.0])
+    mixed = {"d": d.astype(np.float32), "s": np.float64(0.3)}
+    out = PercentileProtocol(percentile=40, gamma=10).apply(mixed, {})
+    ref = reference_percentile(mixed, 40, 10, 1)
+    np.testing.assert_array_equal(out["d"], ref["d"])
+
+
+@pytest.mark.parametrize("kind", ["float64", "float32", "mixed"])
+@pytest.mark.parametrize("n", [2, 6, 7, 11, 101, 1001, 4097])
+def test_percentile_cutoff_is_numpys_for_every_dtype(
+    backend: str, small_chunks: None, kind: str, n: int
+) -> None:
+    """Against np.percentile (linear), for percentiles where (n-1)·q is an integer (the cutoff
+    is one of the values) and where it is not; 4097 values go through the sampled bracket."""
+    diff = _decimal_diff(n, kind, seed=n)
+    for pct in (0, 10, 20, 25, 30, 33.3, 37.5, 40, 50, 60, 70, 75, 80, 90, 99, 100):
+        for steps in (1, 3):
+            out = PercentileProtocol(percentile=pct, gamma=8.0).apply(diff, {"total_steps": steps})
+            ref = reference_percentile(diff, pct, 8.0, steps)
+            for k in diff:
+                assert out[k].dtype == diff[k].dtype
+                np.testing.assert_array_equal(out[k], ref[k], err_msg=f"{k} at {pct}, T={steps}")
 
 
 @pytest.mark.parametrize("pct", [10, 50, 75])
@@ -591,3 +638,24 @@ def test_svt_from_the_mmar_filters_a_real_round(tmp_path: Path) -> None:
     total = sum(v.size for v in initial.values())
     assert applied.protocol == "SVTProtocol" and applied.total_values == total
     assert 0 < applied.shared_values <= math.ceil(total * 0.1)
+
+
+# --------------------------------------------------------------------- the lineage's signature
+
+
+@pytest.mark.parametrize(
+    "cls", [PrivacyProtocol, PercentileProtocol, SVTProtocol, LaplacianProtocol]
+)
+def test_apply_takes_train_ctx_with_a_default_as_the_lineage_does(cls: type) -> None:
+    """``apply(model_diff, train_ctx=None)``: Clara code calls ``apply(diff)`` alone."""
+    import inspect
+
+    param = inspect.signature(cls.apply).parameters["train_ctx"]
+    assert param.default is None
+    if cls is not PrivacyProtocol:
+        diff = model(10)
+        protocol = cls() if cls is PercentileProtocol else cls(seed=3)
+        out = protocol.apply(diff)  # T = 1, as with an empty context
+        again = (cls() if cls is PercentileProtocol else cls(seed=3)).apply(diff, {})
+        for k in diff:
+            np.testing.assert_array_equal(out[k], again[k])
