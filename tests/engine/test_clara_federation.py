@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.config import ServerConfig, load_server_config
+from engine.config import ConfigError, ServerConfig, load_server_config
 from engine.events import EventBus, FederationFinished, PrivacyApplied
 from engine.fileio import load_npz
 from engine.server import FederatedServer
@@ -141,6 +141,11 @@ def test_byo_components_under_custom_run_in_a_federation(
         mmar,
     )
     root = _site(tmp_path, "client1", server.port, mmar)
+    # the site's own code runs only where its policy allows it: refused before any import
+    with pytest.raises(ConfigError, match=r"custom code \(custom/BYO_Privacy\.py\)"):
+        SiteEngine(root, EventBus())
+    assert "BYO_Privacy" not in sys.modules
+    (root / "startup" / "site_policy.json").write_text('{"allow_byoc": true}')
     bus = EventBus()
     rec = Recorder(bus)
     engine = SiteEngine(root, bus)
