@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from engine.client.data_processors import build_processors
+from engine.client.data_processors import build_client_state_processors, build_processors
 from engine.client.deploy import code_refusal
 from engine.client.fed_client import FederatedClient
 from engine.config import (
@@ -186,6 +186,7 @@ def check_mmar(mmar: Path) -> None:
         build_privacy(config.privacy)
     build_processors([s for s in config.pre_processors if s.name is not None])
     build_processors([s for s in config.post_processors if s.name is not None])
+    build_client_state_processors([s for s in config.client_state_processors if s.name is not None])
 
 
 class SiteEngine:
@@ -216,6 +217,9 @@ class SiteEngine:
         self.privacy = build_privacy(self.mmar_config.privacy, custom)
         self.pre_processors = build_processors(self.mmar_config.pre_processors, custom)
         self.post_processors = build_processors(self.mmar_config.post_processors, custom)
+        self.client_state_processors = build_client_state_processors(
+            self.mmar_config.client_state_processors, custom
+        )
         self.client: FederatedClient | None = None
         self._last_progress = 0.0
         self.rank, self.world_size = 0, 1
@@ -308,6 +312,7 @@ class SiteEngine:
             cross_site_validate=cfg.cross_site_validate,
             pre_processors=self.pre_processors,
             post_processors=self.post_processors,
+            client_state_processors=self.client_state_processors,
             compression=cfg.wire_compression or kit.compression,
             bus=self.bus,
         )

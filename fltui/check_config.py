@@ -217,7 +217,7 @@ def _check_mmar(mmar: Path, report: Report) -> None:
 
 
 def _check_mmar_client(mmar: Path, report: Report) -> None:
-    from engine.client.data_processors import build_processors
+    from engine.client.data_processors import build_client_state_processors, build_processors
     from engine.privacy import build_privacy
     from engine.training.components import is_installed
 
@@ -243,7 +243,7 @@ def _check_mmar_client(mmar: Path, report: Report) -> None:
         specs.append((config.privacy, "privacy"))
     specs += [(s, "processor") for s in config.pre_processors]
     specs += [(s, "processor") for s in config.post_processors]
-    specs += [(s, "processor") for s in config.client_state_processors]
+    specs += [(s, "state processor") for s in config.client_state_processors]
     for spec, kind in specs:
         code = own_code(spec)
         if code is not None:
@@ -264,6 +264,8 @@ def _check_mmar_client(mmar: Path, report: Report) -> None:
         try:
             if kind == "privacy":
                 build_privacy(spec, [custom])
+            elif kind == "state processor":
+                build_client_state_processors([spec], [custom])
             else:
                 build_processors([spec], [custom])
         except ConfigError as exc:

@@ -20,6 +20,7 @@ __all__ = [
     "FederatedClientBase",
     "RemoteModel",
     "TestFederatedClient",
+    "get_status_message",
 ]
 
 _WHERE = {
@@ -33,6 +34,7 @@ _WHERE = {
     "FederatedClientBase": "fed_client_base",
     "RemoteModel": "communicator",
     "TestFederatedClient": "fed_client",
+    "get_status_message": "status",
 }
 
 

@@ -69,6 +69,59 @@ def channel_options(configured: Any, defaults: list[tuple[str, Any]]) -> list[tu
     return list({**dict(defaults), **{str(o[0]): o[1] for o in configured or []}}.items())
 
 
+#: What ``compression`` may be: Clara's config strings, or a ``grpc.Compression`` (what the
+#: lineage's deployer handed its communicator), or None for none.
+COMPRESSION_NAMES = ("Gzip", "Deflate")
+
+
+def grpc_compression(value: Any) -> grpc.Compression:
+    """The ``grpc.Compression`` that a ``compression`` setting means.
+
+    Raises:
+        ValueError: anything but None, "Gzip", "Deflate" or a ``grpc.Compression`` (Clara read
+            any other string as "no compression"; a typo should not silently do so).
+    """
+    if value is None:
+        return grpc.Compression.NoCompression
+    if isinstance(value, grpc.Compression):
+        return value
+    if isinstance(value, str) and value in COMPRESSION_NAMES:
+        return getattr(grpc.Compression, value)  # type: ignore[no-any-return]
+    raise ValueError(
+        f"compression must be one of {', '.join(map(repr, COMPRESSION_NAMES))}, None or a "
+        f"grpc.Compression; got {value!r}"
+    )
+
+
+class _TokenMetadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds the session token header to every call on a channel (``set_up_channel(..., token)``,
+    the lineage's call credentials; here it works on plaintext channels too)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = (TOKEN_HEADER, token)
+
+    def _details(self, details: Any) -> Any:
+        metadata = [m for m in (details.metadata or ()) if m[0] != TOKEN_HEADER]
+        return details._replace(metadata=[*metadata, self._header])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
 _BACKOFF_BASE = 0.25
 _BACKOFF_CAP = 5.0
 # "No token yet": poll again after this pause, unless the server held the call that long
@@ -129,17 +182,24 @@ class Communicator:
     """Talks to the FL server over gRPC.
 
     Args:
-        model_manager: the site's ClientModelManager (for the lineage's signature; optional).
+        model_manager: the site's ClientModelManager: ``submitUpdate`` reads this round's
+            contribution from it (Δ, privacy) when the caller has not packed one, and
+            ``submit_best_local_model`` the best local model when given no ``params``.
         ssl_args: ``{"ssl_root_cert", "ssl_cert", "ssl_private_key"}`` file paths, for TLS.
         secure_train: use TLS (mutual, with ``ssl_args``).
         retry_timeout: seconds within which transient failures are retried.
-        pre_processors: processors applied to contributions before upload.
-        post_processors: processors applied to models after download.
-        client_state_processors: processors that add metadata to every ClientState.
-        compression: "Gzip", "Deflate" or None.
+        pre_processors: DataProcessors run, in order, on a contribution that ``submitUpdate``
+            assembles.
+        post_processors: DataProcessors run, in order, on every model ``getModel`` receives.
+        client_state_processors: processors that add metadata to every ClientState
+            (``process(client_state, app_ctx)``; see ``ClientStateProcessor``).
+        compression: "Gzip", "Deflate", a ``grpc.Compression`` or None.
         bus: where connection and transfer events go.
         site: this site's name (for events).
         stop: when set, waiting and retrying end at once (abort).
+
+    Raises:
+        ValueError: an unknown ``compression`` (named, with the allowed ones).
     """
 
     def __init__(
@@ -165,6 +225,7 @@ class Communicator:
         self.post_processors = list(post_processors or [])
         self.client_state_processors = list(client_state_processors or [])
         self.compression = compression
+        self._grpc_compression = grpc_compression(compression)  # refused here, not at a call
         self.bus = bus or EventBus()
         self.site = site
         self.stop = stop or threading.Event()
@@ -181,42 +242,52 @@ class Communicator:
 
     # ------------------------------------------------------------------ channel
 
-    def set_up_channel(
-        self, channel_dict: Mapping[str, Any], token: str | None = None
-    ) -> grpc.Channel:
-        """Connects to the server (one channel per target, reused).
+    def set_up_channel(self, channel_dict: Any, token: str | None = None) -> grpc.Channel:
+        """Connects to the server: a new channel, the caller's to use and close.
+
+        The lineage opens one per call (``with set_up_channel(servers[task]) as channel:``);
+        closing it leaves this communicator's own calls alone (they keep their channel per
+        server, with its keepalive and reconnection state).
 
         Args:
-            channel_dict: ``{"target": "host:port", "options": [[name, value], ...]}``.
-            token: unused; the token travels in every call's metadata.
+            channel_dict: ``{"target": "host:port", "options": [[name, value], ...]}`` (Clara's
+                ``servers[].service``), or a ServerEndpoint.
+            token: when given, every call on the channel carries it (the ``x-custom-token``
+                header the server identifies the session by).
 
         Returns:
-            the channel.
+            an initialised grpc channel (TLS when ``secure_train``; with ``compression``).
         """
-        return self._stub_for(channel_dict)[0]
+        channel = self._new_channel(_channel_dict(channel_dict))
+        if token:
+            return grpc.intercept_channel(channel, _TokenMetadata(token))
+        return channel
+
+    def _new_channel(self, channel_dict: Mapping[str, Any]) -> grpc.Channel:
+        target = str(channel_dict["target"])
+        options = channel_options(
+            channel_dict.get("options", []),
+            [
+                ("grpc.max_receive_message_length", 8 << 20),
+                ("grpc.max_send_message_length", 8 << 20),
+                *KEEPALIVE_OPTIONS,
+                *RECONNECT_OPTIONS,
+            ],
+        )
+        if self.secure_train:
+            root, cert, key = self._tls_files(target)
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=root, private_key=key, certificate_chain=cert
+            )
+            return grpc.secure_channel(target, creds, options, self._grpc_compression)
+        return grpc.insecure_channel(target, options, self._grpc_compression)
 
     def _stub_for(self, channel_dict: Mapping[str, Any]) -> tuple[grpc.Channel, FederatedStub]:
+        """This communicator's own channel to a target (made once, reused by every call)."""
         target = str(channel_dict["target"])
         with self._lock:
             if target not in self._channels:
-                options = channel_options(
-                    channel_dict.get("options", []),
-                    [
-                        ("grpc.max_receive_message_length", 8 << 20),
-                        ("grpc.max_send_message_length", 8 << 20),
-                        *KEEPALIVE_OPTIONS,
-                        *RECONNECT_OPTIONS,
-                    ],
-                )
-                compression = getattr(grpc.Compression, self.compression or "NoCompression")
-                if self.secure_train:
-                    root, cert, key = self._tls_files(target)
-                    creds = grpc.ssl_channel_credentials(
-                        root_certificates=root, private_key=key, certificate_chain=cert
-                    )
-                    channel = grpc.secure_channel(target, creds, options, compression)
-                else:
-                    channel = grpc.insecure_channel(target, options, compression)
+                channel = self._new_channel(channel_dict)
                 self._channels[target] = (channel, FederatedStub(channel))
             return self._channels[target]
 
@@ -451,7 +522,11 @@ class Communicator:
     def get_client_state(
         self, task_name: str, token: str, app_ctx: Mapping[str, Any] | None = None
     ) -> pb.ClientState:
-        """This site's ClientState for a call (task, round, token, processor metadata)."""
+        """This site's ClientState for a call (task, round, token, processor metadata).
+
+        Every client-state processor runs on it, in order, with ``app_ctx``: it adds to the
+        state's ``meta_data`` in place, or returns the state to use (the lineage's form).
+        """
         ctx = app_ctx or {}
         state = pb.ClientState(
             client_name=self.site,
@@ -459,7 +534,9 @@ class Communicator:
             meta=pb.ModelMetaData(task=task_name, current_round=int(ctx.get("current_round", 0))),
         )
         for processor in self.client_state_processors:
-            processor.process(state, ctx)
+            result = processor.process(state, ctx)
+            if isinstance(result, pb.ClientState):
+                state = result
         return state
 
     def getModel(
@@ -471,8 +548,15 @@ class Communicator:
     ) -> RemoteModel:
         """The current global model (waits while the server has none for this site).
 
+        Args:
+            servers: task name to ServerEndpoint.
+            task_name: the server's task.
+            token: this site's session token.
+            app_ctx: what the client-state and post-processors see (round, site, ...).
+
         Returns:
-            the model, already through the post-processors.
+            the model, already through the post-processors (each sees a DataContext whose
+            ``model`` is the received tensors and ``header`` the CurrentModel).
         """
         stub = self._stub(servers, task_name)
         state = self.get_client_state(task_name, token, app_ctx)
@@ -491,7 +575,11 @@ class Communicator:
             return header, params, timed.seconds
 
         header, params, seconds = self._call(servers, task_name, "GetModel", fetch)
-        model = RemoteModel(meta=header.meta, params=params, owner=header.owner or "server")
+        model = RemoteModel(
+            meta=header.meta,
+            params=self._post_process(params, header, app_ctx),
+            owner=header.owner or "server",
+        )
         self.bus.publish(
             ModelTransferred(
                 site=self.site,
@@ -504,21 +592,80 @@ class Communicator:
         )
         return model
 
+    def _post_process(
+        self,
+        params: dict[str, np.ndarray],
+        header: Any,
+        app_ctx: Mapping[str, Any] | None,
+    ) -> dict[str, np.ndarray]:
+        if not self.post_processors:
+            return params
+        from engine.client.data_processors import DataContext  # it imports this module
+
+        data_ctx = DataContext(model=params, header=header, fl_ctx=FLContext())
+        ctx = dict(app_ctx or {})
+        for processor in self.post_processors:
+            processor.process(data_ctx, ctx)
+        return data_ctx.model
+
     def submitUpdate(
         self,
         servers: Mapping[str, ServerEndpoint],
         task_name: str,
         token: str,
-        fl_ctx: FLContext,
-        app_ctx: Mapping[str, Any],
+        fl_ctx: FLContext | None,
+        app_ctx: Mapping[str, Any] | None,
         uid: str,
     ) -> pb.FederatedSummary:
-        """Uploads this round's contribution (``fl_ctx`` holds "contribution" and "model_data").
+        """Uploads this round's contribution.
 
-        A retried upload carries the same contribution id, so the server counts it once.
+        The contribution is the one ``fl_ctx`` carries ("contribution": the Contribution
+        header, "model_data": the tensors) when the caller packed it; otherwise it is assembled
+        here as the lineage does: Δ from ``model_manager`` (privacy applied), then the
+        ``pre_processors``, and packed into ``fl_ctx``, so that sending the same ``fl_ctx``
+        again sends the same bytes (privacy noise is drawn once). Either way a retried upload
+        carries the same contribution id, so the server counts it once.
+
+        Args:
+            servers: task name to ServerEndpoint.
+            task_name: the server's task.
+            token: this site's session token.
+            fl_ctx: the step's context (None: a fresh one).
+            app_ctx: what the processors see (round, site, ...).
+            uid: this site's name (the contribution id starts with it).
+
+        Returns:
+            the server's reply.
+
+        Raises:
+            ValueError: nothing to send: ``fl_ctx`` carries no contribution and this
+                communicator has no model manager to read one from.
+            FLCommunicationError: the upload failed for good.
         """
-        header: pb.Contribution = fl_ctx.get_prop("contribution")
-        params: dict[str, np.ndarray] = fl_ctx.get_prop("model_data")
+        fl_ctx = fl_ctx if fl_ctx is not None else FLContext()
+        header: pb.Contribution | None = fl_ctx.get_prop("contribution")
+        params: dict[str, np.ndarray] | None = fl_ctx.get_prop("model_data")
+        if header is None or params is None:
+            if self.model_manager is None:
+                raise ValueError(
+                    "submitUpdate: fl_ctx carries no 'contribution' and 'model_data', and this "
+                    "Communicator has no model_manager to read this round's update from"
+                )
+            from engine.client.data_assembler import DataAssembler  # it imports this module
+
+            state = self.get_client_state(task_name, token, app_ctx)
+            header, params = DataAssembler.get_contribution_data(
+                self.model_manager,
+                task_name,
+                state,
+                self.pre_processors,
+                fl_ctx,
+                dict(app_ctx or {}),
+            )
+            fl_ctx.set_prop("contribution", header)
+            fl_ctx.set_prop("model_data", params)
+        if not header.client.client_name:
+            header.client.client_name = uid
         if not header.contribution_id:
             header.contribution_id = f"{uid}-{uuid.uuid4()}"
         return self._upload(servers, task_name, token, "SubmitUpdate", header, params)
@@ -609,7 +756,26 @@ class Communicator:
         disable: bool = False,
         params: Mapping[str, np.ndarray] | None = None,
     ) -> str:
-        """Sends this site's best local model for cross-site validation (empty when ``disable``)."""
+        """Sends this site's best local model for cross-site validation.
+
+        Args:
+            uid: this site's name.
+            servers: task name to ServerEndpoint.
+            task_name: the server's task.
+            token: this site's session token.
+            disable: send an empty model (this site does not take part).
+            params: the model to send; None reads the best local model from
+                ``model_manager`` (as the lineage does), or sends an empty one without it.
+
+        Returns:
+            the server's comment.
+        """
+        if params is None and not disable and self.model_manager is not None:
+            from engine.client.data_assembler import DataAssembler  # it imports this module
+
+            _, params = DataAssembler.get_best_local_model(
+                self.model_manager, task_name, self.get_client_state(task_name, token)
+            )
         header = pb.Contribution(
             client=self.get_client_state(task_name, token),
             type="weights",
@@ -720,6 +886,21 @@ class _Timed:
         if self._t0 is None or self._t1 is None or rest * 4 < self._total:
             return 0.0
         return (self._t1 - self._t0) * self._total / rest
+
+
+def _channel_dict(value: Any) -> Mapping[str, Any]:
+    """A ``{"target", "options"}`` mapping from one, or from a ServerEndpoint."""
+    if isinstance(value, Mapping):
+        if "target" not in value:
+            raise ValueError(f"a channel needs a 'target' (host:port); got {dict(value)!r}")
+        return value
+    target = getattr(value, "target", None)
+    if not target:
+        raise ValueError(
+            f"expected {{'target': 'host:port', 'options': [...]}} or a ServerEndpoint, "
+            f"got {value!r}"
+        )
+    return {"target": target, "options": list(getattr(value, "options", None) or [])}
 
 
 def _with_header(header: pb.Contribution, params: Mapping[str, np.ndarray]) -> Iterator[bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -25,16 +26,39 @@ class DataAssembler:
         pre_processors: list[Any],
         fl_ctx: FLContext,
         app_ctx: dict[str, Any],
+        *,
+        model_data: Mapping[str, Any] | None = None,
+        n_iter: int | None = None,
     ) -> tuple[pb.Contribution, dict[str, np.ndarray]]:
         """This round's contribution: Δ (after privacy), then the pre-processors, in order.
 
-        ``n_iter`` is always set from the model manager (IteratorNumberGenerator sets it too);
-        a contribution with a wrong weight would skew the federation's average.
+        ``n_iter`` is always set (IteratorNumberGenerator sets it too); a contribution with a
+        wrong weight would skew the federation's average.
+
+        Args:
+            model_manager: reads Δ = local − global and applies exclusion and privacy.
+            task_name: the server's task.
+            client_state: the ClientState the contribution carries.
+            pre_processors: DataProcessors, run in order on the DataContext.
+            fl_ctx: the step's context ("n_iter" is set in it).
+            app_ctx: what the processors see.
+            model_data: a Δ the caller computed (DirectFederatedClient): it goes through the
+                same exclusion, checks and privacy instead of the model manager's own Δ.
+            n_iter: the local iterations behind ``model_data`` (default: the model
+                manager's ``num_local_iterations()``).
+
+        Returns:
+            the Contribution header and the tensors to send.
         """
-        model = model_manager.read_current_model(task_name, type_str="delta_w")
-        header = pb.Contribution(
-            client=client_state, type="delta_w", n_iter=model_manager.num_local_iterations()
-        )
+        if model_data is None:
+            model = model_manager.read_current_model(task_name, type_str="delta_w")
+            n_iter = model_manager.num_local_iterations()
+        else:
+            if n_iter is None:
+                n_iter = model_manager.num_local_iterations()
+            n_iter = max(1, int(n_iter))
+            model = model_manager.prepare_model_data(model_data, "delta_w", total_steps=n_iter)
+        header = pb.Contribution(client=client_state, type="delta_w", n_iter=n_iter)
         fl_ctx.set_prop("n_iter", header.n_iter)
         data_ctx = DataContext(model=model, header=header, fl_ctx=fl_ctx)
         for processor in pre_processors:

@@ -14,12 +14,15 @@ from engine.config import ComponentSpec
 from protos import federated_pb2 as pb
 
 __all__ = [
+    "CLIENT_STATE_PROCESSORS",
     "BestMetricGenerator",
+    "ClientStateProcessor",
     "DataCompressor",
     "DataContext",
     "DataDeCompressor",
     "DataProcessor",
     "IteratorNumberGenerator",
+    "build_client_state_processors",
     "build_processors",
 ]
 
@@ -109,7 +112,69 @@ DATA_PROCESSORS: dict[str, type] = {
 def build_processors(
     specs: list[ComponentSpec], search_paths: list[Path] | None = None
 ) -> list[Any]:
-    """Instantiates a config's processor list, in order."""
+    """Instantiates a config's processor list, in order.
+
+    Code written for Clara imports its base class from Clara's module
+    (``fed_learn.components.data_processor``): those paths are made to mean ours first.
+    """
+    from engine import clara_compat
+
+    clara_compat.install()
     return [
         build_component(s, DATA_PROCESSORS, "data processor", None, search_paths) for s in specs
     ]
+
+
+class ClientStateProcessor:
+    """Adds metadata to every ClientState this site sends (``client_state_processors``).
+
+    The lineage's hook: the communicator calls ``process`` on the ClientState of every call
+    (registration aside: GetModel, SubmitUpdate, Heartbeat, Quit, cross-site validation),
+    with the client's ``app_ctx`` (site, round, status). A processor writes into
+    ``client_state.meta_data`` (a protobuf Struct: ``client_state.meta_data.update({...})``)
+    in place, or returns the ClientState to send instead. The server receives it with the
+    call; the reference server does not read it.
+
+    No processor is built in (Clara's ``MetadataGenerator`` is named in its module list, but
+    what it wrote is not public): a site's own one is given by ``path``, under the site policy.
+    Deriving from this class is not required (Clara's code derives from Clara's base); a
+    ``process(client_state, app_ctx)`` method is.
+    """
+
+    def process(self, client_state: pb.ClientState, app_ctx: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+
+#: Built-in client-state processors, by name: none (see ClientStateProcessor).
+CLIENT_STATE_PROCESSORS: dict[str, type] = {}
+
+
+def build_client_state_processors(
+    specs: list[ComponentSpec], search_paths: list[Path] | None = None
+) -> list[Any]:
+    """Instantiates ``client_state_processors``, in order.
+
+    Raises:
+        ConfigError: what ``build_component`` raises, or a component without a callable
+            ``process(client_state, app_ctx)`` (named by file and key).
+    """
+    from engine import clara_compat
+    from engine.config import ConfigError
+
+    clara_compat.install()
+    built = []
+    for spec in specs:
+        processor = build_component(
+            spec, CLIENT_STATE_PROCESSORS, "client state processor", None, search_paths
+        )
+        if not callable(getattr(processor, "process", None)):
+            which = "path" if spec.path else "name"
+            key = f"{spec.key}.{which}" if spec.key else which
+            raise ConfigError(
+                spec.file or Path("<config>"),
+                key,
+                f"{spec.label!r} has no process(client_state, app_ctx) method; a client "
+                "state processor adds metadata to every ClientState through it",
+            )
+        built.append(processor)
+    return built

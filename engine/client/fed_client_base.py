@@ -327,24 +327,23 @@ class FederatedClientBase:
         )
 
     def pull_models(self) -> bool:
-        """Fetches the global models, runs the post-processors and loads them locally.
+        """Fetches the global models (through the post-processors) and loads them locally.
 
         Returns:
             True if the local model changed.
         """
-        from engine.client.data_processors import DataContext
-
         self.lost_contributions = {}
         for task_name in self.servers:
-            remote = self.fetch_remote_model(task_name)
-            data_ctx = DataContext(model=remote.params, header=remote.meta, fl_ctx=FLContext())
-            for processor in self.post_processors:
-                processor.process(data_ctx, self.app_context)
-            remote.params = data_ctx.model
-            self.remote_models[task_name] = remote
-            self._check_pending(task_name, remote)
+            self.remote_models[task_name] = self._receive(task_name)
         self.check_progress(self.remote_models)
         return self.model_manager.assign_current_model(self.remote_models)
+
+    def _receive(self, task_name: str) -> RemoteModel:
+        """``task_name``'s global model, through the post-processors (the communicator runs
+        them), with this site's sent contribution checked against it."""
+        remote = self.fetch_remote_model(task_name)
+        self._check_pending(task_name, remote)
+        return remote
 
     def _check_pending(self, task_name: str, remote: RemoteModel) -> None:
         """Keeps a sent contribution until its round is aggregated; notes it if it was lost.

@@ -185,14 +185,51 @@ class ClientModelManager:
                     value = (value - g).astype(g.dtype, copy=False)
             elif type_str != "weights":
                 raise ValueError(f"type_str must be 'delta_w' or 'weights', got {type_str!r}")
+            out[name] = value
+        return self._outgoing(out, type_str, self.num_local_iterations())
+
+    def prepare_model_data(
+        self,
+        model_data: Mapping[str, Any],
+        type_str: str = "delta_w",
+        total_steps: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """What of model data the caller computed (a DirectFederatedClient's Δ) may leave.
+
+        The same steps as ``read_current_model`` after Δ: excluded variables are dropped
+        (they stay local), NaN and Inf are refused, and privacy is applied to a Δ.
+
+        Args:
+            model_data: variable name to array.
+            type_str: "delta_w" (a difference: privacy applies) or "weights".
+            total_steps: the local steps T the privacy protocol divides by (default: the
+                model manager's ``num_local_iterations()``).
+
+        Raises:
+            ModelDiffError: a value is NaN or Inf (it is refused, not shared).
+        """
+        if type_str not in ("delta_w", "weights"):
+            raise ValueError(f"type_str must be 'delta_w' or 'weights', got {type_str!r}")
+        out = {
+            name: np.asarray(value)
+            for name, value in model_data.items()
+            if not self.is_excluded(name)
+        }
+        steps = self.num_local_iterations() if total_steps is None else max(1, int(total_steps))
+        return self._outgoing(out, type_str, steps)
+
+    def _outgoing(
+        self, out: dict[str, np.ndarray], type_str: str, total_steps: int
+    ) -> dict[str, np.ndarray]:
+        """The last steps before anything leaves: refuse NaN/Inf, then privacy on a Δ."""
+        for name, value in out.items():
             if value.dtype.kind in "fc" and not np.isfinite(value).all():
                 raise ModelDiffError(
                     f"variable {name!r}: the local model holds NaN or Inf; the update is not shared"
                 )
-            out[name] = value
         if type_str == "delta_w" and self.privacy is not None:
             t0 = time.perf_counter()
-            train_ctx = {"total_steps": self.num_local_iterations()}
+            train_ctx = {"total_steps": total_steps}
             out = self.privacy.apply(out, train_ctx)
             shared = sum(int(np.count_nonzero(v)) for v in out.values())
             self.last_privacy = {

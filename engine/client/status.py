@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-__all__ = ["ClientStatus"]
+__all__ = ["ClientStatus", "get_status_message"]
 
 
 class ClientStatus:
@@ -28,5 +28,14 @@ class ClientStatus:
 
     @classmethod
     def get_status_message(cls, status: int) -> str:
-        """The message of a status code ("unknown status N" for others)."""
+        """The message of a status code, for display ("unknown status N" for others).
+
+        The module-level ``get_status_message`` is the lineage's lookup (None when unknown).
+        """
         return cls.status_messages.get(status, f"unknown status {status}")
+
+
+def get_status_message(status: int) -> str | None:
+    """The message of a status code, or None for a code that is not one (as in the lineage's
+    ``client_status`` module, where code written for Clara looks it up)."""
+    return ClientStatus.status_messages.get(status)

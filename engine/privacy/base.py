@@ -37,9 +37,16 @@ PRIVACY_PROTOCOLS: dict[str, type[PrivacyProtocol]] = {}
 def build_privacy(
     spec: ComponentSpec | None, search_paths: list[Path] | None = None
 ) -> PrivacyProtocol | None:
-    """The protocol an MMAR's ``privacy`` block names; None for ``{}``."""
+    """The protocol an MMAR's ``privacy`` block names; None for ``{}``.
+
+    A protocol written for Clara (``from fed_learn.client.fed_privacy import PrivacyProtocol``)
+    loads unchanged: Clara's module paths are made to mean ours first (``engine.clara_compat``).
+    """
     if spec is None:
         return None
+    from engine import clara_compat
+
+    clara_compat.install()
     return build_component(
         spec, PRIVACY_PROTOCOLS, "privacy protocol", PrivacyProtocol, search_paths
     )

@@ -202,19 +202,28 @@ def test_tensorflow_code_by_path_and_clara_imports_in_custom_code_are_named(
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"client.privacy.path: 'tensorflow.keras.Model' is "):
         load_mmar_client_config(mmar)
-    # Clara's own BYO example imports fed_learn: the error says what to import instead
+    # Clara's own BYO example imports fed_learn: it loads unchanged (engine.clara_compat)
     (mmar / "custom" / "clara_byo.py").write_text(
         "from fed_learn.client.fed_privacy import PrivacyProtocol\n"
-        "class MyPrivacyProtocol(PrivacyProtocol):\n    pass\n"
+        "class MyPrivacyProtocol(PrivacyProtocol):\n"
+        "    def apply(self, model_diff, train_ctx=None):\n        return model_diff\n"
     )
     data["client"]["privacy"] = {"path": "clara_byo.MyPrivacyProtocol", "args": {}}
+    path.write_text(json.dumps(data))
+    config = load_mmar_client_config(mmar)
+    assert build_privacy(config.privacy, [mmar / "custom"]).apply({"w": 1}) == {"w": 1}
+    # a Clara module we do not provide is named, as the module that imports it
+    (mmar / "custom" / "clara_more.py").write_text(
+        "from fed_learn.client.fed_utils import something\n"
+    )
+    data["client"]["privacy"] = {"path": "clara_more.MyPrivacyProtocol", "args": {}}
     path.write_text(json.dumps(data))
     config = load_mmar_client_config(mmar)
     with pytest.raises(ConfigError) as err:
         build_privacy(config.privacy, [mmar / "custom"])
     assert err.value.key == "client.privacy.path"
-    assert "module 'clara_byo'" in str(err.value) and "imports 'fed_learn'" in str(err.value)
-    assert "import PrivacyProtocol from engine.privacy" in str(err.value)
+    assert "module 'clara_more'" in str(err.value)
+    assert "imports 'fed_learn.client.fed_utils'" in str(err.value)
 
 
 def test_a_config_with_many_mistakes_reports_all_of_them(tmp_path: Path) -> None:
