@@ -37,8 +37,9 @@ Fallback = Callable[[str], tuple[Any, list[str], str]]
 
 # Packages a Clara 3.1 custom module may import that do not exist here, and what to do instead.
 _FOREIGN_PACKAGES = {
-    "fed_learn": "Clara's own package; import PrivacyProtocol from engine.privacy and "
-    "DataProcessor from engine.client.data_processors instead",
+    "fed_learn": "a module of Clara's package that is not provided here (engine.clara_compat."
+    "ALIASES lists those that are: fed_learn.client.fed_privacy, "
+    "fed_learn.components.data_processor, ...)",
     "nvmidl": "Clara's TensorFlow training package; write the component with torch",
     "tensorflow": "TensorFlow components cannot run here; write the component with torch",
     "keras": "TensorFlow components cannot run here; write the component with torch",
@@ -138,6 +139,10 @@ def import_path(dotted: str, custom_dir: Path | None = None) -> Any:
     if custom_dir is not None and custom_dir.is_dir():
         custom_dir = custom_dir.resolve()
         _use_custom_dir(custom_dir, module_name)
+    # Code written for Clara imports fed_learn.client.fed_privacy and the like: ours, aliased.
+    from engine import clara_compat
+
+    clara_compat.install()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -185,6 +185,8 @@ def test_privacy_protocol_from_the_mmar_is_applied_to_the_delta(tmp_path: Path) 
         }
     )
     cfg_path.write_text(json.dumps(cfg))
+    # the MMAR's own code: only where the site's policy allows it (the default does not)
+    (SitePaths(tmp_path / "site-1").startup / "site_policy.json").write_text('{"allow_byoc": true}')
     bus = EventBus()
     rec = Recorder(bus)
     engine = SiteEngine(tmp_path / "site-1", bus)
