@@ -180,9 +180,9 @@ def test_a_clara_path_we_do_not_have_is_refused_by_name_never_imported(tmp_path:
     of a compiled module hidden under custom/ (which the BYOC check refuses too, .py or not)."""
     import py_compile
 
+    from engine.client.deploy import code_refusal
     from engine.components import resolve_component
     from engine.config import ComponentSpec, ConfigError
-    from engine.client.deploy import code_refusal
 
     mmar = tmp_path / "mmar"
     (mmar / "config").mkdir(parents=True)
