@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "CLARA_REQUEST_PROCESSORS",
+    "DEFAULT_MAX_N_ITER",
     "ENVIRONMENT_FILE",
     "NOT_IMPLEMENTED",
     "REQUEST_PROCESSORS",
@@ -144,6 +145,13 @@ _ADMIN_CMD_MODULES = (
     "SystemCommandModule",
 )
 _COMPRESSING_PROCESSORS = ("DataCompressor", "DataDeCompressor")
+DEFAULT_MAX_N_ITER = 1_000_000
+"""The largest ``n_iter`` one contribution may claim when nothing tells the server more: a
+million local optimizer steps a round is far beyond the rounds of this lineage (Clara's examples
+train tens to a few thousand), yet a lying site can outweigh no more than that."""
+MAX_N_ITER_MARGIN = 2
+"""``max_n_iter`` from ``steps_aggregation`` is this many times it (a site trains exactly that
+many steps a round; the margin is for trainers that count a last partial step or so)."""
 #: environment.json variables that name files or folders; relative ones are under the MMAR.
 _PATH_VARIABLES = (
     "DATA_ROOT",
@@ -959,6 +967,14 @@ class ServerConfig:
     admin_clients: tuple[str, ...] | None = None
     #: gRPC worker threads (Clara's ``num_server_workers``); None: sized from max_num_clients.
     num_server_workers: int | None = None
+    #: Weigh each contribution by its ``n_iter`` (FedAvg, the default) or all equally
+    #: (``aggregator.args.weigh_by_local_iter``, the name NVFlare's aggregators use), so that no
+    #: site outweighs the others by claiming more steps. ``aggregation_weights`` apply either way.
+    weigh_by_local_iter: bool = True
+    #: The largest ``n_iter`` a contribution may claim; above it, it is refused.
+    max_n_iter: int = DEFAULT_MAX_N_ITER
+    #: Where ``max_n_iter`` came from (for the refusal a site gets).
+    max_n_iter_source: str = "the server's default"
 
 
 def _names(reader: _Reader, key: str) -> tuple[str, ...] | None:
@@ -1026,7 +1042,20 @@ def _parse_server(path: Path, sink: list[ConfigError]) -> ServerConfig:
                 f"got {spec.ref!r}; custom aggregators are not run by the reference server",
             )
     agg_args = agg.sub("args", {})
-    agg_args.only(("exclude_vars", "aggregation_weights"))
+    agg_args.only(("exclude_vars", "aggregation_weights", "weigh_by_local_iter", "max_n_iter"))
+    by_n_iter = agg_args.data.get("weigh_by_local_iter", True)
+    if not isinstance(by_n_iter, bool):
+        agg_args.report(
+            "weigh_by_local_iter",
+            "expected true (weigh each contribution by its n_iter) or false (equal weights), "
+            f"got {json.dumps(by_n_iter)}",
+        )
+        by_n_iter = True
+    max_n_iter = agg_args.number("max_n_iter", None, 1, integer=True)
+    if max_n_iter is not None:
+        max_n_iter_source = f"aggregator.args.max_n_iter of {path}"
+    else:
+        max_n_iter, max_n_iter_source = _default_max_n_iter(path)
     weights = agg_args.get("aggregation_weights", dict, {}) or {}
     good_weights: dict[str, float] = {}
     for site, w in weights.items():
@@ -1079,6 +1108,39 @@ def _parse_server(path: Path, sink: list[ConfigError]) -> ServerConfig:
         fl_clients=_names(s, "fl_clients"),
         admin_clients=_names(s, "admin_clients"),
         num_server_workers=workers,
+        weigh_by_local_iter=by_n_iter,
+        max_n_iter=max_n_iter,
+        max_n_iter_source=max_n_iter_source,
+    )
+
+
+def _default_max_n_iter(server_path: Path) -> tuple[int, str]:
+    """``max_n_iter`` when ``config_fed_server.json`` does not set it, and where it came from.
+
+    A Clara MMAR holds ``config_fed_client.json`` beside the server's config: with
+    ``steps_aggregation`` > 0 every site trains that many steps a round. With ``local_epochs``
+    the steps depend on each site's data, which the server never sees: DEFAULT_MAX_N_ITER then.
+    That file is the sites' to check; here it is only read for this default.
+    """
+    client = server_path.parent / "config_fed_client.json"
+    try:
+        steps = (
+            load_json(client).get("client", {}).get("steps_aggregation")
+            if client.is_file()
+            else None
+        )
+    except (ConfigError, AttributeError):
+        steps = None
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+        return (
+            MAX_N_ITER_MARGIN * steps,
+            f"{MAX_N_ITER_MARGIN} × client.steps_aggregation ({steps}) of {client}; set "
+            "aggregator.args.max_n_iter to change it",
+        )
+    return (
+        DEFAULT_MAX_N_ITER,
+        "the server's default: the sites train local_epochs, whose steps it cannot know; set "
+        "aggregator.args.max_n_iter in config_fed_server.json to bound it closer",
     )
 
 

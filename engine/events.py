@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 __all__ = [
     "AdminRequestHandled",
     "ConnectionChanged",
+    "ContributionRefused",
     "ContributionResent",
     "CrossSiteValidated",
     "Event",
@@ -32,6 +33,7 @@ __all__ = [
     "RunChanged",
     "ServerResumed",
     "ServerRoundAggregated",
+    "ServerRoundRetaken",
     "SessionRenewed",
     "SiteConfigured",
     "SiteJoined",
@@ -412,6 +414,56 @@ class ServerRoundAggregated(Event):
         if self.missing:
             text += f" (missing: {', '.join(self.missing)})"
         return text + f" in {self.seconds * 1000:.0f} ms"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContributionRefused(Event):
+    """Server side: a site's contribution was refused and is not counted for the round.
+
+    Attributes:
+        site_name: the site that sent it.
+        round: the round it was for (1-based).
+        reason: what was wrong: the variable and NaN / Inf, an overflow, an ``n_iter`` out of
+            bounds (the same text the site gets as the call's error).
+    """
+
+    site_name: str
+    round: int
+    reason: str
+
+    def summary(self) -> str:
+        return f"contribution of {self.site_name} to round {self.round} refused: {self.reason}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerRoundRetaken(Event):
+    """Server side: a round's average came out NaN or Inf, so it was neither saved nor sent; the
+    round is taken again without the contributions that caused it (the other sites send theirs
+    again, same ids). When no contribution stood out, ``excluded`` is empty and those variables
+    keep the previous round's values.
+
+    Attributes:
+        round: the round (1-based).
+        variables: the variables whose average was not finite.
+        excluded: the sites whose contributions are left out of the round.
+        detail: what happened, in words.
+    """
+
+    round: int
+    variables: list[str]
+    excluded: list[str]
+    detail: str = ""
+
+    def summary(self) -> str:
+        names = ", ".join(self.variables)
+        if self.excluded:
+            text = (
+                f"round {self.round} taken again without {', '.join(self.excluded)}: its average "
+                f"of {names} was not finite"
+            )
+        else:  # no contribution stood out: the round closed, those variables kept their values
+            text = f"round {self.round}: the average of {names} was not finite and was not used"
+        return text + (f" ({self.detail})" if self.detail else "")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,13 +1,26 @@
-"""FedAvg as contributions arrive: new = global + Σ(Δᵢ·nᵢ·wᵢ) / Σ(nᵢ·wᵢ), per variable."""
+"""FedAvg as contributions arrive: new = global + Σ(Δᵢ·nᵢ·wᵢ) / Σ(nᵢ·wᵢ), per variable.
+
+The sum is kept as a running weighted mean, and every contribution is screened before it is
+folded in: one site must not be able to make the global model NaN or Inf.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["FedAvgAccumulator"]
+__all__ = ["FedAvgAccumulator", "Screening", "non_finite_variables", "peak_of"]
+
+SCREEN_BLOCK = 1 << 16
+"""Elements screened at once: a block and its scratch stay in cache, and no model-sized
+temporary is ever made (a 1 GiB tensor screened whole would need a 256 MiB bool array)."""
+PEAK_OFFENDER = 0.5
+"""A contribution whose local model reaches this fraction of its dtype's largest finite value
+in a variable that overflowed is taken for a cause of the overflow (an honest model sits dozens
+of orders of magnitude below it)."""
 
 
 def _acc_dtype(dtype: np.dtype) -> np.dtype:
@@ -20,8 +33,115 @@ def _acc_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64)
 
 
+def _blocks(a: np.ndarray) -> np.ndarray:
+    # A flat view (never a copy: received buffers and the model's arrays are C-contiguous).
+    return a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
+
+
+def _count(mask: np.ndarray) -> int:
+    return int(np.count_nonzero(mask))
+
+
+def describe_non_finite(value: np.ndarray, base: np.ndarray | None = None) -> str:
+    """What is wrong with a tensor that failed the screen, in words (only on the refusal path).
+
+    Args:
+        value: the contribution's Δ for one variable.
+        base: the global model's value it is added to, if the sum is what overflowed.
+    """
+    n = value.size
+    nan, inf = _count(np.isnan(value)), _count(np.isinf(value))
+    parts = []
+    if nan:
+        parts.append(f"NaN ({nan} of {n} values)")
+    if inf:
+        parts.append(f"Inf ({inf} of {n} values)")
+    if parts:
+        return " and ".join(parts)
+    if base is None:
+        return "a non-finite value"
+    with np.errstate(over="ignore", invalid="ignore"):
+        over = _count(~np.isfinite(base + value))
+    return (
+        f"Inf in the site's model: finite, but global + Δ overflows {value.dtype} "
+        f"({over} of {n} values)"
+    )
+
+
+def _finite_peak(block: np.ndarray) -> float | None:
+    """The largest magnitude in a block, or None when it holds NaN or Inf.
+
+    min and max propagate NaN and surface ±Inf: two reductions screen the block without a bool
+    temporary (and faster than ``np.isfinite(a).all()``), and give the peak on the way.
+    """
+    if block.dtype.kind == "c":
+        if not np.isfinite(block).all():
+            return None
+        return float(np.abs(block).max())
+    lo, hi = block.min(), block.max()
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return None
+    return float(max(-lo, hi))
+
+
+def peak_of(value: np.ndarray) -> float | None:
+    """The largest magnitude in a float tensor, or None when it holds NaN or Inf."""
+    flat = _blocks(value)
+    peak = 0.0
+    for start in range(0, flat.size, SCREEN_BLOCK):
+        block_peak = _finite_peak(flat[start : start + SCREEN_BLOCK])
+        if block_peak is None:
+            return None
+        peak = max(peak, block_peak)
+    return peak
+
+
+def _sum_peak(base: np.ndarray, delta: np.ndarray) -> float | None:
+    """The largest magnitude of ``base + delta`` in their dtype, or None if it is not finite."""
+    flat, flat_base = _blocks(delta), _blocks(base)
+    scratch = np.empty(min(SCREEN_BLOCK, flat.size), delta.dtype)
+    peak = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, flat.size, SCREEN_BLOCK):
+            d = flat[start : start + SCREEN_BLOCK]
+            local = np.add(flat_base[start : start + d.size], d, out=scratch[: d.size])
+            block_peak = _finite_peak(local)
+            if block_peak is None:
+                return None
+            peak = max(peak, block_peak)
+    return peak
+
+
+@dataclass
+class Screening:
+    """What screening one contribution found.
+
+    Attributes:
+        variable: the first variable refused, or None when the contribution may be folded in.
+        problem: what is wrong with it (NaN, Inf, an overflow), in words.
+        peaks: for each float variable, the largest magnitude of the site's model
+            (global + Δ) as a fraction of its dtype's largest finite value (an upper bound,
+            exact from PEAK_OFFENDER up).
+    """
+
+    variable: str | None = None
+    problem: str = ""
+    peaks: dict[str, float] = field(default_factory=dict)
+
+
+def non_finite_variables(model: Mapping[str, np.ndarray]) -> list[str]:
+    """The float variables of ``model`` holding NaN or Inf (screened block by block)."""
+    return [n for n, v in model.items() if v.dtype.kind in "fc" and peak_of(v) is None]
+
+
 class FedAvgAccumulator:
-    """Folds each contribution into a running weighted sum, so the server never holds all of them.
+    """Folds each contribution into a running weighted mean, so the server never holds all of them.
+
+    The mean is updated as ``mean·(W/W') + Δ·(w/W')`` with ``W' = W + w``: both factors are
+    fractions, so however large a site's weight (``n_iter`` is the site's own claim) no product
+    exceeds the largest value folded in, and the mean of finite Δs stays finite (a sum
+    ``Σ Δᵢ·wᵢ`` in float32 overflows at 3e38 · 1e12). It costs one more pass over the mean per
+    contribution than a plain sum.
 
     Args:
         exclude_vars: a regex; matching variables are never updated by the server.
@@ -29,8 +149,9 @@ class FedAvgAccumulator:
 
     def __init__(self, exclude_vars: str | None = None) -> None:
         self._exclude = re.compile(exclude_vars) if exclude_vars else None
-        self._sums: dict[str, np.ndarray] = {}
+        self._means: dict[str, np.ndarray] = {}
         self._weights: dict[str, float] = {}
+        self._base_peaks: dict[str, float] = {}
         self.contributors: list[str] = []
 
     def excluded(self, name: str) -> bool:
@@ -43,31 +164,81 @@ class FedAvgAccumulator:
             return value.view(np.dtype(f"<i{value.dtype.itemsize}"))
         return value
 
+    def screen(self, delta: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> Screening:
+        """Checks a contribution before it is folded in, so a bad one never touches the mean.
+
+        Each float variable the server averages must be finite, and so must the site's model
+        ``base + Δ`` in the variable's dtype (a finite Δ that overflows the model is a model of
+        Inf). Integer and bool variables cannot hold NaN; excluded ones are never folded.
+
+        One pass over Δ (min and max, block by block) decides it for any honest model: the sum
+        is computed only when ``peak|Δ| + peak|base|`` comes near the dtype's largest value.
+
+        Args:
+            delta: the received Δ, variable name to array.
+            base: the global model the Δ was computed from: the same for every contribution to
+                this accumulator's round (its peaks are measured once).
+        """
+        result = Screening()
+        for name, value in delta.items():
+            if value.dtype.kind not in "fc" or self.excluded(name) or name not in base:
+                continue
+            largest = float(np.finfo(value.dtype).max)
+            peak = peak_of(value)
+            if peak is None:
+                result.variable, result.problem = name, describe_non_finite(value)
+                return result
+            if name not in self._base_peaks:
+                # The global model is finite (checked when the server starts and at each
+                # round); measured by the first upload that needs it (a race measures twice).
+                self._base_peaks[name] = peak_of(base[name]) or 0.0
+            bound = peak + self._base_peaks[name]
+            if bound >= PEAK_OFFENDER * largest:
+                exact = _sum_peak(base[name], value)
+                if exact is None:
+                    result.variable = name
+                    result.problem = describe_non_finite(value, base[name])
+                    return result
+                bound = exact
+            result.peaks[name] = bound / largest
+        return result
+
     def add(self, site: str, delta: Mapping[str, np.ndarray], weight: float) -> None:
-        """Adds ``weight · Δ``; the arrays of ``delta`` may be reused as accumulator storage."""
+        """Folds in ``Δ`` with ``weight``; the arrays of ``delta`` may become the mean's storage.
+
+        Call :meth:`screen` first: a NaN folded in cannot be taken out again.
+        """
         for name, value in delta.items():
             # bool variables (masks, flags) have no average: they keep the server's value.
             if self.excluded(name) or weight <= 0 or value.dtype.kind == "b":
                 continue
             value = self._signed(value)
             dtype = _acc_dtype(value.dtype)
-            # Scale in place, in the received buffer where it already has the right dtype: the
-            # first contribution's buffers become the accumulator, so no new memory is taken.
-            # (In-place ops also keep 0-d arrays as arrays; `a * w` would give a scalar.)
             if not (value.dtype == dtype and value.flags.writeable):
                 value = value.astype(dtype)
-            value *= dtype.type(weight)
-            if name in self._sums:
-                self._sums[name] += value
+            before = self._weights.get(name, 0.0)
+            total = before + weight
+            mean = self._means.get(name)
+            if mean is None:
+                # The first contribution's buffer becomes the mean as it is (its fraction is
+                # 1): no new memory is taken, and nothing is multiplied.
+                self._means[name] = value
             else:
-                self._sums[name] = value
-                self._weights[name] = 0.0
-            self._weights[name] += weight
+                # In place, in the received buffer where it already has the right dtype (and
+                # in-place ops keep 0-d arrays as arrays; `a * w` would give a scalar).
+                mean *= dtype.type(before / total)
+                value *= dtype.type(weight / total)
+                mean += value
+            self._weights[name] = total
         self.contributors.append(site)
 
     def holds(self, array: np.ndarray) -> bool:
         """Whether ``array`` became accumulator storage (so it must not be recycled)."""
-        return any(a is array for a in self._sums.values())
+        return any(a is array for a in self._means.values())
+
+    def storage(self) -> list[np.ndarray]:
+        """The arrays holding the mean (to recycle them when the round is discarded)."""
+        return list(self._means.values())
 
     def apply(self, global_model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The new global model; variables nobody contributed keep their value.
@@ -76,13 +247,12 @@ class FedAvgAccumulator:
         """
         new: dict[str, np.ndarray] = {}
         for name, current in global_model.items():
-            acc = self._sums.pop(name, None)
-            total = self._weights.get(name, 0.0)
-            if acc is None or total <= 0:
+            acc = self._means.pop(name, None)
+            if acc is None or self._weights.get(name, 0.0) <= 0:
                 new[name] = current
                 continue
-            acc /= acc.dtype.type(total)
-            acc += current
+            with np.errstate(over="ignore", invalid="ignore"):  # the caller screens the result
+                acc += current
             if acc.dtype != current.dtype:
                 if current.dtype.kind in "iu":
                     info = np.iinfo(current.dtype)
@@ -90,5 +260,5 @@ class FedAvgAccumulator:
                 acc = acc.astype(current.dtype)
             # reshape only when needed: a view would keep the buffer from being recycled
             new[name] = acc if acc.shape == current.shape else acc.reshape(current.shape)
-        self._sums.clear()
+        self._means.clear()
         return new

@@ -21,7 +21,15 @@ from google.protobuf.struct_pb2 import Struct
 
 from engine import serde
 from engine.config import ConfigError, ServerConfig
-from engine.events import EventBus, ServerResumed, ServerRoundAggregated, SiteJoined, SiteLeft
+from engine.events import (
+    ContributionRefused,
+    EventBus,
+    ServerResumed,
+    ServerRoundAggregated,
+    ServerRoundRetaken,
+    SiteJoined,
+    SiteLeft,
+)
 from engine.fileio import (
     load_npz,
     read_npz_meta,
@@ -32,7 +40,11 @@ from engine.fileio import (
 from engine.rpc import TOKEN_HEADER, federated_generic_handler
 from engine.server.admin import AdminQueues
 from engine.server.admin_console import AdminConsoleService
-from engine.server.aggregator import FedAvgAccumulator
+from engine.server.aggregator import (
+    PEAK_OFFENDER,
+    FedAvgAccumulator,
+    non_finite_variables,
+)
 from engine.server.buffers import BufferPool
 from engine.tls import (
     NAME_MISMATCH,
@@ -83,6 +95,14 @@ class _Round:
     expected: set[str] = field(default_factory=set)  # sites that fetched this round's model
     min_reached_at: float | None = None
     closing: bool = False  # aggregated, being saved: no more contributions
+    # Sites whose contribution was refused (site -> why): the round does not wait for them.
+    refused: dict[str, str] = field(default_factory=dict)
+    # Contributions left out of a round taken again (id -> why): a resend of one is refused.
+    refused_ids: dict[str, str] = field(default_factory=dict)
+    # site -> variable -> the peak of its model (global + Δ) as a fraction of the dtype's range:
+    # what tells which contributions made an average overflow.
+    peaks: dict[str, dict[str, float]] = field(default_factory=dict)
+    retakes: int = 0  # times this round was taken again
     # Set when the next round's model is there (or the server stops): the sites that have
     # contributed wait on this, so a contribution wakes nobody and a round close wakes each
     # waiting site once (a shared condition woke all N waiters per contribution: N² a round).
@@ -139,6 +159,10 @@ class FederatedServer:
         self.global_model: dict[str, np.ndarray] = {
             k: np.array(v, order="C") for k, v in initial_model.items()
         }
+        bad = non_finite_variables(self.global_model)
+        if bad:
+            # Every site's model would be NaN from the first pull, and every contribution refused.
+            raise ValueError(f"the initial model holds NaN or Inf in {', '.join(bad)}")
         self.current_round = config.start_round
         self.finished = False
         self.sites: dict[str, _Site] = {}
@@ -544,6 +568,14 @@ class FederatedServer:
             model, model_round = None, self.config.start_round  # the initial model's round
         else:
             self._check_same_shapes(model, model_path)
+            bad = non_finite_variables(model)
+            if bad:
+                raise ConfigError(
+                    model_path,
+                    "",
+                    f"the saved global model holds NaN or Inf in {', '.join(bad)} (saved by a "
+                    "server that did not check); move it away, or put a good model there",
+                )
         if model_round > saved_round:
             raise ConfigError(
                 model_path,
@@ -717,10 +749,7 @@ class FederatedServer:
         cid = header.contribution_id
         if not cid:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "contribution without contribution_id")
-        if header.n_iter < 1:
-            raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"n_iter must be >= 1, got {header.n_iter}"
-            )
+        base: dict[str, np.ndarray] = {}
         with self._cond:
             # A retry of an upload that was counted gets "ignored", even after the last round.
             if cid in self._seen_ids:
@@ -751,8 +780,18 @@ class FederatedServer:
                 raise _Abort(
                     grpc.StatusCode.ABORTED, f"an upload from {site.name} is being received"
                 )
-            rnd_state.receiving[cid] = site.name
-            expected = self._expected()
+            # The weight is the site's own claim: bounded before a byte of payload is read.
+            problem = rnd_state.refused_ids.get(cid) or self._n_iter_problem(header.n_iter)
+            if problem is None:
+                rnd_state.receiving[cid] = site.name
+                expected = self._expected()
+                # Screened against the model the Δ was computed from; held, so that a round
+                # closing meanwhile cannot recycle its buffers under the screen.
+                base = self.global_model
+                self._hold(base)
+        if problem is not None:
+            raise self._refuse(rnd_state, site.name, problem)
+        refusal: str | None = None
         try:
             # At most a few uploads are received at once: each holds a model-sized buffer.
             with self._receive_slots:
@@ -765,28 +804,26 @@ class FederatedServer:
                 except BaseException:
                     self._pool.give(assembler.buffers())  # nobody else has seen them
                     raise
-            weight = float(header.n_iter) * self.config.aggregation_weights.get(site.name, 1.0)
-            # Checking the round and folding in one critical section: a round cannot close
-            # between the two, and a site cannot be counted twice.
-            with self._cond, self._fold_lock:
-                if rnd_state is not self._round or rnd_state.closing or self.finished:
-                    raise _Abort(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"Contrib: round {rnd} closed while the contribution was received",
-                    )
-                rnd_state.accumulator.add(site.name, delta, weight)
-                # What was added (not taken over as the running sum) is free for the next upload.
-                self._pool.give(a for a in delta.values() if not rnd_state.accumulator.holds(a))
-                rnd_state.contributions[site.name] = cid
-                self._seen_ids.add(cid)
-                if (
-                    rnd_state.min_reached_at is None
-                    and len(rnd_state.contributions) >= self.config.min_num_clients
-                ):
-                    rnd_state.min_reached_at = time.monotonic()
+                try:
+                    # Before the fold, outside the lock (uploads are screened side by side):
+                    # a NaN folded into the mean could not be taken out again.
+                    screening = rnd_state.accumulator.screen(delta, base)
+                finally:
+                    self._release(base)
+                    base = {}
+            if screening.variable is not None:
+                self._pool.give(delta.values())
+                refusal = f"variable {screening.variable!r} holds {screening.problem}"
+            else:
+                self._fold(rnd_state, site.name, cid, delta, header.n_iter, screening.peaks)
         finally:
+            if base:
+                self._release(base)  # the upload failed before its screen
             with self._cond:
                 rnd_state.receiving.pop(cid, None)
+        if refusal is not None:
+            # (After the upload left `receiving`: the round may close without this site now.)
+            raise self._refuse(rnd_state, site.name, refusal)
         log.info(
             "round %d: contribution %s from %s (n_iter=%d, %.1f MB)",
             rnd + 1,
@@ -801,9 +838,80 @@ class FederatedServer:
             # as when this upload closes the round itself (the reply's meta is then the new
             # round's, whichever thread closed it).
             rnd_state.advanced.wait(CLOSE_WAIT_S)
+        with self._cond:
+            retaken = rnd_state is not self._round and self._round.number == rnd
+        if retaken:
+            # The site sends it again when it finds the same round's model (same id, counted).
+            return pb.FederatedSummary(
+                comment=f"Received contribution for round {rnd}, but the round is taken again "
+                "(its average was not finite): send it again",
+                meta=self._meta(),
+            )
         return pb.FederatedSummary(
             comment=f"Received contribution for round {rnd}", meta=self._meta()
         )
+
+    def _fold(
+        self,
+        rnd_state: _Round,
+        site: str,
+        cid: str,
+        delta: dict[str, np.ndarray],
+        n_iter: int,
+        peaks: dict[str, float],
+    ) -> None:
+        """Folds a screened contribution into its round (refused if the round closed meanwhile)."""
+        by_n_iter = n_iter if self.config.weigh_by_local_iter else 1
+        weight = float(by_n_iter) * self.config.aggregation_weights.get(site, 1.0)
+        # Checking the round and folding in one critical section: a round cannot close
+        # between the two, and a site cannot be counted twice.
+        with self._cond, self._fold_lock:
+            if rnd_state is not self._round or rnd_state.closing or self.finished:
+                self._pool.give(delta.values())
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"Contrib: round {rnd_state.number} closed while the contribution was received",
+                )
+            rnd_state.accumulator.add(site, delta, weight)
+            # What was added (not taken over as the running mean) is free for the next upload.
+            self._pool.give(a for a in delta.values() if not rnd_state.accumulator.holds(a))
+            rnd_state.contributions[site] = cid
+            rnd_state.peaks[site] = peaks
+            rnd_state.refused.pop(site, None)  # a good one after a refused one counts
+            self._seen_ids.add(cid)
+            if (
+                rnd_state.min_reached_at is None
+                and len(rnd_state.contributions) >= self.config.min_num_clients
+            ):
+                rnd_state.min_reached_at = time.monotonic()
+
+    def _n_iter_problem(self, n_iter: int) -> str | None:
+        """Why a contribution's ``n_iter`` (its weight, the site's own claim) is refused."""
+        if n_iter < 1:
+            return f"n_iter must be >= 1, got {n_iter}"
+        if n_iter > self.config.max_n_iter:
+            return (
+                f"n_iter {n_iter} is above max_n_iter {self.config.max_n_iter} "
+                f"({self.config.max_n_iter_source})"
+            )
+        return None
+
+    def _refuse(self, rnd: _Round, site: str, problem: str) -> _Abort:
+        """Records a refused contribution (log, event, the round's list); returns the abort.
+
+        The round no longer waits for the site (its contribution will not come), and closes now
+        if that was all it waited for. The site may still send a good contribution to it.
+        """
+        reason = f"the contribution of {site} to round {rnd.number + 1}: {problem}"
+        with self._cond:
+            if rnd is self._round and site not in rnd.contributions:
+                rnd.refused[site] = problem
+        log.warning("refused %s", reason)
+        self.bus.publish(
+            ContributionRefused(site="server", site_name=site, round=rnd.number + 1, reason=problem)
+        )
+        self._maybe_close_round()
+        return _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {reason}")
 
     # ------------------------------------------------------------------ rounds
 
@@ -812,7 +920,11 @@ class FederatedServer:
             rnd = self._round
             if self.finished or rnd.closing or len(rnd.contributions) < self.config.min_num_clients:
                 return
-            waiting = [s for s in (*self.sites, *self._returning) if s not in rnd.contributions]
+            waiting = [
+                s
+                for s in (*self.sites, *self._returning)
+                if s not in rnd.contributions and s not in rnd.refused
+            ]
             timed_out = (
                 rnd.min_reached_at is not None
                 and time.monotonic() - rnd.min_reached_at >= self.config.wait_after_min_clients
@@ -825,17 +937,34 @@ class FederatedServer:
             t0 = time.perf_counter()
             with self._fold_lock:
                 new_model = rnd.accumulator.apply(self.global_model)
-            contributors = sorted(rnd.contributions)
-            missing = sorted((set(waiting) | rnd.expected) - set(contributors))
-            entry = {
-                "round": rnd.number + 1,
-                "contributors": contributors,
-                "missing": missing,
-                "contributions": dict(sorted(rnd.contributions.items())),
-            }
-            next_round = rnd.number + 1
-            history = [*self.history, entry]
-            seconds = time.perf_counter() - t0
+            # Every contribution was screened and the mean cannot overflow, yet rounding at the
+            # edge of a dtype's range can still give Inf: no model is saved or sent unseen.
+            bad = non_finite_variables(new_model)
+            retake = self._retake(rnd, new_model, bad) if bad else None
+            if retake is None or not retake.excluded:
+                contributors = sorted(rnd.contributions)
+                missing = sorted((set(waiting) | rnd.expected) - set(contributors))
+                entry: dict[str, Any] = {
+                    "round": rnd.number + 1,
+                    "contributors": contributors,
+                    "missing": missing,
+                    "contributions": dict(sorted(rnd.contributions.items())),
+                }
+                if rnd.refused:
+                    entry["refused"] = dict(sorted(rnd.refused.items()))
+                if bad:
+                    entry["not_finite"] = bad  # these variables kept their previous values
+                next_round = rnd.number + 1
+                history = [*self.history, entry]
+                seconds = time.perf_counter() - t0
+        if retake is not None:
+            log.error("%s", retake.summary())
+            self.bus.publish(retake)
+            if retake.excluded:
+                # The sites waiting on this round wake, find it open again with the model they
+                # trained from, and send their kept contributions again (same ids).
+                rnd.advanced.set()
+                return
         # Durable before visible: no site can fetch the new model before it and the history
         # are on disk, so a restarted server never hands out a round it cannot resume from,
         # and the sites still hold every contribution it may have to receive again.
@@ -864,6 +993,62 @@ class FederatedServer:
             log.warning("round %d closed without %s", rnd.number + 1, ", ".join(missing))
         if self.finished:
             log.info("all %d rounds done; global model saved", self.config.num_rounds)
+
+    def _retake(
+        self, rnd: _Round, new_model: dict[str, np.ndarray], bad: list[str]
+    ) -> ServerRoundRetaken:
+        """Deals with an average that is not finite (call with ``_cond`` held).
+
+        The contributions whose models reach the edge of their dtype's range in a variable that
+        overflowed caused it: the round is opened again without them. The others are forgotten
+        as received, so the sites send them again (a site keeps its contribution until its
+        round is aggregated, and sends it again when it gets the same round's model back).
+        When none stands out, those variables keep the previous round's values instead, and
+        the round closes (``new_model`` is changed in place).
+        """
+        offenders = sorted(
+            site
+            for site, peaks in rnd.peaks.items()
+            if any(peaks.get(v, 0.0) >= PEAK_OFFENDER for v in bad)
+        )
+        keep = {id(a) for a in self.global_model.values()}
+        if not offenders:
+            for name in bad:
+                if id(new_model[name]) not in keep:
+                    self._pool.give([new_model[name]])
+                new_model[name] = self.global_model[name]
+            return ServerRoundRetaken(
+                site="server",
+                round=rnd.number + 1,
+                variables=bad,
+                excluded=[],
+                detail="no contribution stood out; these variables keep the previous round's "
+                "values",
+            )
+        # Nobody has seen this average: its arrays go back to the pool.
+        self._pool.give(a for a in new_model.values() if id(a) not in keep)
+        reason = (
+            f"its model reaches the edge of the dtype's range in {', '.join(bad)}, and the "
+            "round's average of it came out NaN or Inf; the round is taken again without it"
+        )
+        fresh = self._new_round()
+        fresh.expected = set(rnd.expected)
+        fresh.refused = {**rnd.refused, **dict.fromkeys(offenders, reason)}
+        fresh.refused_ids = {
+            **rnd.refused_ids,
+            **{rnd.contributions[s]: reason for s in offenders},
+        }
+        fresh.retakes = rnd.retakes + 1
+        self._seen_ids.difference_update(rnd.contributions.values())
+        self._round = fresh
+        self._cond.notify_all()
+        return ServerRoundRetaken(
+            site="server",
+            round=rnd.number + 1,
+            variables=bad,
+            excluded=offenders,
+            detail=f"the others send theirs again; retake {fresh.retakes}",
+        )
 
     def _persist(
         self, model: Mapping[str, np.ndarray], current_round: int, history: list[dict[str, Any]]
