@@ -480,6 +480,21 @@ class ServerEndpoint:
 # Options that decide which server certificate is accepted: the startup kit's alone, never a
 # deployed MMAR's (which comes from the federation's admin, not from the site).
 _KIT_ONLY_OPTIONS = ("grpc.ssl_target_name_override", "grpc.default_authority")
+# The channel options a deployed MMAR may set: sizes, keepalive and reconnect pacing. Anything
+# else (grpc.http_proxy, grpc.service_config, ...) could route or reshape the site's traffic,
+# and only the site's own startup kit may choose it.
+_MMAR_OPTIONS = (
+    "grpc.max_send_message_length",
+    "grpc.max_receive_message_length",
+    "grpc.keepalive_time_ms",
+    "grpc.keepalive_timeout_ms",
+    "grpc.keepalive_permit_without_calls",
+    "grpc.http2.max_pings_without_data",
+    "grpc.http2.min_time_between_pings_ms",
+    "grpc.initial_reconnect_backoff_ms",
+    "grpc.min_reconnect_backoff_ms",
+    "grpc.max_reconnect_backoff_ms",
+)
 
 
 def _servers(reader: _Reader, need_target: bool, mmar: bool = False) -> list[ServerEndpoint]:
@@ -516,6 +531,12 @@ def _servers(reader: _Reader, need_target: bool, mmar: bool = False) -> list[Ser
                     f"options[{j}]",
                     f"{name} changes which server certificate is accepted; only the site's "
                     "startup kit (startup/fed_client.json) may set it, not a deployed MMAR",
+                )
+            elif mmar and name not in _MMAR_OPTIONS:
+                service.report(
+                    f"options[{j}]",
+                    f"{name} may be set by the site's startup kit (startup/fed_client.json) "
+                    f"only, not by a deployed MMAR; an MMAR may set {', '.join(_MMAR_OPTIONS)}",
                 )
             elif isinstance(value, bool) or not isinstance(value, (int, str)):
                 # gRPC takes integers and strings only; 1e9 written as a float is refused there.
@@ -906,7 +927,19 @@ def _parse_environment(mmar_root: Path, sink: list[ConfigError]) -> MMAREnvironm
             variables[name] = str(root / value)  # an absolute value stays as it is
     for name in _WRITTEN_PATH_VARIABLES:
         value = variables.get(name)
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str):
+            continue
+        raw = given.get(name, _PATH_DEFAULTS[name])
+        if isinstance(raw, str) and not raw.strip():
+            # "" would be the worker's working folder, wherever the service was started
+            sink.append(
+                ConfigError(
+                    path,
+                    name,
+                    f"is empty; give a folder inside the MMAR (default {_PATH_DEFAULTS[name]!r})",
+                )
+            )
+            variables[name] = str(root / _PATH_DEFAULTS[name])  # never used: the MMAR is refused
             continue
         # The worker creates and writes these folders: an MMAR shipped by the federation must
         # not make it write anywhere the service user can (an absolute path, "../..", a link).

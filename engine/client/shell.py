@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import selectors
@@ -303,32 +302,21 @@ def _inside(workspace: str, cmd: str, path: str, spec: _Spec) -> None:
                 f"{cmd}: {path!r} resolves to {rel!r}, which is not one of the readable kinds "
                 f"({' '.join(READABLE_EXTENSIONS)})"
             )
-    if spec.readable and _same_as_a_secret(workspace, real):
+    if spec.readable and _hard_linked(real):
         raise ShellCommandError(
-            f"{cmd}: {path!r} is the same file as one that may hold a secret (a hard link); "
-            "it is not readable remotely"
+            f"{cmd}: {path!r} has other names (hard links) than the one asked for, and one of "
+            "them may be a secret (a token or a key); it is not readable remotely"
         )
 
 
-def _same_as_a_secret(workspace: str, real: str) -> bool:
+def _hard_linked(real: str) -> bool:
+    """Whether a file has more than one name: its other names cannot be found cheaply (a key
+    anywhere under the workspace, session_token.json, a kit's key elsewhere), so such a file is
+    not read at all. Logs, configs and metrics are written with one name."""
     try:
-        st = os.stat(real)
+        return os.stat(real).st_nlink > 1
     except OSError:
         return False  # the tool says the file is missing
-    if st.st_nlink < 2:
-        return False  # no other name: it is what its (checked) name says
-    candidates = [os.path.join(workspace, TOKEN_FILE)]
-    startup = os.path.join(workspace, "startup")
-    with contextlib.suppress(OSError):
-        candidates += [os.path.join(startup, n) for n in os.listdir(startup)]
-    for other in candidates:
-        try:
-            ost = os.stat(other)
-        except OSError:
-            continue
-        if (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino) and _secret_file(other):
-            return True
-    return False
 
 
 def _run(exe: str, argv: list[str], cwd: str, timeout: float, max_output: int) -> str:

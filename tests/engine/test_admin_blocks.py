@@ -356,21 +356,27 @@ def test_a_link_to_a_secret_is_the_secret(workspace: Path) -> None:
     (workspace / "tok.txt").symlink_to("client_token.txt")
     (workspace / "k.txt").symlink_to("startup/client.key")
     (workspace / "s").symlink_to("startup")
+    (workspace / "logs").mkdir(exist_ok=True)
     for command in ("cat tok.txt", "head -n 1 k.txt", "grep T0KEN tok.txt", "tail tok.txt"):
         with pytest.raises(ShellCommandError, match="may hold a secret"):
             run_shell_command(command, workspace)
     with pytest.raises(ShellCommandError, match="may hold a secret"):
         run_shell_command("cat s/client.key", workspace)
-    os.link(workspace / "client_token.txt", workspace / "hard.txt")
-    with pytest.raises(ShellCommandError, match="hard link"):
-        run_shell_command("cat hard.txt", workspace)
+    # a hard link: to the token, to the service's session file, to a key in a subfolder
+    (workspace / "session_token.json").write_text('{"token": "SESSION-SECRET"}')
+    (workspace / "startup" / "old").mkdir()
+    (workspace / "startup" / "old" / "client.key").write_text("-----BEGIN PRIVATE KEY-----\n")
+    secrets = ("client_token.txt", "session_token.json", "startup/old/client.key")
+    for i, secret in enumerate(secrets):
+        os.link(workspace / secret, workspace / "logs" / f"hard{i}.log")
+        with pytest.raises(ShellCommandError, match="hard link"):
+            run_shell_command(f"cat logs/hard{i}.log", workspace)
     # a link to a file of a kind the readers may not read is refused by what it reaches
     (workspace / "startup" / "rootCA.pem").write_text("cert")
     (workspace / "ca.txt").symlink_to("startup/rootCA.pem")
     with pytest.raises(ShellCommandError, match="not one of the readable kinds"):
         run_shell_command("cat ca.txt", workspace)
     # an honest link still reads
-    (workspace / "logs").mkdir(exist_ok=True)
     (workspace / "logs" / "fltui.log").write_text("hello\n")
     (workspace / "latest.log").symlink_to("logs/fltui.log")
     assert run_shell_command("cat latest.log", workspace) == "hello\n"

@@ -211,6 +211,42 @@ def test_paths_the_site_writes_stay_inside_the_mmar(
     assert key in "\n".join(str(p) for p in check_path(mmar).problems)
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_written_path_is_refused_not_the_working_folder(
+    tmp_path: Path, value: str
+) -> None:
+    """An empty MMAR_CKPT_DIR was Path(""): the worker wrote best_model.pt wherever the service
+    had been started."""
+    folder = _mmar(tmp_path)
+    _edit(folder, "environment.json", lambda env: env.update({"MMAR_EVAL_OUTPUT_PATH": value}))
+    with pytest.raises(DeployError, match="MMAR_EVAL_OUTPUT_PATH: is empty"):
+        deploy_mmar(make_mmar_zip(folder), tmp_path / "ws", 1, "s", max_bytes=MB, allow_byoc=False)
+    assert not (tmp_path / "ws").exists()
+
+
+def test_an_mmar_cannot_route_the_sites_traffic(tmp_path: Path) -> None:
+    """Only sizes, keepalive and reconnect pacing may come from a deployed MMAR's options."""
+    from engine.config import ConfigError, load_mmar_client_config
+
+    folder = _mmar(tmp_path)
+    options = [
+        ["grpc.max_receive_message_length", 2000000000],
+        ["grpc.keepalive_time_ms", 30000],
+        ["grpc.http_proxy", "http://attacker.example:3128"],
+        ["grpc.service_config", "{}"],
+    ]
+    _edit(
+        folder,
+        "config_fed_client.json",
+        lambda c: c["servers"][0]["service"].update(options=options),
+    )
+    with pytest.raises(ConfigError) as err:
+        load_mmar_client_config(folder)
+    text = str(err.value)
+    assert "servers[0].service.options[2]" in text and "grpc.http_proxy" in text, text
+    assert "servers[0].service.options[3]" in text and "options[1]" not in text, text
+
+
 def test_a_link_inside_the_mmar_cannot_carry_its_writes_out(tmp_path: Path) -> None:
     from engine.config import ConfigError, load_environment
 
