@@ -19,6 +19,8 @@ from engine.events import (
 )
 from fltui import runbook
 from fltui.runbook import FixedClock, RunbookBridge, StandIns, SteppedGpu
+from fltui.runbook.cli import _only
+from fltui.runbook.standins import MB_PER_S, RTT_MS
 from tests.ui import replay
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "runbook"
@@ -46,9 +48,9 @@ def test_stand_ins_replace_what_differs_between_runs(tmp_path: Path) -> None:
         RunChanged(running=True, run_number=1, mmar="m", executor="p", pid=9), 5
     )
     assert (event.ts, event.pid) == (5, 1102)  # the second worker seen
-    assert stand_ins.event(HeartbeatAcknowledged(rtt_ms=3.7), 1).rtt_ms == runbook.RTT_MS
+    assert stand_ins.event(HeartbeatAcknowledged(rtt_ms=3.7), 1).rtt_ms == RTT_MS
     moved = stand_ins.event(ModelTransferred(direction="up", round=1, nbytes=52520, seconds=0.2), 1)
-    assert moved.mb_per_s == pytest.approx(runbook.MB_PER_S)
+    assert moved.mb_per_s == pytest.approx(MB_PER_S)
     one = ModelTransferred(direction="download", round=1, nbytes=52520, seconds=0.0)
     assert stand_ins.event(one, 1).rate == "in one message"  # not measured: no made-up speed
     gpu = GpuSampled(available=True, gpus=[{"index": 0, "processes": [{"pid": 4321}]}])
@@ -149,6 +151,6 @@ def test_the_index_links_every_scenario_page() -> None:
 
 
 def test_only_takes_numbers_or_names() -> None:
-    assert runbook._only("1,lost-server") == [1, 6]
+    assert _only("1,lost-server") == [1, 6]
     with pytest.raises(Exception, match="no scenario"):
-        runbook._only("9")
+        _only("9")
