@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -17,12 +19,17 @@ from engine.site import SiteService
 from tests.conftest import Recorder
 
 
+def _start_service(workspace: Path) -> SiteService:
+    prepare_workspace(workspace, num_sites=1, num_rounds=1)
+    bus = EventBus()
+    svc = SiteService(workspace / "site-1", bus, executor="thread")
+    svc.recorder = Recorder(bus)  # type: ignore[attr-defined]
+    return svc
+
+
 @pytest.fixture
 def service(tmp_path: Path):
-    prepare_workspace(tmp_path, num_sites=1, num_rounds=1)
-    bus = EventBus()
-    svc = SiteService(tmp_path / "site-1", bus, executor="thread")
-    svc.recorder = Recorder(bus)  # type: ignore[attr-defined]
+    svc = _start_service(tmp_path)
     yield svc
     svc.interface.close()
 
@@ -31,15 +38,16 @@ def _request(topic: str, body: str | bytes = "", **headers: str) -> Message:
     return Message(topic, body, {MsgHeader.USER_NAME: "admin@test", **headers})
 
 
-def _zip(entries: dict[str, bytes], links: tuple[str, ...] = ()) -> bytes:
+def _zip(entries: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
+    """A zip of ``entries``, and of symbolic links (``links``: entry name -> link target)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for name, data in entries.items():
             zf.writestr(name, data)
-        for name in links:
+        for name, target in (links or {}).items():
             info = zipfile.ZipInfo(name)
             info.external_attr = 0o120777 << 16
-            zf.writestr(info, "/etc/passwd")
+            zf.writestr(info, target)
     return buf.getvalue()
 
 
@@ -54,24 +62,63 @@ def _refused(svc: SiteService, req: Message, words: str) -> str:
     return str(reply.body)
 
 
-@pytest.mark.parametrize(
-    ("data", "words"),
-    [
-        (_zip({**GOOD, "../evil.py": b"x"}), ".."),
-        (_zip({**GOOD, "/abs/evil.py": b"x"}), "absolute"),
-        (_zip(GOOD, links=("config/link",)), "link"),
-        (_zip({**GOOD, "big.bin": b"\0" * (3 << 20)}), "limit"),
-    ],
-    ids=["dotdot", "absolute", "symlink", "bomb"],
-)
-def test_bad_deploys_are_refused_and_nothing_is_written(service, data: bytes, words: str) -> None:
+def _bad_zip(kind: str, outside: Path) -> tuple[bytes, list[str], str]:
+    """A hostile MMAR zip whose entries name places under ``outside``; its entry names (for
+    links, also the link's target), and the words of the refusal."""
+    if kind == "dotdot":
+        # From the MMAR folder (and the temporary folder beside it) up to the scenario root is 4
+        # levels: every depth from 1 to 4 (deeper ones, extracted from a folder nearer the root,
+        # still land in the test's own folder, which is compared too).
+        names = [f"{'../' * k}{outside.name}/evil-{k}.py" for k in range(1, 5)]
+        return _zip({**GOOD, **dict.fromkeys(names, b"x")}), names, ".."
+    if kind == "absolute":
+        name = str(outside / "abs-evil.py")
+        return _zip({**GOOD, name: b"x"}), [name], "absolute"
+    if kind == "symlink":
+        target = str(outside / "linked")
+        return _zip(GOOD, links={"config/link": target}), ["config/link", target], "link"
+    assert kind == "bomb"
+    return _zip({**GOOD, "big.bin": b"\0" * (3 << 20)}), ["big.bin"], "limit"
+
+
+def _tree(root: Path) -> set[Path]:
+    return {p.relative_to(root) for p in root.rglob("*") if "logs" not in p.parts}
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "bomb"])
+def test_bad_deploys_are_refused_and_nothing_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Nothing anywhere: the whole scenario lives under ``tmp_path`` (the federation's
+    workspace in ``root/fed/``, the places the entries aim at in ``root/outside-*/``, and the
+    system's temporary folder), all of which is compared before and after; and each path an
+    entry names is looked up where it would land if the site had extracted it as named."""
     from dataclasses import replace
 
-    service.interface.policy = replace(service.policy, max_deploy_bytes=2 << 20)
-    before = sorted(p.relative_to(service.paths.root) for p in service.paths.root.rglob("*"))
-    _refused(service, _request(Topic.DEPLOY, data, run_number="7"), words)
-    after = sorted(p.relative_to(service.paths.root) for p in service.paths.root.rglob("*"))
-    assert [p for p in after if p not in before and "logs" not in p.parts] == []
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    root = tmp_path / "root"
+    outside = root / f"outside-{kind}"
+    outside.mkdir(parents=True)
+    service = _start_service(root / "fed")
+    try:
+        service.interface.policy = replace(service.policy, max_deploy_bytes=2 << 20)
+        data, names, words = _bad_zip(kind, outside)
+        before = _tree(tmp_path)
+        _refused(service, _request(Topic.DEPLOY, data, run_number="7"), words)
+        assert _tree(tmp_path) == before
+        dest = service.paths.mmar(7, "site-1")
+        assert not dest.parent.exists()  # not even the run folder
+        for name in names:
+            for base in (dest, service.paths.root, root / "fed", root, Path("/")):
+                landed = Path(os.path.normpath(base / name.lstrip("/")))
+                assert not landed.exists() and not landed.is_symlink(), landed
+        assert list(outside.iterdir()) == []
+        assert not [p for p in tmp_path.rglob("*") if p.is_symlink()]
+    finally:
+        service.interface.close()
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -245,22 +248,76 @@ def test_a_real_other_user_is_refused_by_the_file_mode_and_by_its_credentials(
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_one_lock_per_workspace_released_by_the_kernel(tmp_path: Path) -> None:
-    first = WorkspaceLock(tmp_path)
-    info = first.acquire("site-1", "service")
-    assert find_service(tmp_path) is None  # not reachable until it publishes (socket up)
-    first.publish()
-    assert find_service(tmp_path) == info
-    with pytest.raises(WorkspaceBusy, match=rf"already run by the fltui service pid {os.getpid()}"):
-        WorkspaceLock(tmp_path).acquire("site-1", "service")
-    first.release()
-    assert find_service(tmp_path) is None
-    # a stale service.json (a killed service) is not taken for a running service
-    (tmp_path / ".fltui" / "service.json").write_text(json.dumps({"pid": 1}))
-    assert find_service(tmp_path) is None
-    again = WorkspaceLock(tmp_path)
-    again.acquire("site-1", "service")
-    again.release()
+# A real holder: takes the lock, says so, describes itself when told to, then waits to be killed.
+_HOLDER = """
+import sys
+from engine.service import WorkspaceLock
+
+lock = WorkspaceLock(sys.argv[1])
+lock.acquire("site-1", "service")
+print("acquired", flush=True)
+sys.stdin.readline()
+lock.publish()
+print("published", flush=True)
+sys.stdin.readline()  # held until killed; it never releases the lock itself
+"""
+
+
+def test_one_lock_per_workspace_and_a_killed_holder_s_lock_is_freed_by_the_kernel(
+    tmp_path: Path,
+) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == "acquired\n"
+        # Held, not described yet (a service starting): refused, naming the pid in the lock.
+        assert find_service(tmp_path) is None  # not reachable until it publishes (socket up)
+        with pytest.raises(WorkspaceBusy) as info:
+            WorkspaceLock(tmp_path).acquire("site-1", "service")
+        assert f"is already run by the fltui service pid {holder.pid} (starting)" in str(info.value)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == "published\n"
+        running = find_service(tmp_path)
+        assert running is not None and running.pid == holder.pid
+        # Held and described: refused with who holds it and what to do instead.
+        with pytest.raises(WorkspaceBusy) as info:
+            WorkspaceLock(tmp_path).acquire("site-1", "service")
+        assert info.value.info == running
+        message = str(info.value)
+        assert message.startswith(
+            f"{tmp_path.resolve()} is already run by the fltui service pid {holder.pid} "
+            "(service site-1, running since "
+        ), message
+        assert f"`fltui --workspace {tmp_path.resolve()}`" in message
+        assert f"`fltui ctl --workspace {tmp_path.resolve()} shutdown`" in message
+        # SIGKILL: no release, no cleanup; its service.json and pid stay behind.
+        holder.kill()
+        assert holder.wait(10) == -signal.SIGKILL
+        assert (tmp_path / ".fltui" / "service.json").exists()
+        assert find_service(tmp_path) is None  # what it left is not taken for a service
+        nxt = WorkspaceLock(tmp_path)
+        taken = nxt.acquire("site-1", "service")  # at once: the kernel dropped the lock
+        try:
+            assert taken.pid == os.getpid()
+            assert not (tmp_path / ".fltui" / "service.json").exists()  # the dead one's, gone
+            nxt.publish()
+            assert find_service(tmp_path) == taken
+        finally:
+            nxt.release()
+        assert find_service(tmp_path) is None
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(10)
+        holder.stdin.close()
+        holder.stdout.close()
 
 
 def test_replies_queued_before_a_close_still_arrive(tmp_path: Path) -> None:

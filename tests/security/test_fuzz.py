@@ -9,6 +9,7 @@ error; no other exception, no hang, and nothing half-written.
 from __future__ import annotations
 
 import json
+import re
 import string
 from pathlib import Path
 from typing import Any
@@ -285,8 +286,15 @@ _JSON = st.recursive(
     max_leaves=12,
 )
 
+# Each of these loads as it is (test_the_valid_configs_load): a refusal of an edited one is
+# then the edit's, so the key it names can be checked against the edit.
 _VALID_KIT = {
-    "servers": [{"name": "t", "service": {"target": "h:1", "options": [["a", 1]]}}],
+    "servers": [
+        {
+            "name": "t",
+            "service": {"target": "h:1", "options": [["grpc.max_receive_message_length", 1024]]},
+        }
+    ],
     "client": {
         "client_name": "site-1",
         "retry_timeout": 30,
@@ -315,7 +323,7 @@ _VALID_SERVER = {
             "ssl_cert": "s.crt",
         }
     ],
-    "aggregator": {"args": {"aggregation_weights": {"a": 1}}},
+    "aggregator": {"name": "ModelAggregator", "args": {"aggregation_weights": {"a": 1}}},
 }
 _VALID_PROJECT = {
     "name": "p",
@@ -348,25 +356,81 @@ def _loaders(root: Path) -> list[tuple[Any, Path, dict[str, Any]]]:
     ]
 
 
+def _key_parts(key: str) -> list[str]:
+    """``servers[0].service.target`` -> ``["servers", "[0]", "service", "target"]``."""
+    return re.findall(r"[^.\[\]]+|\[\d+\]", key)
+
+
+def _check_refusal(exc: ConfigError, path: Path, edited: str | None) -> None:
+    """A refusal names the file, and the key the edit put a bad value at.
+
+    ``edited`` is the dotted key of the edited node ("" for the whole document), or None when
+    the edit is not known (random bytes): then only the file is checked, and that any key named
+    is in the message. Every problem of the refusal must name the edited key, a key inside it
+    (a bad object: its missing or bad member) or one that holds it (a list that lost its
+    shape); "" only where the whole document was edited or is not JSON at all.
+    """
+    assert exc.path == path, (exc.path, path)
+    assert str(path) in str(exc), str(exc)
+    for problem in getattr(exc, "problems", [exc]):
+        assert problem.path == path, (problem.path, path)
+        if problem.key:
+            assert problem.key in str(exc), (problem.key, str(exc))
+        if edited is None:
+            continue
+        assert problem.key or not edited, f"the edit of {edited!r} refused without a key: {exc}"
+        named, at = _key_parts(problem.key), _key_parts(edited)
+        n = min(len(named), len(at))
+        assert named[:n] == at[:n], f"the edit of {edited!r} refused naming {problem.key!r}: {exc}"
+
+
 def _load_all(root: Path, write: Any) -> None:
+    """Each loader on its file as ``write(path, valid_doc)`` wrote it; ``write`` returns the
+    dotted key it edited, or None when unknown."""
     for load, path, valid in _loaders(root):
-        write(path, valid)
+        edited = write(path, valid)
         try:
             load(path)
         except ConfigError as exc:
-            assert str(path) in str(exc)
+            _check_refusal(exc, path, edited)
 
 
-def _replace_at(doc: Any, path: list[int], value: Any) -> Any:
-    """``doc`` with the node chosen by ``path`` (indices into keys/items) replaced by ``value``."""
+def _replace_at(doc: Any, path: list[int], value: Any, key: str = "") -> tuple[Any, str]:
+    """``doc`` with the node chosen by ``path`` (indices into keys/items) replaced by ``value``,
+    and that node's dotted key ("" for the whole document)."""
     if not path or not isinstance(doc, (dict, list)) or not doc:
-        return value
+        return value, key
     if isinstance(doc, dict):
-        keys = list(doc)
-        key = keys[path[0] % len(keys)]
-        return {**doc, key: _replace_at(doc[key], path[1:], value)}
+        name = list(doc)[path[0] % len(doc)]
+        new, where = _replace_at(doc[name], path[1:], value, f"{key}.{name}" if key else name)
+        return {**doc, name: new}, where
     i = path[0] % len(doc)
-    return [*doc[:i], _replace_at(doc[i], path[1:], value), *doc[i + 1 :]]
+    new, where = _replace_at(doc[i], path[1:], value, f"{key}[{i}]")
+    return [*doc[:i], new, *doc[i + 1 :]], where
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _write_edited(where: list[int], value: Any) -> Any:
+    def write(path: Path, valid: dict[str, Any]) -> str:
+        doc, edited = _replace_at(valid, where, value)
+        text = json.dumps(doc)
+        path.write_text(text)
+        try:  # Python writes Infinity; strict JSON (our parser) refuses the file as a whole
+            json.loads(text, parse_constant=_not_json)
+        except ValueError:
+            return ""
+        return edited
+
+    return write
+
+
+def test_the_valid_configs_load(tmp_path: Path) -> None:
+    for load, path, valid in _loaders(tmp_path):
+        path.write_text(json.dumps(valid))
+        load(path)
 
 
 @FUZZ
@@ -375,22 +439,46 @@ def test_config_files_of_random_bytes_are_refused_with_file_named(
     tmp_path_factory: pytest.TempPathFactory, data: bytes
 ) -> None:
     root = tmp_path_factory.mktemp("cfg")
-    _load_all(root, lambda path, valid: path.write_bytes(data))
+
+    def write(path: Path, valid: dict[str, Any]) -> None:
+        path.write_bytes(data)  # what key the bytes edit is not known
+
+    _load_all(root, write)
 
 
 @FUZZ
 @given(st.lists(st.integers(0, 8), max_size=4), _JSON)
-def test_config_files_with_any_value_anywhere_parse_or_name_the_key(
+def test_config_files_with_any_value_anywhere_parse_or_name_the_file_and_key(
     tmp_path_factory: pytest.TempPathFactory, where: list[int], value: Any
 ) -> None:
     root = tmp_path_factory.mktemp("cfg")
-    _load_all(
-        root, lambda path, valid: path.write_text(json.dumps(_replace_at(valid, where, value)))
-    )
+    _load_all(root, _write_edited(where, value))
+
+
+def test_an_edit_is_refused_naming_its_key(tmp_path: Path) -> None:
+    # The property above in examples whose refusal is certain (it holds for what parses too).
+    for where, value, loader, key in (
+        ([1, 1], "thirty", 0, "client.retry_timeout"),
+        ([0, 0, 1, 0], 5, 0, "servers[0].service.target"),
+        ([0, 0, 2], "many", 2, "servers[0].min_num_clients"),
+        ([1, 2], -4, 3, "server.port"),
+        ([0, 1], 7, 4, "admin.target"),
+        ([2], "forever", 5, "shell_timeout"),
+    ):
+        load, path, valid = _loaders(tmp_path)[loader]
+        assert _write_edited(where, value)(path, valid) == key
+        with pytest.raises(ConfigError) as info:
+            load(path)
+        _check_refusal(info.value, path, key)
+        assert info.value.key == key, str(info.value)
 
 
 def test_deeply_nested_json_is_refused_not_a_crash(tmp_path: Path) -> None:
-    _load_all(tmp_path, lambda path, valid: path.write_text("[" * 100_000 + "]" * 100_000))
+    def write(path: Path, valid: dict[str, Any]) -> str:
+        path.write_text("[" * 100_000 + "]" * 100_000)
+        return ""
+
+    _load_all(tmp_path, write)
 
 
 # ---------------------------------------------------------------------------- certificates
