@@ -691,6 +691,8 @@ _NO_CONNECTION = re.compile(
     re.IGNORECASE,
 )
 _AUTH_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+# gRPC's words for a peer that closed the connection during the TLS handshake.
+_HUNG_UP = re.compile(r"Socket closed|Connection reset|end of file|\bEOF\b", re.IGNORECASE)
 
 
 def security_failure(
@@ -733,6 +735,11 @@ def security_failure(
             refused = diagnose_certificate(target, cert, private_key)
             if refused is not None:
                 return refused
+            if failure is not None and failure.kind == "tls" and _HUNG_UP.search(details):
+                # The peer hung up mid-handshake and our own handshake with the same certificate
+                # found no refusal: the network's fault (a proxy whose far end is down), which
+                # is worth a retry, not a refusal.
+                return None
         return failure
     if connected and probe_speaks_tls(target):
         return SecurityFailure(
