@@ -483,6 +483,7 @@ class SiteService:
         # Why registration failed; ``failure.security``: TLS/auth refused it (exit code 3).
         self.failure: Any = None
         self._done = threading.Event()
+        self._stopped = False
 
     def _on_shutdown(self, restart: bool) -> None:
         self.restart_requested = restart
@@ -569,7 +570,11 @@ class SiteService:
             self.stop()
 
     def stop(self) -> None:
-        """Stops training, the agent and the session (Quit), in that order."""
+        """Stops training, the agent and the session (Quit), in that order; once (an interrupt
+        handler may call it after ``run`` did: a second Quit is refused as an unknown site)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.agent.shutdown()
         self.executor.close()
         # Say goodbye to the server even after a stop request, but do not linger on it.
