@@ -296,7 +296,12 @@ def test_svt_fixed_seed_reproduces_exactly_and_seeds_differ(backend: str) -> Non
 @pytest.mark.parametrize("regime", ["wide-noise", "narrow-noise"])
 def test_svt_acceptance_follows_the_laplace_threshold(backend: str, regime: str) -> None:
     """Pass 1 accepts candidate i with probability P(a_i + Lap(λν) >= τ̂), whatever shortcut
-    the byte-level test takes: the count matches the sum of those probabilities."""
+    the byte-level test takes: the count matches the sum of those probabilities.
+
+    λν is computed here from the published formula, not read from the protocol's statistics
+    (a wrong scale would otherwise be the expectation too); τ̂, a random draw, can only be read
+    from them, so it is first checked to lie within 30 threshold-noise scales (2γ/ε1) of τ.
+    """
     rng = np.random.default_rng(5)
     gamma = 1e-3
     x = rng.uniform(-2 * gamma, 2 * gamma, 200_000).astype(np.float32)
@@ -309,10 +314,12 @@ def test_svt_acceptance_follows_the_laplace_threshold(backend: str, regime: str)
     svt = SVTProtocol(fraction=0.1, epsilon=eps, gamma=gamma, tau=tau, seed=9)
     svt.apply({"x": x}, {})
     st = svt.last_stats
-    assert st.passes == 1
+    assert st.passes == 1 and st.target == n_up
+    scale = 4 * gamma * n_up / (eps * (2 * n_up) ** (2 / 3))  # λν = 4γn/ε2, ε2 = ε1·(2n)^(2/3)
+    assert abs(st.tau_hat - tau) < 30 * (2 * gamma / eps)
     a = np.minimum(np.abs(x.astype(np.float64)), gamma)
     t = st.tau_hat - a
-    e = 0.5 * np.exp(-np.abs(t) / st.query_scale)
+    e = 0.5 * np.exp(-np.abs(t) / scale)
     p = np.where(t >= 0, e, 1 - e)
     mean, sd = p.sum(), math.sqrt((p * (1 - p)).sum())
     assert abs(st.accepted - mean) < 6 * sd, (st.accepted, mean, sd)
