@@ -1,7 +1,8 @@
 """FedAvg as contributions arrive: new = global + Σ(Δᵢ·nᵢ·wᵢ) / Σ(nᵢ·wᵢ), per variable.
 
-The sum is kept as a running weighted mean, and every contribution is screened before it is
-folded in: one site must not be able to make the global model NaN or Inf.
+The sum is kept as a running weighted mean (integer variables: as the sum itself), and every
+contribution is screened before it is folded in: one site must not be able to make the global
+model NaN or Inf.
 """
 
 from __future__ import annotations
@@ -143,13 +144,21 @@ class FedAvgAccumulator:
     ``Σ Δᵢ·wᵢ`` in float32 overflows at 3e38 · 1e12). It costs one more pass over the mean per
     contribution than a plain sum.
 
+    Integer variables (counters) keep the weighted sum ``Σ Δ·w`` instead, divided once in
+    :meth:`apply`, and the new value is ``rint(global + mean)``, rounded half to even. For the
+    small integers such variables hold and integral or half weights, the sum is exact, so an
+    average that is exactly a half stays one: the running mean's factors (1/6, 5/6) are not
+    exact and tipped such halves either way (15.5 came out 15.500000000000002). The sum cannot
+    overflow float64: |Δ| < 2**64 and ``n_iter`` is bounded by ``max_n_iter``.
+
     Args:
         exclude_vars: a regex; matching variables are never updated by the server.
     """
 
     def __init__(self, exclude_vars: str | None = None) -> None:
         self._exclude = re.compile(exclude_vars) if exclude_vars else None
-        self._means: dict[str, np.ndarray] = {}
+        self._means: dict[str, np.ndarray] = {}  # the weighted sum for the names in _summed
+        self._summed: set[str] = set()
         self._weights: dict[str, float] = {}
         self._base_peaks: dict[str, float] = {}
         self.contributors: list[str] = []
@@ -214,12 +223,22 @@ class FedAvgAccumulator:
                 continue
             value = self._signed(value)
             dtype = _acc_dtype(value.dtype)
+            mean = self._means.get(name)
+            if mean is None and value.dtype.kind in "iu":
+                self._summed.add(name)
             if not (value.dtype == dtype and value.flags.writeable):
                 value = value.astype(dtype)
             before = self._weights.get(name, 0.0)
             total = before + weight
-            mean = self._means.get(name)
-            if mean is None:
+            if name in self._summed:
+                # an integer variable: the exact sum, divided once in apply() (class docstring);
+                # in place, so 0-d arrays stay arrays
+                value *= dtype.type(weight)
+                if mean is None:
+                    self._means[name] = value
+                else:
+                    mean += value
+            elif mean is None:
                 # The first contribution's buffer becomes the mean as it is (its fraction is
                 # 1): no new memory is taken, and nothing is multiplied.
                 self._means[name] = value
@@ -251,14 +270,32 @@ class FedAvgAccumulator:
             if acc is None or self._weights.get(name, 0.0) <= 0:
                 new[name] = current
                 continue
+            if name in self._summed:
+                acc /= acc.dtype.type(self._weights[name])
             with np.errstate(over="ignore", invalid="ignore"):  # the caller screens the result
                 acc += current
             if acc.dtype != current.dtype:
                 if current.dtype.kind in "iu":
-                    info = np.iinfo(current.dtype)
-                    acc = np.clip(np.rint(acc), info.min, info.max)
-                acc = acc.astype(current.dtype)
+                    acc = _round_into(acc, current.dtype)
+                else:
+                    acc = acc.astype(current.dtype)
             # reshape only when needed: a view would keep the buffer from being recycled
             new[name] = acc if acc.shape == current.shape else acc.reshape(current.shape)
         self._means.clear()
+        self._summed.clear()
         return new
+
+
+def _round_into(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """rint(values) (half to even), clipped to the integer ``dtype``'s range, as ``dtype``.
+
+    Clipped in float first, then fixed up: int64's (and uint64's) largest value has no float64,
+    and the float it rounds to is one past it, which the cast would wrap to the other end.
+    """
+    info = np.iinfo(dtype)
+    top = float(info.max)
+    if top > info.max:
+        top = float(np.nextafter(top, 0.0))
+    rounded = np.rint(values)
+    out = np.clip(rounded, info.min, top).astype(dtype)
+    return np.where(rounded > top, dtype.type(info.max), out)
