@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -250,39 +251,81 @@ def test_thread_publishes_on_the_bus_and_stops_cleanly() -> None:
     sampler.start(bus, "site-1", interval=0.05)
     sampler.start(bus, "site-1", interval=0.05)  # a second start is a no-op
     try:
-        assert two.wait(2.0), "no GPU samples within 2 s"
+        assert two.wait(60), "no two GPU samples within 60 s"
     finally:
-        assert sampler.stop(timeout=2.0)
-    assert not sampler.running
+        assert sampler.stop(timeout=60)
+    assert not sampler.running  # the thread has ended: nothing can be published after stop
     assert got[0].site == "site-1" and got[0].available
     assert nvml.shutdown_calls == 1  # the thread released NVML on its way out
-    count = len(got)
-    time.sleep(0.15)
-    assert len(got) == count  # nothing after stop
     assert sampler.last_event is not None
 
 
-def test_thread_publishes_no_gpu_once_not_every_second() -> None:
+def test_thread_publishes_no_gpu_once_not_every_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.gpu
+
+    # time stands still for the thread, so however slow this machine, republish_s never passes
+    monkeypatch.setattr(engine.gpu, "time", SimpleNamespace(monotonic=Clock(), time=time.time))
     sampler = fake_sampler(FakeNvml([]), republish_s=30.0)
     bus = EventBus()
     got: list[Event] = []
     bus.subscribe(got.append)
+    samples = 0
+    five = threading.Event()
+    real_sample = sampler.sample
+
+    def counted(site: str = "") -> GpuSampled:
+        nonlocal samples
+        event = real_sample(site)
+        samples += 1
+        if samples >= 5:
+            five.set()
+        return event
+
+    monkeypatch.setattr(sampler, "sample", counted)
     sampler.start(bus, "site-1", interval=0.01)
-    time.sleep(0.3)
-    assert sampler.stop()
+    try:
+        assert five.wait(60), f"the thread sampled {samples} times in 60 s, not 5"
+    finally:
+        assert sampler.stop(timeout=60)
+    assert samples >= 5  # five "no GPU" samples, one event
     assert len(got) == 1 and isinstance(got[0], GpuSampled)
     assert got[0].reason == REASON_NO_GPU
 
 
-def test_the_default_interval_is_about_a_second() -> None:
+class _RecordedStop(threading.Event):
+    """The sampler's stop event, recording how long the thread asks to sleep between samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float] = []
+        self.waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None:
+            self.timeouts.append(timeout)
+            self.waiting.set()
+        return super().wait(timeout)
+
+
+def test_the_default_interval_is_about_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.gpu
+
+    clock = Clock()  # time stands still for the thread: its sample takes no time at all
+    monkeypatch.setattr(engine.gpu, "time", SimpleNamespace(monotonic=clock, time=time.time))
     sampler = fake_sampler(fake_two_gpus(OUR_PID))
+    stop = _RecordedStop()
+    monkeypatch.setattr(sampler, "_stop", stop)
     bus = EventBus()
     got: list[Event] = []
     bus.subscribe(got.append)
     sampler.start(bus, "site-1")
-    time.sleep(1.5)
-    assert sampler.stop()
-    assert 1 <= len(got) <= 2  # about one a second, not a busy loop
+    try:
+        assert stop.waiting.wait(60), "the thread never waited for its next sample"
+    finally:
+        assert sampler.stop(timeout=60)
+    # one sample, then a sleep of a second: about one a second, not a busy loop
+    assert len(got) == 1 and isinstance(got[0], GpuSampled)
+    assert stop.timeouts == [1.0]
 
 
 # -- the event -------------------------------------------------------------------------------
@@ -333,11 +376,20 @@ def test_simulated_feed_runs_in_the_thread() -> None:
     feed = simulated_feed(2, seed=1)
     bus = EventBus()
     got: list[Event] = []
-    bus.subscribe(got.append)
+    two = threading.Event()
+
+    def on_event(event: Event) -> None:
+        got.append(event)
+        if len(got) >= 2:
+            two.set()
+
+    bus.subscribe(on_event)
     feed.start(bus, "site-1", interval=0.02)
-    time.sleep(0.2)
-    assert feed.stop()
-    assert got and all(isinstance(e, GpuSampled) and e.simulated for e in got)
+    try:
+        assert two.wait(60), "no two SIMULATED samples within 60 s"
+    finally:
+        assert feed.stop(timeout=60)
+    assert len(got) >= 2 and all(isinstance(e, GpuSampled) and e.simulated for e in got)
 
 
 # -- our processes ---------------------------------------------------------------------------

@@ -74,6 +74,7 @@ def _run_all(engines: list[SiteEngine]) -> dict[str, str]:
     return outcomes
 
 
+@pytest.mark.slow
 def test_three_sites_complete_rounds_and_every_step_is_an_event(tmp_path: Path) -> None:
     server, engines, bus = _federation(tmp_path, rounds=2)
     rec = Recorder(bus)
@@ -267,30 +268,42 @@ class _GatedFitter:
 
 
 def test_a_late_update_is_dropped_and_the_site_goes_on(start_server, caplog) -> None:
-    import time
-
     from engine.client import FederatedClient
+    from engine.events import Event, ServerRoundAggregated
     from tests.conftest import direct_client, endpoint
 
     server = start_server(
         {"w": np.zeros(3, np.float32)}, min_num_clients=1, num_rounds=2, wait_after_min_clients=0
     )
     fast = direct_client(server, "site-fast")
+    round_1_closed = threading.Event()
+
+    def on_server_event(event: Event) -> None:
+        if isinstance(event, ServerRoundAggregated) and event.round == 1:
+            round_1_closed.set()
+
+    server.bus.subscribe(on_server_event)
 
     def round_closed_without_me() -> bool:
-        deadline = time.monotonic() + 10
-        while server.current_round == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return server.current_round == 1
+        return round_1_closed.wait(60) and server.current_round == 1
 
     bus = EventBus()
     rec = Recorder(bus)
+    training = threading.Event()  # site-slow has pulled round 0 and is "training" it
+
+    def on_site_event(event: Event) -> None:
+        if isinstance(event, PhaseChanged) and (event.phase, event.round) == ("training", 1):
+            training.set()
+
+    bus.subscribe(on_site_event)
     slow = FederatedClient("site-slow", {}, False, [endpoint(server)], retry_timeout=5, bus=bus)
     thread = slow.run(_GatedFitter(round_closed_without_me))
-    time.sleep(0.3)  # site-slow has pulled round 0 and is "training"
+    assert training.wait(60), "site-slow never started training round 1"
+    assert server.current_round == 0
     fast.pull_models_from_server()
     fast.push_models_to_server({"w": np.ones(3, np.float32)})
-    thread.join(timeout=30)
+    thread.join(timeout=60)
+    assert not thread.is_alive()
     assert slow.outcome == "completed"
     assert [h["contributors"] for h in server.history] == [["site-fast"], ["site-slow"]]
     assert "site-slow: round 1 update not counted: Contrib: round 0 is not the current round 1" in (

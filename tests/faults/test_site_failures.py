@@ -6,10 +6,16 @@
 - A local training longer than the server's heartbeat timeout: the site is not dropped.
 - An abort while the model is being uploaded (the upload held in the proxy): the worker stops
   at the abort command, no process is left, the status is stopped, and the next start works.
+
+Where a test needs a site to be training at a given moment, or to train for a given time, its
+training data is gated (``GATE``): it holds while a file exists, so the order of events is the
+test's, not the machine's speed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,28 @@ from engine.service import ControlClient, find_service
 from tests.conftest import Recorder
 from tests.faults.procs import Proc, edit_json, start_site, wait_for, workers
 from tests.faults.proxy import FaultProxy
+
+GATE = '''
+"""A test's gate (tests/faults): training holds while the file ``hold`` exists."""
+import os
+import time
+
+from engine.training.data import SyntheticClassification
+
+
+class GatedData(SyntheticClassification):
+    def __init__(self, hold, held, context=None, **args):
+        super().__init__(context=context, **args)
+        self.hold, self.held = hold, held
+
+    def __getitem__(self, index):
+        while os.path.exists(self.hold):
+            if not os.path.exists(self.held):  # the test waits for this: training is held
+                with open(self.held, "w") as f:
+                    f.write(str(time.time()))
+            time.sleep(0.02)
+        return super().__getitem__(index)
+'''
 
 
 class Federation:
@@ -70,6 +98,29 @@ class Federation:
 
             edit_json(config / "config_train.json", change)
 
+    def gate(self, site: str) -> tuple[Path, Path]:
+        """Gates ``site``'s training data (its own code, allowed by its site policy).
+
+        Returns:
+            ``hold`` (while it exists, training holds) and ``held`` (appears once it has held).
+        """
+        gates = self.root / "gates"
+        gates.mkdir(exist_ok=True)
+        hold, held = gates / f"hold-{site}", gates / f"held-{site}"
+        mmar = self.root / site / "run_1" / f"mmar_{site}"
+        (mmar / "custom").mkdir(exist_ok=True)
+        (mmar / "custom" / "gate.py").write_text(GATE)
+        (self.root / site / "startup" / "site_policy.json").write_text(
+            json.dumps({"allow_byoc": True})
+        )
+
+        def gated(d: dict[str, Any]) -> None:
+            args = {**d["train_data"]["args"], "hold": str(hold), "held": str(held)}
+            d["train_data"] = {"path": "gate.GatedData", "args": args}
+
+        edit_json(mmar / "config" / "config_train.json", gated)
+        return hold, held
+
     def site(self, name: str, *extra: str, port: int | None = None) -> Proc:
         proc = start_site(
             self.root / name, port or self.port, self.root / "out" / f"{name}.log", *extra
@@ -105,20 +156,35 @@ def federation(tmp_path: Path) -> Iterator[Any]:
 def test_site_killed_mid_round_the_others_finish_after_the_wait_and_it_is_reported(
     federation,
 ) -> None:
-    # site-3 trains longer (10 epochs: ~3 s here), so that it is surely in the middle of round 2
-    # when it is killed; the wait after the minimum is long enough that round 1 still has it
-    # under load (with 1.5 s it closed round 1 without site-3 when the others were quick).
-    fed = federation(3, 2, min_num_clients=2, wait_after_min_clients=8, heart_beat_timeout=60)
-    fed.train_config("site-3", client={"local_epochs": 10})
+    # Round 1 must have all three, round 2 must close without site-3, killed while it trains it.
+    # Gates order that: site-1 and site-2 hold in round 1 until site-3 has sent its update, and
+    # site-3 holds in round 2 until it is killed. Round 1 waits for everyone (a wait no machine
+    # reaches); round 2's wait is then made short, once site-3 is dead: the wait closes it.
+    fed = federation(3, 2, min_num_clients=2, wait_after_min_clients=600, heart_beat_timeout=120)
+    gates = {name: fed.gate(name) for name in ("site-1", "site-2", "site-3")}
+    for name in ("site-1", "site-2"):
+        gates[name][0].touch()
     server = fed.start()
     sites = {name: fed.site(name, "--executor", "thread") for name in ("site-1", "site-2")}
     victim = fed.site("site-3", "--executor", "thread")
     wait_for(
-        lambda: victim.events("PhaseChanged", phase="training", round=2),
+        lambda: victim.events("PhaseChanged", phase="waiting for the others", round=1),
         120,
-        f"site-3 to train round 2; it said:\n{victim.tail()}",
+        f"site-3 to send its round 1 update; it said:\n{victim.tail()}",
     )
+    gates["site-3"][0].touch()  # before the others go on: round 1 cannot close without them
+    for name in ("site-1", "site-2"):
+        gates[name][0].unlink()
+    wait_for(
+        lambda: (
+            gates["site-3"][1].exists() and victim.events("PhaseChanged", phase="training", round=2)
+        ),
+        120,
+        f"site-3 to be held training round 2; it said:\n{victim.tail()}",
+    )
+    assert [r.round for r in fed.aggregated()] == [1]
     victim.kill()
+    server.config = dataclasses.replace(server.config, wait_after_min_clients=1.0)
     for name, site in sites.items():
         assert site.wait(120) == 0, f"{name} did not complete:\n{site.tail()}"
     rounds = fed.aggregated()
@@ -135,14 +201,28 @@ def test_site_killed_mid_round_the_others_finish_after_the_wait_and_it_is_report
 def test_training_longer_than_the_heartbeat_timeout_is_not_a_dead_site(federation) -> None:
     timeout = 2.0
     fed = federation(1, 1, min_num_clients=1, heart_beat_timeout=timeout)
-    fed.train_config("site-1", client={"local_epochs": 30})
+    hold, held = fed.gate("site-1")
+    hold.touch()
     fed.start()
     site = fed.site("site-1")  # the service heartbeats while its worker process trains
+    # The training holds until the site has been heard (heartbeats) for twice the timeout since
+    # it began: longer than the timeout however fast this machine trains.
+    wait_for(lambda: held.exists(), 120, f"site-1's training to hold; it said:\n{site.tail()}")
+    (started,) = wait_for(
+        lambda: site.events("PhaseChanged", phase="training", round=1), 60, "the training event"
+    )
+    wait_for(
+        lambda: [
+            e for e in site.events("HeartbeatAcknowledged") if e["ts"] > started["ts"] + 2 * timeout
+        ],
+        120,
+        f"a heartbeat {2 * timeout:g} s into the training; the site said:\n{site.tail()}",
+    )
+    hold.unlink()
     assert site.wait(120) == 0, site.tail()
-    started = site.events("PhaseChanged", phase="training", round=1)
     sent = site.events("PhaseChanged", phase="submitting", round=1)
-    assert started and sent
-    trained = sent[0]["ts"] - started[0]["ts"]
+    assert sent
+    trained = sent[0]["ts"] - started["ts"]
     assert trained > 1.5 * timeout, (
         f"training took {trained:.1f} s, not longer than the heartbeat timeout: nothing tested"
     )

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textual.binding import Binding
+from textual.command import Command, CommandInput, CommandList, CommandPalette
 from textual.pilot import Pilot
 
 from engine.client.status import ClientStatus
@@ -20,13 +22,14 @@ from engine.events import CrossSiteValidated, EventBus, StatusChanged
 from engine.fileio import load_npz
 from engine.server import FederatedServer
 from engine.site import SitePaths
-from fltui.app import FLTuiApp, create_app
+from fltui.app import ACTIONS, FLTuiApp, create_app
 from fltui.screens.confirm import ConfirmScreen
 from fltui.screens.dashboard import Dashboard
 from fltui.screens.deploy import DeployScreen
 from fltui.screens.first_run import FirstRunScreen
 from fltui.screens.help import HelpScreen
 from fltui.screens.start import StartScreen
+from fltui.themes import load_themes, theme_name
 from fltui.widgets.log_panel import LogPanel
 from tests.conftest import Recorder
 from tests.ui.replay import NoSampler
@@ -78,6 +81,40 @@ async def _until(pilot: Pilot[None], check: Callable[[], Any], timeout: float = 
 def _dash(app: FLTuiApp) -> Dashboard:
     assert isinstance(app.screen, Dashboard), app.screen
     return app.screen
+
+
+async def _palette(pilot: Pilot[None], app: FLTuiApp, title: str, typed: bool = True) -> None:
+    """Runs ``title`` from the command palette (typed key by key, or pasted whole).
+
+    The keys of a title are also the dashboard's bindings ("d", "s", "a"...): they are typed
+    only once the palette's input has the focus, and enter is pressed only once the palette has
+    finished searching for the whole title and lists it.
+    """
+    await pilot.press("ctrl+p")
+    palette = await _until(pilot, lambda: isinstance(app.screen, CommandPalette) and app.screen)
+    field = await _until(pilot, lambda: isinstance(app.focused, CommandInput) and app.focused)
+    if typed:
+        await pilot.press(*title)
+    else:
+        field.insert_text_at_cursor(title)
+
+    def listed() -> int | None:
+        if palette.query_one(CommandInput).value != title:
+            return None
+        group = CommandPalette._GATHER_COMMANDS_GROUP
+        if any(w.group == group and not w.is_finished for w in app.workers):
+            return None  # still searching: the list is about to be replaced
+        commands = palette.query_one(CommandList)
+        for index in range(commands.option_count):
+            option = commands.get_option_at_index(index)
+            if isinstance(option, Command) and str(option.hit.text) == title:
+                return index + 1
+        return None
+
+    index = await _until(pilot, listed) - 1
+    palette.query_one(CommandList).highlighted = index
+    await pilot.press("enter")
+    await _until(pilot, lambda: not isinstance(app.screen, CommandPalette))
 
 
 @pytest.mark.slow
@@ -146,17 +183,19 @@ def test_validate_key_and_palette_commands(tmp_path: Path) -> None:
         await _until(pilot, lambda: dash.state.registered_at is not None)
         rec = Recorder(app.bridge.bus)  # type: ignore[union-attr]
         # the palette has every action: "Start training" opens the start dialog
-        await pilot.press("ctrl+p")
-        await pilot.pause(0.3)
-        await pilot.press(*"Start training")
-        await pilot.pause(0.3)
-        await pilot.press("enter")
+        await _palette(pilot, app, "Start training")
         await _until(pilot, lambda: isinstance(app.screen, StartScreen))
         await pilot.press("enter")  # run 1
         await _until(pilot, lambda: dash.state.outcome == "completed", 90)
         await _until(pilot, lambda: dash.state.status == ClientStatus.TRAINING_STOPPED)
         await _until(pilot, lambda: dash.state.worker_pid is None)  # the worker has exited
-        await pilot.pause(0.5)
+        # the run's last status is in the recorder too before it starts afresh
+        await _until(
+            pilot,
+            lambda: (
+                [e.status for e in rec.of(StatusChanged)][-1:] == [ClientStatus.TRAINING_STOPPED]
+            ),
+        )
         rec.events.clear()
         # v: cross-site validation on this site's data
         await pilot.press("v")
@@ -174,11 +213,7 @@ def test_validate_key_and_palette_commands(tmp_path: Path) -> None:
         await _until(pilot, lambda: "cross-site accuracy: server" in str(detail.render()), 30)
         await _until(pilot, lambda: dash.state.status == ClientStatus.TRAINING_STOPPED, 30)
         # palette: abort asks for confirmation as the key does
-        await pilot.press("ctrl+p")
-        await pilot.pause(0.3)
-        await pilot.press(*"Abort training")
-        await pilot.pause(0.3)
-        await pilot.press("enter")
+        await _palette(pilot, app, "Abort training")
         await _until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("n")
         await pilot.press("q")
@@ -228,49 +263,163 @@ def test_first_run_screen_explains_the_startup_kit(tmp_path: Path) -> None:
     _run(app, test, size=(100, 30))
 
 
+# The console as the CLI runs it on a site workspace (the engine in this process, training in
+# its worker process), driven by its keys until a run has completed. Prints JSON: what it saw.
+CONSOLE = r"""
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from engine.client.status import ClientStatus
+from fltui.app import create_app
+from fltui.screens.dashboard import Dashboard
+from fltui.screens.start import StartScreen
+
+app = create_app(Path(sys.argv[1]))
+seen = {"bridge": type(app.bridge).__name__}
+
+
+async def until(pilot, check, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        await pilot.pause(0.1)
+    raise SystemExit(f"not within {timeout} s: {what}")
+
+
+async def main():
+    async with app.run_test(size=(120, 40)) as pilot:
+        dash = await until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen, "ui")
+        await until(pilot, lambda: dash.state.registered_at is not None, "registered")
+        await pilot.press("s")
+        await until(pilot, lambda: isinstance(app.screen, StartScreen), "the start dialog")
+        await pilot.press("enter")  # run 1
+        await until(pilot, lambda: dash.state.outcome == "completed", "run 1 completed")
+        await until(pilot, lambda: dash.state.worker_pid is None, "the worker to exit")
+        seen["status"] = int(dash.state.status)
+        seen["round"] = dash.state.round
+        await pilot.press("q")
+
+
+asyncio.run(main())
+seen["torch"] = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
 def test_the_console_process_never_imports_torch(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    code = (
-        "import sys\nfrom fltui.app import create_app\n"
-        f"app = create_app({str(tmp_path)!r})\n"
-        "print('torch' in sys.modules)"
+    # a child process: what other tests imported into this one does not count
+    server, site = _site(tmp_path, rounds=1, steps=5)
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", CONSOLE, str(site)],
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        server.stop(grace=0)
+    assert out.returncode == 0, out.stderr[-4000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    # the real engine ran in the console and trained a round (in its worker process) ...
+    assert seen["bridge"] == "LocalBridge"
+    assert seen["status"] == ClientStatus.TRAINING_STOPPED and seen["round"] >= 1, seen
+    assert server.history and server.history[0]["contributors"] == ["site-1"]
+    # ... and the console process never imported torch
+    assert seen["torch"] == [], seen["torch"]
+
+
+class _ActionsBridge:
+    """Mixed into the replay: the actions a palette test takes are noted, not refused."""
+
+    calls: list[str]
+
+    def validate(self, *args: object) -> str:
+        self.calls.append("validate")
+        return "validate process started"
+
+
+def _confirms(words: str) -> Callable[..., bool]:
+    return lambda app, dash, bridge, ws: (
+        isinstance(app.screen, ConfirmScreen) and words in app.screen.question
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
 
 
-PALETTE = [
-    ("Deploy an MMAR", lambda app, dash: isinstance(app.screen, DeployScreen)),
-    ("Start training", lambda app, dash: isinstance(app.screen, StartScreen)),
-    ("Abort training", lambda app, dash: isinstance(app.screen, ConfirmScreen)),
-    ("Restart the site engine", lambda app, dash: isinstance(app.screen, ConfirmScreen)),
-    ("Validate across sites", lambda app, dash: dash.last_action.startswith("validate:")),
-    ("Cycle the log level", lambda app, dash: dash.query_one(LogPanel).level == "WARNING"),
-    ("Search the logs", lambda app, dash: dash.query_one("#search").has_class("-shown")),
-    ("Help", lambda app, dash: isinstance(app.screen, HelpScreen)),
-    ("Theme: light", lambda app, dash: app.theme == "fltui-light"),
-    ("Theme: high_contrast", lambda app, dash: app.theme == "fltui-high-contrast"),
+# What each action of the app does, seen from outside; every action of ``fltui.app.ACTIONS``
+# (what the palette offers) must have one.
+ACTION_CHECKS: dict[str, Callable[..., bool]] = {
+    "deploy": lambda app, dash, bridge, ws: isinstance(app.screen, DeployScreen),
+    "start": lambda app, dash, bridge, ws: isinstance(app.screen, StartScreen),
+    "abort": _confirms("Abort training"),
+    "restart": _confirms("Restart the site engine"),
+    "validate": lambda app, dash, bridge, ws: (
+        bridge.calls == ["validate"] and dash.last_action == "validate: validate process started"
+    ),
+    "stop_site": _confirms("Stop the site engine"),
+    "log_level": lambda app, dash, bridge, ws: dash.query_one(LogPanel).level == "WARNING",
+    "search": lambda app, dash, bridge, ws: dash.query_one("#search").has_class("-shown"),
+    "screenshot": lambda app, dash, bridge, ws: (
+        dash.last_action.startswith("screenshot saved:") and any((ws / "screenshots").glob("*.svg"))
+    ),
+    "help": lambda app, dash, bridge, ws: isinstance(app.screen, HelpScreen),
+}
+THEMES = list(load_themes())
+PALETTE = [(title, action) for title, action, _ in ACTIONS] + [
+    (f"Theme: {stem}", f"theme:{stem}") for stem in THEMES
 ]
 
 
-@pytest.mark.parametrize(("title", "check"), PALETTE, ids=[t for t, _ in PALETTE])
-def test_every_action_is_in_the_command_palette(tmp_path: Path, title: str, check: Any) -> None:
+def test_the_palette_offers_every_key_of_the_console() -> None:
+    from fltui.screens.dashboard import Dashboard as DashboardScreen
+
+    bindings = [*DashboardScreen.BINDINGS, *FLTuiApp.BINDINGS]
+    assert all(isinstance(b, Binding) for b in bindings)
+    keys = {b.action for b in DashboardScreen.BINDINGS if isinstance(b, Binding)} - {"quit"}
+    assert keys == {action for _, action, _ in ACTIONS}  # quit: Textual's own command
+    app_keys = {b.action for b in FLTuiApp.BINDINGS if isinstance(b, Binding)}
+    assert app_keys == {"next_theme"}  # every theme is offered
+    assert set(ACTION_CHECKS) == keys
+
+
+@pytest.mark.parametrize(("title", "action"), PALETTE, ids=[t for t, _ in PALETTE])
+def test_every_action_is_in_the_command_palette(tmp_path: Path, title: str, action: str) -> None:
     from tests.ui import replay
 
-    app = create_app(
-        tmp_path, gpu_sampler=NoSampler(), bridge=replay.ReplayBridge(replay.training())
-    )
+    class Bridge(_ActionsBridge, replay.ReplayBridge):
+        pass
+
+    bridge = Bridge(replay.training())
+    bridge.calls = []
+    stem = action.removeprefix("theme:") if action.startswith("theme:") else None
+    # a theme other than the one chosen, so that choosing it shows
+    start_theme = next(t for t in THEMES if t != stem) if stem else THEMES[0]
+    app = create_app(tmp_path, gpu_sampler=NoSampler(), bridge=bridge, theme=start_theme)
+    if stem is not None:
+
+        def check(app: FLTuiApp, dash: Dashboard, bridge: Any, ws: Path) -> bool:
+            return app.theme == theme_name(stem) and app.theme_stem == stem
+    else:
+        assert action in ACTION_CHECKS, f"no check for the palette's {title!r} ({action}): add one"
+        check = ACTION_CHECKS[action]
 
     async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
         dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
-        await pilot.press("ctrl+p")
-        await pilot.pause(0.2)
-        await pilot.press(*title)
-        await pilot.pause(0.3)
-        await pilot.press("enter")
-        await _until(pilot, lambda: check(app, dash), 10)
+        assert not check(app, dash, bridge, tmp_path)  # not so before
+        await _palette(pilot, app, title, typed=False)  # typed: test_validate_key_and_palette...
+        await _until(pilot, lambda: check(app, dash, bridge, tmp_path), 30)
+        if action != "validate":
+            assert bridge.calls == []
 
     _run(app, test, size=(100, 30))
 
@@ -314,8 +463,8 @@ def test_text_from_the_wire_is_never_markup_and_logs_keep_flowing(tmp_path: Path
 
     async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
         dash = await _until(pilot, lambda: isinstance(app.screen, Dashboard) and app.screen)
-        await pilot.pause(0.6)
-        assert "bad [/bold] [link=x]" in str(dash.query_one("#error").render())
+        error = dash.query_one("#error")
+        await _until(pilot, lambda: "bad [/bold] [link=x]" in str(error.render()), 30)
         log = dash.query_one("#log")
         # past the buffer's bound, new lines still arrive
         bridge.events = [
@@ -386,8 +535,8 @@ def test_a_refused_request_shows_its_reason_and_enter_opens_it_whole(tmp_path: P
         await pilot.press("up")
         await _until(pilot, lambda: "allowed_commands" in str(panel.border_subtitle or ""), 5)
         bridge.events = [info(2)]
-        await _until(pilot, lambda: panel.row_count == 4, 5)
-        await pilot.pause(0.2)
+        await _until(pilot, lambda: panel.row_count == 4, 30)
+        await pilot.pause()  # what the new row set off has run
         assert panel.cursor_row == 1 and "allowed_commands" in str(panel.border_subtitle)
 
     _run(app, test, size=(80, 24))
