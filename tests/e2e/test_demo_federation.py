@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from engine.demo import DemoFederation, prepare_workspace
 from engine.events import EventBus, FederationFinished, LogRecord
 from engine.site import SitePaths
 from tests.conftest import Recorder
 
 
+@pytest.mark.slow
 def test_a_peer_that_dies_stops_the_demo_with_its_reason(tmp_path: Path) -> None:
     prepare_workspace(tmp_path, num_sites=2, num_rounds=2)
     broken = SitePaths(tmp_path / "site-2").mmar(1, "site-2") / "config" / "config_fed_client.json"

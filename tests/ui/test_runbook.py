@@ -113,6 +113,7 @@ def _png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+@pytest.mark.slow
 def test_a_regenerated_scenario_matches_the_committed_runbook(tmp_path: Path) -> None:
     manifest = json.loads((DOCS / "runbook.json").read_text())
     recorded = manifest["gpu"]
