@@ -362,7 +362,7 @@ def scenario_demo(tmp: Path, args: argparse.Namespace, run: int) -> list[dict[st
 
 def scenario_site(tmp: Path, args: argparse.Namespace, run: int) -> list[dict[str, Any]]:
     from engine.demo import _set_port, prepare_workspace
-    from engine.site import SitePaths
+    from engine.site.paths import SitePaths
 
     root = tmp / f"site{run}"
     prepare_workspace(root, num_sites=1, num_rounds=1, torch_in_subprocess=True)

@@ -16,7 +16,9 @@ from typing import Any
 from engine.config import load_server_config
 from engine.events import Event, EventBus, LogRecord, event_from_dict
 from engine.fileio import load_npz, save_json_atomic, tail_text
-from engine.site import SitePaths, SiteService, attach_workspace_logs
+from engine.site.logs import attach_workspace_logs
+from engine.site.paths import SitePaths
+from engine.site.site_service import SiteService
 
 __all__ = ["DemoFederation", "DemoResult", "prepare_workspace"]
 

@@ -366,7 +366,7 @@ class LogRecord(Event):
 class StateSnapshot(Event):
     """The whole state of a site at one moment (what a console gets when it attaches).
 
-    ``state`` is ``engine.state.SiteState.to_dict()``.
+    ``state`` is ``engine.site.state.SiteState.to_dict()``.
     """
 
     state: dict[str, Any]

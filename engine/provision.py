@@ -347,7 +347,7 @@ def _write_server(project: Project, ca: CertificateAuthority, root: Path) -> Non
 
 
 def _write_site(project: Project, ca: CertificateAuthority, site: Participant, root: Path) -> None:
-    from engine.client.policy import write_default_policy
+    from engine.site.policy import write_default_policy
 
     startup = root / "startup"
     issue_identity(ca, startup, site.name, ROLE_SITE, site.org, project.valid_days)

@@ -121,7 +121,7 @@ class AdminConsole:
 
     def execute(self, command: str, timeout: float = 900.0) -> apb.ConsoleReply:
         """Runs one command line; a ``deploy`` attaches the named MMAR from transfer/."""
-        from engine.client.deploy import DeployError, make_mmar_zip
+        from engine.site.deploy import DeployError, make_mmar_zip
 
         attachment = b""
         words = shlex.split(command)

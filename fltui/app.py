@@ -156,7 +156,7 @@ def create_app(
         if demo:
             bridge = demo_bridge()
         elif (root / "startup" / "fed_client.json").is_file():
-            from engine.service import find_service
+            from engine.site.service import find_service
 
             info = find_service(root)
             if info is not None:

@@ -6,7 +6,7 @@ high-rate events are coalesced into one screen update), and the action methods a
 Textual thread workers.
 
 - ``RemoteBridge``: the console attached to the site's service over its control socket
-  (``engine.service``); quitting the console leaves the service running. ``RemoteBridge.demo``
+  (``engine.site.service``); quitting the console leaves the service running. ``RemoteBridge.demo``
   starts the demo federation as such a service, in a child process, and stops it on quit.
 - ``LocalBridge``: no service runs, so the console runs the site's engine itself (and serves the
   control socket, so that a second console or ``fltui ctl`` can attach); the engine ends when
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.events import Event, EventBus, LogRecord, StateSnapshot, event_from_dict
-from engine.service import ActionError, ServiceInfo
+from engine.site.service import ActionError, ServiceInfo
 
 __all__ = ["BridgeError", "LocalBridge", "RemoteBridge", "SiteBridge"]
 
@@ -114,7 +114,7 @@ class LocalBridge(SiteBridge):
     """
 
     def __init__(self, workspace: Path, gpu_sampler: Any = None) -> None:
-        from engine.service import SiteActions
+        from engine.site.service import SiteActions
 
         self.workspace = Path(workspace)
         self.mode = "console"
@@ -149,7 +149,7 @@ class LocalBridge(SiteBridge):
 
     def _run(self) -> None:
         from engine.config import ConfigError
-        from engine.service import ServiceError, SiteRunner
+        from engine.site.service import ServiceError, SiteRunner
 
         try:
             runner = SiteRunner(
@@ -332,7 +332,7 @@ class RemoteBridge(SiteBridge):
     def _find(self, wait_s: float) -> ServiceInfo | None:
         """The service, once it listens (waiting up to ``wait_s``); None if it does not come."""
         from engine.fileio import tail_text
-        from engine.service import ServiceError, find_service
+        from engine.site.service import ServiceError, find_service
 
         deadline = time.monotonic() + wait_s
         while not self._stopping.is_set():
@@ -354,7 +354,7 @@ class RemoteBridge(SiteBridge):
 
     def _connect(self) -> None:
         """Attaches; after a lost connection (a crash, a restart by systemd), attaches again."""
-        from engine.service import ControlClient, NoService, ServiceError
+        from engine.site.service import ControlClient, NoService, ServiceError
 
         if self.launch:
             try:

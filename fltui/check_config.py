@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from engine.client.deploy import code_refusal
-from engine.client.policy import load_site_policy
 from engine.components import own_code
 from engine.config import (
     ComponentSpec,
@@ -32,6 +30,8 @@ from engine.config import (
     read_mmar_client_config,
     read_server_config,
 )
+from engine.site.deploy import code_refusal
+from engine.site.policy import load_site_policy
 
 __all__ = ["Report", "check_path", "main"]
 

@@ -246,7 +246,7 @@ def _run_console(args: argparse.Namespace) -> int:
             demo_secure=args.secure,
         )
     else:
-        from engine.service import ServiceError
+        from engine.site.service import ServiceError
 
         try:
             app = create_app(_workspace(args), theme=args.theme)
@@ -275,7 +275,7 @@ def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
     """The site service: the engine, the workspace lock and the control socket."""
     from engine.config import ConfigError
     from engine.gpu import GpuSampler
-    from engine.service import ServiceError, SiteRunner, WorkspaceBusy
+    from engine.site.service import ServiceError, SiteRunner, WorkspaceBusy
 
     root = _workspace(args)
     stop = threading.Event()
@@ -327,7 +327,7 @@ def _watch_parent(parent: int, on_gone: object) -> None:
     """Calls ``on_gone`` when process ``parent`` is gone (a console that launched us died)."""
     import time
 
-    from engine.service import parent_gone
+    from engine.site.service import parent_gone
 
     def watch() -> None:
         while not parent_gone(parent):
@@ -362,7 +362,7 @@ def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
     host = None
     if args.service:
         from engine.gpu import GpuSampler
-        from engine.service import ServiceError, ServiceHost, SiteActions, WorkspaceBusy
+        from engine.site.service import ServiceError, ServiceHost, SiteActions, WorkspaceBusy
 
         actions = SiteActions(
             root / "site-1",
@@ -408,7 +408,7 @@ def _run_server(args: argparse.Namespace, bus: object, printer: object) -> int:
     from engine.config import ConfigError, load_server_config
     from engine.fileio import load_npz
     from engine.server import FederatedServer
-    from engine.site import attach_workspace_logs
+    from engine.site.logs import attach_workspace_logs
 
     root = _workspace(args)
     try:

@@ -38,7 +38,7 @@ def _status_lines(status: dict[str, Any]) -> list[str]:
 
 
 def run_ctl(workspace: Path, args: argparse.Namespace) -> int:
-    from engine.service import ActionError, ControlClient, ServiceError, find_service
+    from engine.site.service import ActionError, ControlClient, ServiceError, find_service
 
     action = args.action
     if action == "deploy" and not args.mmar:

@@ -145,7 +145,7 @@ def main(argv: list[str]) -> int:
         workspace = Path(args.workspace)
     else:
         workspace = Path(os.environ.get("FLTUI_WORKSPACE") or Path.cwd())
-    from engine.service import find_service
+    from engine.site.service import find_service
     from fltui.themes import load_themes
 
     if args.theme not in load_themes():

@@ -25,7 +25,7 @@ __all__ = [
 
 _WHERE = {
     "ClientModelManager": "model_manager",
-    "ClientStatus": "status",
+    "ClientStatus": "engine.status",
     "Communicator": "communicator",
     "DataAssembler": "data_assembler",
     "DirectFederatedClient": "direct_client",
@@ -34,7 +34,7 @@ _WHERE = {
     "FederatedClientBase": "fed_client_base",
     "RemoteModel": "communicator",
     "TestFederatedClient": "fed_client",
-    "get_status_message": "status",
+    "get_status_message": "engine.status",
 }
 
 
@@ -42,4 +42,5 @@ def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"engine.client.{module}"), name)
+    full = module if module.startswith("engine.") else f"engine.client.{module}"
+    return getattr(importlib.import_module(full), name)

@@ -12,7 +12,6 @@ import grpc
 
 from engine.client.communicator import FLCommunicationError
 from engine.client.fed_client_base import FederatedClientBase
-from engine.client.status import ClientStatus
 from engine.events import (
     ContributionResent,
     FederationFinished,
@@ -21,6 +20,7 @@ from engine.events import (
     RoundCompleted,
     RoundStarted,
 )
+from engine.status import ClientStatus
 
 __all__ = ["FederatedClient", "TestFederatedClient", "TrainingAbortedError"]
 

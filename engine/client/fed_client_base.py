@@ -21,7 +21,6 @@ from engine.client.communicator import Communicator, FLCommunicationError, Remot
 from engine.client.data_assembler import DataAssembler
 from engine.client.fl_context import FLContext
 from engine.client.model_manager import ClientModelManager
-from engine.client.status import ClientStatus
 from engine.config import ServerEndpoint
 from engine.events import (
     CrossSiteValidated,
@@ -31,6 +30,7 @@ from engine.events import (
     SessionRenewed,
     StatusChanged,
 )
+from engine.status import ClientStatus
 from protos import federated_pb2 as pb
 
 __all__ = ["SESSION_FILE", "FederatedClientBase", "SessionTokenFile"]

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from engine.admin_defs import Message, MsgHeader, ReturnCode, Topic
-from engine.client.shell import ShellCommandError, parse_shell_command
+from engine.shell import ShellCommandError, parse_shell_command
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 

@@ -30,7 +30,7 @@ from engine.events import (
 )
 from engine.fileio import load_npz, save_json_atomic
 from engine.server import FederatedServer
-from engine.site import SitePaths
+from engine.site.paths import SitePaths
 from fltui.runbook.bridge import RunbookBridge, SteppedGpu
 from fltui.runbook.pages import Page, Step
 from fltui.runbook.standins import STEP_S

@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.client.status import ClientStatus
 from engine.events import AdminRequestHandled, ConnectionChanged, LogRecord, RunChanged
-from engine.site import SitePaths
+from engine.site.paths import SitePaths
+from engine.status import ClientStatus
 from fltui.runbook.harness import ROUNDS, Run
 
 

@@ -12,7 +12,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer
 
-from engine.state import SiteState
+from engine.site.state import SiteState
 from fltui.bridge import BridgeError, SiteBridge
 from fltui.screens.confirm import ConfirmScreen
 from fltui.screens.deploy import DeployScreen

@@ -6,8 +6,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Static
 
-from engine.client.status import ClientStatus
-from engine.state import SiteState
+from engine.site.state import SiteState
+from engine.status import ClientStatus
 from fltui.widgets._text import set_text
 
 __all__ = ["ClientPanel"]

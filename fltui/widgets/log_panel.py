@@ -9,7 +9,7 @@ from textual.containers import Vertical
 from textual.widgets import Input, Log
 
 from engine.events import LogRecord
-from engine.state import SiteState
+from engine.site.state import SiteState
 
 __all__ = ["LEVELS", "LogPanel"]
 

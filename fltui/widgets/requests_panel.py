@@ -10,7 +10,7 @@ from textual.content import Content
 from textual.widgets import DataTable
 
 from engine.events import AdminRequestHandled
-from engine.state import SiteState
+from engine.site.state import SiteState
 
 __all__ = ["RequestsPanel"]
 

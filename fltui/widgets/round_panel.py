@@ -10,8 +10,8 @@ from textual.containers import Vertical
 from textual.widget import Widget
 from textual.widgets import ProgressBar, Sparkline, Static
 
-from engine.client.status import ClientStatus
-from engine.state import SiteState
+from engine.site.state import SiteState
+from engine.status import ClientStatus
 from fltui.widgets._text import set_text
 from fltui.widgets.site_header import ago
 

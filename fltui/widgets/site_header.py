@@ -6,7 +6,7 @@ import time
 
 from textual.widgets import Static
 
-from engine.state import SiteState
+from engine.site.state import SiteState
 from fltui.widgets._text import set_text
 
 __all__ = ["SiteHeader", "ago"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine.demo import _set_admin_port, _set_port, prepare_workspace
-from engine.site import SitePaths
+from engine.site.paths import SitePaths
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

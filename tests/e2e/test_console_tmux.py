@@ -102,7 +102,7 @@ def _worker_running(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
-    return b"engine.training.worker" in cmdline and state != "Z"
+    return b"engine.site.worker" in cmdline and state != "Z"
 
 
 def _processes_using(workspace: Path) -> list[int]:

@@ -8,7 +8,7 @@ import pytest
 
 from engine.demo import DemoFederation, prepare_workspace
 from engine.events import EventBus, FederationFinished, LogRecord
-from engine.site import SitePaths
+from engine.site.paths import SitePaths
 from tests.conftest import Recorder
 
 

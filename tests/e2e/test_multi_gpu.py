@@ -14,7 +14,8 @@ from engine.demo import _set_port, prepare_workspace
 from engine.events import EventBus, FederationFinished
 from engine.fileio import load_npz
 from engine.server import FederatedServer
-from engine.site import SitePaths, SiteService
+from engine.site.paths import SitePaths
+from engine.site.site_service import SiteService
 from tests.conftest import Recorder
 
 

@@ -15,7 +15,7 @@ from engine.config import load_server_config
 from engine.demo import _set_port, prepare_workspace
 from engine.fileio import load_npz
 from engine.server import FederatedServer
-from engine.site import SitePaths
+from engine.site.paths import SitePaths
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,7 @@ def _workers(workspace: Path) -> list[int]:
             state = (entry / "stat").read_text().split()[2]
         except OSError:
             continue
-        if b"engine.training.worker" in cmd and str(workspace).encode() in cmd and state != "Z":
+        if b"engine.site.worker" in cmd and str(workspace).encode() in cmd and state != "Z":
             pids.append(int(entry.name))
     return pids
 

@@ -33,15 +33,15 @@ import pytest
 from textual.pilot import Pilot
 
 from engine.client.fed_client_base import SESSION_FILE
-from engine.client.status import ClientStatus
 from engine.config import load_server_config
 from engine.demo import prepare_workspace
 from engine.events import EventBus, SiteJoined, SiteLeft
 from engine.fileio import load_npz
 from engine.provision import issue_identity, site_tls_settings
 from engine.server import FederatedServer
-from engine.service import control_socket_path, find_service, service_dir
-from engine.site import SitePaths
+from engine.site.paths import SitePaths
+from engine.site.service import control_socket_path, find_service, service_dir
+from engine.status import ClientStatus
 from engine.tls import (
     ROLE_SITE,
     CertificateAuthority,

@@ -21,14 +21,14 @@ from typing import Any
 import pytest
 from textual.pilot import Pilot
 
-from engine.client.status import ClientStatus
 from engine.config import load_server_config
 from engine.demo import _set_port, prepare_workspace
 from engine.events import Event, StateSnapshot, StatusChanged
 from engine.fileio import load_npz
 from engine.server import FederatedServer
-from engine.service import find_service
-from engine.site import SitePaths
+from engine.site.paths import SitePaths
+from engine.site.service import find_service
+from engine.status import ClientStatus
 from fltui.app import FLTuiApp, create_app
 from fltui.bridge import RemoteBridge
 from fltui.screens.confirm import ConfirmScreen

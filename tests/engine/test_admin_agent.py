@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from engine.admin_defs import Message, MsgHeader, ReturnCode, Topic
-from engine.client.policy import AuditLog
 from engine.demo import prepare_workspace
 from engine.events import AdminRequestHandled, EventBus
-from engine.site import SiteService
+from engine.site.policy import AuditLog
+from engine.site.site_service import SiteService
 from tests.conftest import Recorder
 
 
@@ -199,7 +199,7 @@ def test_code_named_by_path_in_a_config_is_refused_without_byoc(service) -> None
 
 
 def test_clara_module_paths_are_built_ins_not_own_code(tmp_path: Path) -> None:
-    from engine.client.deploy import code_refusal
+    from engine.site.deploy import code_refusal
 
     mmar = tmp_path / "mmar"
     (mmar / "config").mkdir(parents=True)
@@ -227,9 +227,9 @@ def test_a_clara_path_we_do_not_have_is_refused_by_name_never_imported(tmp_path:
     of a compiled module hidden under custom/ (which the BYOC check refuses too, .py or not)."""
     import py_compile
 
-    from engine.client.deploy import code_refusal
     from engine.components import resolve_component
     from engine.config import ComponentSpec, ConfigError
+    from engine.site.deploy import code_refusal
 
     mmar = tmp_path / "mmar"
     (mmar / "config").mkdir(parents=True)

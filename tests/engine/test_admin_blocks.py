@@ -24,8 +24,10 @@ from engine.admin_defs import (
     ok_reply,
     reply_to,
 )
-from engine.client.deploy import DeployError, check_zip, deploy_mmar, extract_zip, make_mmar_zip
-from engine.client.policy import (
+from engine.config import ConfigError
+from engine.shell import ShellCommandError, parse_shell_command
+from engine.site.deploy import DeployError, check_zip, deploy_mmar, extract_zip, make_mmar_zip
+from engine.site.policy import (
     COMMANDS,
     AuditLog,
     SitePolicy,
@@ -33,8 +35,7 @@ from engine.client.policy import (
     load_site_policy,
     write_default_policy,
 )
-from engine.client.shell import ShellCommandError, parse_shell_command, run_shell_command
-from engine.config import ConfigError
+from engine.site.shell import run_shell_command
 from protos import admin_pb2
 
 MB = 1 << 20

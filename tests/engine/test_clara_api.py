@@ -394,7 +394,8 @@ def test_a_client_state_processor_we_do_not_have_or_without_process_is_refused(
 def test_the_site_builds_the_mmars_client_state_processors(tmp_path: Path) -> None:
     from engine.demo import prepare_workspace
     from engine.events import EventBus
-    from engine.site import SiteEngine, SitePaths, check_mmar
+    from engine.site.paths import SitePaths
+    from engine.site.site_engine import SiteEngine, check_mmar
 
     prepare_workspace(tmp_path, num_sites=1, num_rounds=1)
     paths = SitePaths(tmp_path / "site-1")
@@ -478,7 +479,7 @@ def test_clara_module_paths_are_aliases_of_ours_and_nothing_else() -> None:
 
     import engine.admin_defs
     import engine.client.fed_client
-    from engine.client.status import ClientStatus
+    from engine.status import ClientStatus
 
     assert FederatedClient is engine.client.fed_client.FederatedClient
     assert ClaraStatus is ClientStatus and clara_get(3) == "training stopped"
@@ -507,7 +508,7 @@ def test_an_mmar_cannot_shadow_clara_modules_with_its_own_fed_learn(tmp_path: Pa
 
 def test_get_status_message_is_a_module_function_too() -> None:
     from engine.client import get_status_message as from_package
-    from engine.client.status import ClientStatus, get_status_message
+    from engine.status import ClientStatus, get_status_message
 
     assert from_package is get_status_message
     assert get_status_message(ClientStatus.TRAINING_STARTED) == "training started"

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from engine.client.data_processors import DataCompressor, DataDeCompressor, build_processors
-from engine.client.processors import request_processors
 from engine.config import (
     CLARA_REQUEST_PROCESSORS,
     REQUEST_PROCESSORS,
@@ -27,6 +26,7 @@ from engine.config import (
     load_server_config,
 )
 from engine.privacy import LaplacianProtocol, PercentileProtocol, SVTProtocol, build_privacy
+from engine.site.processors import request_processors
 from engine.training import TrainConfigError, build_fitter
 from fltui.check_config import main as check_config
 

@@ -22,7 +22,8 @@ from engine.config import ConfigError, ServerConfig, load_server_config
 from engine.events import EventBus, FederationFinished, PrivacyApplied
 from engine.fileio import load_npz
 from engine.server import FederatedServer
-from engine.site import SiteEngine, SitePaths
+from engine.site.paths import SitePaths
+from engine.site.site_engine import SiteEngine
 from engine.training import build_fitter
 from fltui.check_config import main as check_config
 from tests.conftest import Recorder
@@ -263,7 +264,7 @@ def test_a_tensorflow_mmar_is_refused_before_anything_starts_and_kit_topics_are_
 ) -> None:
     from engine.admin_defs import Topic
     from engine.config import ConfigProblems
-    from engine.site import SiteService
+    from engine.site.site_service import SiteService
 
     # port 9 (discard): nothing may be contacted before the configs are found wrong
     root = _site(tmp_path, "client1", 9, FIXTURES / "mmar")

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from engine.client.status import ClientStatus
 from engine.events import (
     CrossSiteValidated,
     EventBus,
@@ -29,7 +28,7 @@ from engine.events import (
     StateSnapshot,
     StatusChanged,
 )
-from engine.service import (
+from engine.site.service import (
     ActionError,
     ControlClient,
     ControlServer,
@@ -42,7 +41,8 @@ from engine.service import (
     control_socket_path,
     find_service,
 )
-from engine.state import SiteState
+from engine.site.state import SiteState
+from engine.status import ClientStatus
 
 SITE = "site-7"
 
@@ -251,7 +251,7 @@ def test_a_real_other_user_is_refused_by_the_file_mode_and_by_its_credentials(
 # A real holder: takes the lock, says so, describes itself when told to, then waits to be killed.
 _HOLDER = """
 import sys
-from engine.service import WorkspaceLock
+from engine.site.service import WorkspaceLock
 
 lock = WorkspaceLock(sys.argv[1])
 lock.acquire("site-1", "service")

@@ -592,7 +592,7 @@ def test_importing_the_protocols_does_not_import_torch() -> None:
 
 def _site_config(tmp_path: Path, privacy: dict[str, Any]) -> Path:
     from engine.demo import prepare_workspace
-    from engine.site import SitePaths
+    from engine.site.paths import SitePaths
 
     prepare_workspace(tmp_path, num_sites=1, num_rounds=1)
     mmar = SitePaths(tmp_path / "site-1").mmar(1, "site-1")
@@ -606,7 +606,7 @@ def _site_config(tmp_path: Path, privacy: dict[str, Any]) -> Path:
 
 def test_a_bad_percentile_in_the_mmar_is_refused_when_the_config_loads(tmp_path: Path) -> None:
     from engine.events import EventBus
-    from engine.site import SiteEngine
+    from engine.site.site_engine import SiteEngine
 
     cfg_path = _site_config(tmp_path, {"name": "PercentileProtocol", "args": {"percentile": 150}})
     with pytest.raises(ConfigError) as err:
@@ -622,7 +622,8 @@ def test_svt_from_the_mmar_filters_a_real_round(tmp_path: Path) -> None:
     from engine.events import EventBus, PrivacyApplied
     from engine.fileio import load_npz
     from engine.server import FederatedServer
-    from engine.site import SiteEngine, SitePaths
+    from engine.site.paths import SitePaths
+    from engine.site.site_engine import SiteEngine
     from tests.conftest import Recorder
 
     _site_config(tmp_path, {"name": "SVTProtocol", "args": {"fraction": 0.1, "seed": 0}})

@@ -23,7 +23,8 @@ from engine.events import (
 )
 from engine.fileio import load_npz
 from engine.server import FederatedServer
-from engine.site import SiteEngine, SitePaths
+from engine.site.paths import SitePaths
+from engine.site.site_engine import SiteEngine
 from tests.conftest import Recorder
 
 SITES = ["site-1", "site-2", "site-3"]

@@ -151,7 +151,7 @@ def workers(workspace: Path) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if b"engine.training.worker" in cmd and str(workspace).encode() in cmd and state != "Z":
+        if b"engine.site.worker" in cmd and str(workspace).encode() in cmd and state != "Z":
             pids.append(int(entry.name))
     return pids
 

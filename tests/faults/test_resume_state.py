@@ -13,7 +13,7 @@ from engine.config import ConfigError, ServerConfig
 from engine.events import ContributionResent, ServerResumed, SessionRenewed
 from engine.fileio import save_json_atomic, save_npz_atomic
 from engine.server import FederatedServer
-from engine.state import SiteState
+from engine.site.state import SiteState
 from fltui.headless import HeadlessPrinter
 
 TASK = "resume_test"

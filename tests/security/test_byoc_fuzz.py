@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import components
-from engine.client.deploy import DeployError, code_refusal, deploy_mmar, make_mmar_zip
 from engine.config import ConfigError
+from engine.site.deploy import DeployError, code_refusal, deploy_mmar, make_mmar_zip
 
 DEMO_MMAR = Path(__file__).resolve().parents[2] / "engine" / "training" / "demo_mmar"
 
@@ -133,7 +133,7 @@ def _build_as_the_worker_does(mmar: Path) -> None:
     from engine.client.data_processors import build_processors
     from engine.config import read_mmar_client_config
     from engine.privacy import build_privacy
-    from engine.site import check_mmar
+    from engine.site.site_engine import check_mmar
     from engine.training.components import resolve_component
     from engine.training.config import read_train_config
 

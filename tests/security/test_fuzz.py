@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 
 from engine import serde
 from engine.admin_defs import Message, MessageError
-from engine.client.policy import load_site_policy
 from engine.config import (
     ConfigError,
     load_client_kit,
@@ -33,6 +32,7 @@ from engine.config import (
 from engine.provision import load_project
 from engine.rpc import TOKEN_HEADER, FederatedStub
 from engine.server.admin_console import AdminConsoleService
+from engine.site.policy import load_site_policy
 from engine.tls import KitError, _identity_from_pem, load_certificate
 from fltui.admin import load_admin_kit
 from protos import admin_pb2 as apb

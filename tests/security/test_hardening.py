@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from engine.admin_defs import Message, MsgHeader, ReturnCode, Topic
-from engine.client.deploy import DeployError, code_refusal, deploy_mmar, make_mmar_zip
-from engine.client.policy import AuditLog
 from engine.demo import prepare_workspace
 from engine.events import EventBus
-from engine.site import SiteService
+from engine.site.deploy import DeployError, code_refusal, deploy_mmar, make_mmar_zip
+from engine.site.policy import AuditLog
+from engine.site.site_service import SiteService
 from fltui.check_config import check_path
 
 DEMO_MMAR = Path(__file__).resolve().parents[2] / "engine" / "training" / "demo_mmar"

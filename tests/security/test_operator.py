@@ -16,8 +16,8 @@ import pytest
 from engine.config import ConfigError
 from engine.events import EventBus
 from engine.server import FederatedServer
-from engine.site import SiteService
-from engine.state import SiteState
+from engine.site.site_service import SiteService
+from engine.site.state import SiteState
 from engine.tls import EXIT_REFUSED
 from fltui.admin import run_admin
 from fltui.headless import HeadlessPrinter

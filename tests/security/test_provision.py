@@ -14,10 +14,10 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from engine.client import DirectFederatedClient
-from engine.client.policy import load_site_policy
 from engine.config import ConfigError, load_client_kit, load_server_config
 from engine.provision import load_project
 from engine.server import FederatedServer
+from engine.site.policy import load_site_policy
 from fltui.admin import load_admin_kit
 from fltui.provision import main as provision_main
 

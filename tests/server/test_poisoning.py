@@ -34,7 +34,8 @@ from engine.fileio import load_npz
 from engine.rpc import FederatedStub
 from engine.server import FederatedServer
 from engine.server.aggregator import FedAvgAccumulator
-from engine.site import SiteEngine, SitePaths
+from engine.site.paths import SitePaths
+from engine.site.site_engine import SiteEngine
 from protos import federated_pb2 as pb
 from tests.conftest import Recorder, direct_client
 

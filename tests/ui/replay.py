@@ -6,7 +6,6 @@ real site publishes them, with fixed times; actions are refused (a snapshot take
 
 from __future__ import annotations
 
-from engine.client.status import ClientStatus
 from engine.events import (
     AdminRequestHandled,
     ConnectionChanged,
@@ -25,6 +24,7 @@ from engine.events import (
     StatusChanged,
 )
 from engine.gpu import REASON_NO_DRIVER
+from engine.status import ClientStatus
 from fltui.bridge import BridgeError, SiteBridge
 
 T0 = 1_795_000_000.0  # a fixed moment: every time on screen is relative to it

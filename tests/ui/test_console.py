@@ -15,13 +15,13 @@ from textual.binding import Binding
 from textual.command import Command, CommandInput, CommandList, CommandPalette
 from textual.pilot import Pilot
 
-from engine.client.status import ClientStatus
 from engine.config import load_server_config
 from engine.demo import _set_port, prepare_workspace
 from engine.events import CrossSiteValidated, EventBus, StatusChanged
 from engine.fileio import load_npz
 from engine.server import FederatedServer
-from engine.site import SitePaths
+from engine.site.paths import SitePaths
+from engine.status import ClientStatus
 from fltui.app import ACTIONS, FLTuiApp, create_app
 from fltui.screens.confirm import ConfirmScreen
 from fltui.screens.dashboard import Dashboard
@@ -272,7 +272,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.client.status import ClientStatus
+from engine.status import ClientStatus
 from fltui.app import create_app
 from fltui.screens.dashboard import Dashboard
 from fltui.screens.start import StartScreen
@@ -448,7 +448,7 @@ def test_start_asks_how_many_gpus_where_there_are_several(tmp_path: Path) -> Non
 
 def test_text_from_the_wire_is_never_markup_and_logs_keep_flowing(tmp_path: Path) -> None:
     from engine.events import LogRecord
-    from engine.state import MAX_LOGS
+    from engine.site.state import MAX_LOGS
     from tests.ui import replay
 
     flood = [
@@ -545,8 +545,8 @@ def test_a_refused_request_shows_its_reason_and_enter_opens_it_whole(tmp_path: P
 def test_cross_site_results_are_shown_on_this_sites_data_while_and_after_validating(
     tmp_path: Path,
 ) -> None:
-    from engine.client.status import ClientStatus as CS
     from engine.events import PhaseChanged, RunChanged
+    from engine.status import ClientStatus as CS
     from fltui.widgets.round_panel import RoundPanel
     from tests.ui import replay
 

@@ -7,9 +7,10 @@ from typing import Any
 
 from engine.admin_defs import Message, MsgHeader, Topic, error_reply, ok_reply
 from engine.client.admin import RequestProcessor
-from engine.client.admin_interface import AdminError
-from engine.client.deploy import DeployError
-from engine.client.shell import ShellCommandError, run_shell_command
+from engine.shell import ShellCommandError
+from engine.site.admin_interface import AdminError
+from engine.site.deploy import DeployError
+from engine.site.shell import run_shell_command
 
 __all__ = [
     "AbortClientProcessor",

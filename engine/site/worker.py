@@ -64,13 +64,13 @@ class _Uplink:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.training.worker")
+    parser = argparse.ArgumentParser(prog="python -m engine.site.worker")
     parser.add_argument("--workspace", type=Path, required=True)
     parser.add_argument("--mode", choices=("train", "validate"), default="train")
     args = parser.parse_args(argv)
 
     from engine.events import EventBus, EventLogHandler
-    from engine.site import SiteEngine
+    from engine.site.site_engine import SiteEngine
 
     # Watch the site service before anything slow (torch import, model build) happens.
     watcher = _watch_parent()
@@ -97,8 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     # One site's MMAR runs in this process: its policy gates every import a component would make
     # (engine.components.own_code), whichever config or builder the component came through.
-    from engine.client.policy import load_site_policy
     from engine.components import set_code_policy
+    from engine.site.policy import load_site_policy
 
     policy = load_site_policy(args.workspace / "startup" / "site_policy.json")
     set_code_policy(policy.allow_byoc, str(policy.path or "defaults"))
@@ -124,11 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if command == "abort":
                     engine.abort()
                 elif command == "check_status" and engine.client is not None:
-                    from engine.client.status import ClientStatus
+                    from engine.status import ClientStatus
 
-                    uplink.send(
-                        {"status_reply": ClientStatus.get_status_message(engine.client.status)}
-                    )
+                    uplink.send({"status_reply": ClientStatus.get_status_message(engine.status)})
 
         threading.Thread(target=commands, name="worker-commands", daemon=True).start()
 
@@ -151,7 +149,7 @@ def _watch_parent(period: float = 1.0, grace: float = 10.0) -> _ParentWatch:
     parent = int(os.environ.get("FLTUI_SERVICE_PID", os.getppid()))
     watch_state = _ParentWatch()
 
-    from engine.service import parent_gone
+    from engine.site.service import parent_gone
 
     def watch() -> None:
         import time

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from engine.admin_defs import Message, MsgHeader, Topic, new_message
-from engine.client.deploy import DeployError, code_refusal, deploy_mmar
-from engine.client.policy import AuditLog, SitePolicy
-from engine.client.status import ClientStatus
 from engine.events import AdminRequestHandled, CrossSiteValidated, Event, RunChanged
+from engine.site.deploy import DeployError, code_refusal, deploy_mmar
+from engine.site.policy import AuditLog, SitePolicy
+from engine.status import ClientStatus
 
 __all__ = ["AdminError", "ClientAdminInterface"]
 
-log = logging.getLogger("engine.client.admin_interface")
+log = logging.getLogger("engine.site.admin_interface")
 
 LOCAL = "local"
 
@@ -203,7 +203,7 @@ class ClientAdminInterface:
         if not (mmar / "config").is_dir():
             raise AdminError(f"run {number} is not deployed on {self.client_name}: deploy first")
         from engine.config import ConfigError
-        from engine.site import check_mmar
+        from engine.site.site_engine import check_mmar
 
         # The policy first: nothing of the MMAR's own code is imported before it says yes.
         refusal = code_refusal(mmar, self.policy.allow_byoc, self.policy.path)
@@ -270,7 +270,7 @@ class ClientAdminInterface:
 
     def do_validate(self, req: Message) -> str:
         """Starts cross-site validation in the background; the result goes back with SendResult."""
-        from engine.site import latest_run
+        from engine.site.paths import latest_run
 
         with self._lock:
             if self.executor.is_running():

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.events import Event, EventBus, GpuSampled
-from engine.state import SiteState
+from engine.site.state import SiteState
 
 __all__ = [
     "ACTIONS",
@@ -347,7 +347,7 @@ class SiteActions:
         return found
 
     def _local(self, topic: str, action: Any, *args: Any) -> str:
-        from engine.client.admin_interface import AdminError
+        from engine.site.admin_interface import AdminError
 
         try:
             return str(self.interface.local(topic, action, *args))
@@ -359,13 +359,13 @@ class SiteActions:
         return sorted(p.name for p in folder.glob("*") if (p / "config").is_dir())
 
     def latest_run(self) -> int | None:
-        from engine.site import latest_run
+        from engine.site.paths import latest_run
 
         return latest_run(self.site_root, self._site())
 
     def deploy(self, mmar: str, run_number: int) -> str:
         from engine.admin_defs import Message, MsgHeader, Topic
-        from engine.client.deploy import DeployError, make_mmar_zip
+        from engine.site.deploy import DeployError, make_mmar_zip
 
         if not isinstance(mmar, str) or not mmar:
             raise ActionError("deploy needs an MMAR: a name in transfer/ or a path")
@@ -1013,7 +1013,7 @@ class SiteRunner:
         mode: str = "service",
     ) -> None:
         from engine.config import load_client_kit
-        from engine.site import SitePaths
+        from engine.site.paths import SitePaths
 
         self.workspace = Path(workspace)
         self.bus = bus
@@ -1054,7 +1054,8 @@ class SiteRunner:
         Returns:
             the training's outcome with ``auto_start`` and without ``stay``, else "stopped".
         """
-        from engine.site import SiteService, attach_workspace_logs
+        from engine.site.logs import attach_workspace_logs
+        from engine.site.site_service import SiteService
 
         while True:
             service = SiteService(self.workspace, self.bus, executor=self.executor)

@@ -7,7 +7,6 @@ from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from engine.client.status import ClientStatus
 from engine.events import (
     AdminRequestHandled,
     ConnectionChanged,
@@ -30,6 +29,7 @@ from engine.events import (
     StatusChanged,
     event_from_dict,
 )
+from engine.status import ClientStatus
 
 __all__ = ["PARTS", "SiteState"]
 

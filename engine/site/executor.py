@@ -18,9 +18,9 @@ from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
-from engine.client.status import ClientStatus
 from engine.events import RunChanged, StatusChanged, event_from_dict
 from engine.fileio import tail_text
+from engine.status import ClientStatus
 
 __all__ = [
     "ClientExecutor",
@@ -30,7 +30,7 @@ __all__ = [
     "update_client_properties",
 ]
 
-log = logging.getLogger("engine.client.executor")
+log = logging.getLogger("engine.site.executor")
 
 CONNECT_TIMEOUT = 60.0  # the worker imports torch and builds its model before it connects
 ABORT_GRACE = 5.0  # seconds for the worker to stop by itself after the abort command
@@ -121,7 +121,7 @@ def _free_port() -> int:
 
 
 class ProcessExecutor(ClientExecutor):
-    """Runs training as ``python -m engine.training.worker`` in its own process group.
+    """Runs training as ``python -m engine.site.worker`` in its own process group.
 
     Args:
         workspace: the site workspace (``client_token.txt`` goes there, worker logs to
@@ -163,7 +163,7 @@ class ProcessExecutor(ClientExecutor):
             )
 
     def _launch(self, client: Any, args: dict[str, Any], world: int) -> None:
-        from engine.training.worker import write_token_file
+        from engine.site.worker import write_token_file
 
         with self._lock:
             if self.is_running():
@@ -200,7 +200,7 @@ class ProcessExecutor(ClientExecutor):
             cmd = [
                 sys.executable,
                 "-m",
-                "engine.training.worker",
+                "engine.site.worker",
                 "--workspace",
                 str(self.workspace),
             ]
@@ -459,7 +459,7 @@ class ThreadExecutor(ClientExecutor):
         return self._future is not None and not self._future.done()
 
     def start_train(self, client: Any, args: dict[str, Any], mmar_root: Path) -> None:
-        from engine.site import SiteEngine
+        from engine.site.site_engine import SiteEngine
 
         if self.is_running():
             raise RuntimeError("training is already running")

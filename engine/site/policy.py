@@ -108,7 +108,7 @@ class SitePolicy:
         shell_timeout: seconds an admin shell command may run.
         shell_max_output: bytes of shell output sent back.
         env_shown: more variables (names, or prefixes ending in ``*``) whose values ``env``
-            shows, beside ``engine.client.shell.ENV_SHOWN``.
+            shows, beside ``engine.site.shell.ENV_SHOWN``.
         path: the file the policy came from; None for the defaults.
     """
 

@@ -1,0 +1,75 @@
+"""Where a site workspace keeps things: the one place that knows ``run_<N>/mmar_<site>``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import (
+    ConfigError,
+)
+
+__all__ = ["SitePaths", "find_deployed_mmar", "latest_run"]
+
+
+@dataclass(frozen=True)
+class SitePaths:
+    """Where a site workspace keeps things (DESIGN §5)."""
+
+    root: Path
+
+    @property
+    def startup(self) -> Path:
+        return self.root / "startup"
+
+    @property
+    def kit(self) -> Path:
+        return self.startup / "fed_client.json"
+
+    @property
+    def transfer(self) -> Path:
+        return self.root / "transfer"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def mmar(self, run_number: int, site: str) -> Path:
+        return self.root / f"run_{run_number}" / f"mmar_{site}"
+
+
+def find_deployed_mmar(
+    workspace: Path, site: str, run_number: int | None = None
+) -> tuple[int, Path]:
+    """The deployed MMAR to train: ``run_<N>/mmar_<site>``, the highest N unless one is given.
+
+    Raises:
+        ConfigError: there is no deployed MMAR (deploy one first).
+    """
+    paths = SitePaths(workspace)
+    if run_number is not None:
+        mmar = paths.mmar(run_number, site)
+        if not (mmar / "config").is_dir():
+            raise ConfigError(
+                mmar, "", f"run {run_number} has no deployed MMAR for {site} (deploy first)"
+            )
+        return run_number, mmar
+    number = latest_run(workspace, site)
+    if number is None:
+        raise ConfigError(
+            workspace,
+            "",
+            f"no deployed MMAR (expected run_<N>/mmar_{site}/config/); deploy one first",
+        )
+    return number, paths.mmar(number, site)
+
+
+def latest_run(workspace: Path, site: str) -> int | None:
+    """The highest N with a deployed ``run_<N>/mmar_<site>/config``, or None."""
+    numbers = [
+        int(m.group(1))
+        for p in Path(workspace).glob("run_*")
+        if (m := re.fullmatch(r"run_([0-9]+)", p.name)) and (p / f"mmar_{site}" / "config").is_dir()
+    ]
+    return max(numbers) if numbers else None

@@ -1,0 +1,259 @@
+"""A site's engine in one process: startup kit + deployed MMAR → fitter + client, logged."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.client.data_processors import build_client_state_processors, build_processors
+from engine.client.fed_client import FederatedClient
+from engine.config import (
+    ClientKitConfig,
+    ConfigError,
+    MMARClientConfig,
+    ServerEndpoint,
+    load_client_kit,
+    load_environment,
+    load_mmar_client_config,
+)
+from engine.events import EventBus, MetricsReported, ProgressUpdated
+from engine.privacy import build_privacy
+from engine.site.deploy import code_refusal
+from engine.site.paths import SitePaths, find_deployed_mmar
+
+PROGRESS_PERIOD = 0.5  # seconds between two ProgressUpdated events of a site
+
+__all__ = ["SiteEngine", "check_mmar"]
+
+log = logging.getLogger("engine.site")
+
+
+def check_mmar(mmar: Path) -> None:
+    """Parses an MMAR's configs and builds its built-in federated components (no torch).
+
+    Components named by ``path`` (a site's own code) are not imported here: only the training
+    worker runs them, after the site policy allowed them.
+
+    Raises:
+        ConfigError: naming the file, the key and what is expected.
+    """
+    from engine.training.config import load_train_config
+
+    config = load_mmar_client_config(mmar)
+    # environment.json and config_train.json's form too (a TensorFlow one is refused here,
+    # before a worker starts); building the torch components is the worker's.
+    load_train_config(mmar, load_environment(mmar))
+    if config.privacy is not None and config.privacy.name is not None:
+        build_privacy(config.privacy)
+    build_processors([s for s in config.pre_processors if s.name is not None])
+    build_processors([s for s in config.post_processors if s.name is not None])
+    build_client_state_processors([s for s in config.client_state_processors if s.name is not None])
+
+
+class SiteEngine:
+    """Runs this site's part of a federation from its workspace.
+
+    Args:
+        workspace: the site workspace (``startup/fed_client.json``, ``run_<N>/mmar_<site>``).
+        bus: where every event goes.
+        run_number: the deployed run to train (default: the highest).
+    """
+
+    def __init__(self, workspace: Path, bus: EventBus, run_number: int | None = None) -> None:
+        self.paths = SitePaths(Path(workspace))
+        self.bus = bus
+        self.kit: ClientKitConfig = load_client_kit(self.paths.kit)
+        self.site = self.kit.client_name
+        self.run_number, self.mmar = find_deployed_mmar(self.paths.root, self.site, run_number)
+        # The site policy before anything of the MMAR is built: its own code is imported only
+        # where allow_byoc says so (the worker also gates every import: set_code_policy).
+        from engine.site.policy import load_site_policy
+
+        self.policy = load_site_policy(self.paths.startup / "site_policy.json")
+        refusal = code_refusal(self.mmar, self.policy.allow_byoc, self.policy.path)
+        if refusal:
+            raise ConfigError(self.mmar, "", refusal)
+        self.mmar_config: MMARClientConfig = load_mmar_client_config(self.mmar)
+        custom = [self.mmar / "custom"]
+        self.privacy = build_privacy(self.mmar_config.privacy, custom)
+        self.pre_processors = build_processors(self.mmar_config.pre_processors, custom)
+        self.post_processors = build_processors(self.mmar_config.post_processors, custom)
+        self.client_state_processors = build_client_state_processors(
+            self.mmar_config.client_state_processors, custom
+        )
+        self.client: FederatedClient | None = None
+        self._last_progress = 0.0
+        self.rank, self.world_size = 0, 1
+
+    def distributed(self, rank: int, world_size: int) -> None:
+        """Makes this engine one rank of a multi-GPU run (set before ``build``).
+
+        ``torch.distributed`` is initialised from the environment (MASTER_ADDR, MASTER_PORT):
+        NCCL on GPUs, gloo on CPU. Only rank 0 talks to the server; it broadcasts each global
+        model to the others, and all ranks train together (DistributedDataParallel).
+        """
+        self.rank, self.world_size = rank, world_size
+
+    def _server_args(self) -> list[Any]:
+        # The MMAR names the task; the startup kit says where its server is.
+        task = self.mmar_config.task_name
+        for server in self.kit.servers:
+            if server.name == task:
+                # The MMAR's service.options go to gRPC too; the kit's win for the same option.
+                given = {name for name, _ in server.options}
+                extra = [o for o in self.mmar_config.server_options(task) if o[0] not in given]
+                if extra:
+                    server = ServerEndpoint(server.name, server.target, [*server.options, *extra])
+                return [server]
+        names = ", ".join(s.name for s in self.kit.servers)
+        raise ConfigError(
+            self.mmar_config.path,
+            "servers[0].name",
+            f"task {task!r} is not served by any server of {self.kit.path} ({names})",
+        )
+
+    def _on_progress(self, step: int, total: int, epoch: int, loss: float) -> None:
+        now = time.monotonic()
+        if step < total and now - self._last_progress < PROGRESS_PERIOD:
+            return
+        self._last_progress = now
+        rnd = (self.client.current_round + 1) if self.client else 0
+        self.bus.publish(
+            ProgressUpdated(
+                site=self.site, round=rnd, step=step, total_steps=total, epoch=epoch, loss=loss
+            )
+        )
+
+    def _on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        rnd = (self.client.current_round + 1) if self.client else 0
+        self.bus.publish(
+            MetricsReported(site=self.site, round=rnd, scope="train", metrics=metrics, epoch=epoch)
+        )
+
+    def build(self) -> FederatedClient:
+        """Builds the fitter and the client (imports torch)."""
+        from engine.training import build_fitter
+
+        cfg = self.mmar_config
+        device = None
+        if self.world_size > 1:
+            device = self._init_distributed()
+        self.fitter = build_fitter(
+            self.mmar,
+            site_name=self.site,
+            local_epochs=cfg.local_epochs,
+            steps_aggregation=cfg.steps_aggregation,
+            on_progress=self._on_progress if self.rank == 0 else None,
+            on_epoch_end=self._on_epoch_end if self.rank == 0 else None,
+            device=device,
+        )
+        if self.world_size > 1:
+            self.fitter.enable_distributed(self.rank, self.world_size)
+        kit = self.kit
+        self.client = FederatedClient(
+            self.site,
+            {
+                "heartbeat_interval": kit.heartbeat_interval,
+                # The session token file there is shared with the site service (renewals).
+                "workspace": self.paths.root,
+                # The kit's certificates: the site's identity, which registered the session this
+                # worker uses (the server binds tokens to certificates). An MMAR's ssl_* are
+                # checked, not used.
+                "ssl_args": {
+                    "ssl_root_cert": kit.ssl_root_cert,
+                    "ssl_cert": kit.ssl_cert,
+                    "ssl_private_key": kit.ssl_private_key,
+                },
+            },
+            kit.secure_train,
+            self._server_args(),
+            exclude_vars=cfg.exclude_vars,
+            privacy=self.privacy,
+            retry_timeout=cfg.retry_timeout if cfg.retry_timeout is not None else kit.retry_timeout,
+            cross_site_validate=cfg.cross_site_validate,
+            pre_processors=self.pre_processors,
+            post_processors=self.post_processors,
+            client_state_processors=self.client_state_processors,
+            compression=cfg.wire_compression or kit.compression,
+            bus=self.bus,
+        )
+        if self.world_size > 1:
+            self.client.round_sync = self._sync_ranks
+        return self.client
+
+    def _init_distributed(self) -> str:
+        import torch
+        import torch.distributed as dist
+
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", self.rank))
+            torch.cuda.set_device(local)
+            backend, device = "nccl", f"cuda:{local}"
+        else:
+            backend, device = "gloo", "cpu"
+        if not dist.is_initialized():
+            from datetime import timedelta
+
+            # Not torch's 30 min default: a rank whose peers died must give up its GPU soon.
+            dist.init_process_group(
+                backend, rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=120)
+            )
+        return device
+
+    def _sync_ranks(self, go_on: bool) -> None:
+        """Rank 0, after each pull: tells the other ranks whether to train, and with what."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if go_on else 0], device=self.fitter.device)
+        dist.broadcast(flag, src=0)
+        if go_on:
+            self.fitter.broadcast_weights(0)
+
+    def _follow(self) -> str:
+        """Ranks > 0: train each round on rank 0's global model until rank 0 says stop."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.zeros(1, dtype=torch.long, device=self.fitter.device)
+        while True:
+            dist.broadcast(flag, src=0)
+            if not int(flag.item()):
+                return "completed"
+            self.fitter.broadcast_weights(0)
+            self.fitter.train()
+
+    def validate_only(self) -> str:
+        """Cross-site validation on its own (the admin's ``validate``), with the best model."""
+        client = self.client or self.build()
+        try:
+            client.model_manager.set_fitter(self.fitter)
+            results = client.run_cross_site_validation()
+        except Exception as exc:
+            log.error("%s: cross-site validation failed: %s", self.site, exc)
+            return "failed"
+        finally:
+            client.communicator.close()
+        log.info("%s: cross-site validation done: %d models", self.site, len(results))
+        return "completed"
+
+    def run(self) -> str:
+        """Runs the federation to its end in this thread; returns the outcome."""
+        client = self.client or self.build()
+        if self.rank > 0:
+            return self._follow()
+        log.info(
+            "%s: training %s (run %d) with server %s",
+            self.site,
+            self.mmar.name,
+            self.run_number,
+            client.servers[client.task_name].target,
+        )
+        return client.admin_run(self.fitter)
+
+    def abort(self) -> None:
+        if self.client is not None:
+            self.client.abort()
