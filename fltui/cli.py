@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from engine.procs import watch_parent
 from fltui import __version__
 
 __all__ = [
@@ -323,20 +324,6 @@ def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
     return EXIT_OK if outcome == "completed" else EXIT_FAILED
 
 
-def _watch_parent(parent: int, on_gone: object) -> None:
-    """Calls ``on_gone`` when process ``parent`` is gone (a console that launched us died)."""
-    import time
-
-    from engine.site.service import parent_gone
-
-    def watch() -> None:
-        while not parent_gone(parent):
-            time.sleep(1.0)
-        on_gone()  # type: ignore[operator]
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
     from engine.config import ConfigError
     from engine.demo import DemoFederation
@@ -380,7 +367,7 @@ def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
         printer.say(f"demo service pid {info.pid}, control socket {info.socket}")  # type: ignore[attr-defined]
         parent = os.environ.get("FLTUI_PARENT_PID", "")
         if parent.isdigit():
-            _watch_parent(int(parent), demo.abort)
+            watch_parent(int(parent), demo.abort)
         sampler = GpuSampler()
         sampler.start(bus, "site-1")  # type: ignore[arg-type]
     stop = threading.Event()

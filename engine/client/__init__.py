@@ -32,7 +32,7 @@ _WHERE = {
     "FLCommunicationError": "communicator",
     "FederatedClient": "fed_client",
     "FederatedClientBase": "fed_client_base",
-    "RemoteModel": "communicator",
+    "RemoteModel": "fl_context",
     "TestFederatedClient": "fed_client",
     "get_status_message": "engine.status",
 }

@@ -10,7 +10,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -18,7 +17,8 @@ import numpy as np
 from google.protobuf.struct_pb2 import Struct
 
 from engine import serde
-from engine.client.fl_context import FLContext
+from engine.client.data_assembler import DataAssembler
+from engine.client.fl_context import FLContext, RemoteModel
 from engine.config import ServerEndpoint
 from engine.events import ConnectionChanged, EventBus, ModelTransferred
 from engine.rpc import TOKEN_HEADER, FederatedStub
@@ -158,20 +158,6 @@ class FLCommunicationError(RuntimeError):
     def security(self) -> bool:
         """TLS or authentication refused the site: retrying cannot help (exit code 3)."""
         return self.kind is not None
-
-
-@dataclass
-class RemoteModel:
-    """A model received from the server: its meta, owner and tensors."""
-
-    meta: pb.ModelMetaData
-    params: dict[str, np.ndarray]
-    owner: str = "server"
-    meta_data: dict[str, Any] | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(v.nbytes) for v in self.params.values())
 
 
 class _Wait(Exception):
@@ -651,7 +637,6 @@ class Communicator:
                     "submitUpdate: fl_ctx carries no 'contribution' and 'model_data', and this "
                     "Communicator has no model_manager to read this round's update from"
                 )
-            from engine.client.data_assembler import DataAssembler  # it imports this module
 
             state = self.get_client_state(task_name, token, app_ctx)
             header, params = DataAssembler.get_contribution_data(
@@ -771,8 +756,6 @@ class Communicator:
             the server's comment.
         """
         if params is None and not disable and self.model_manager is not None:
-            from engine.client.data_assembler import DataAssembler  # it imports this module
-
             _, params = DataAssembler.get_best_local_model(
                 self.model_manager, task_name, self.get_client_state(task_name, token)
             )

@@ -1,10 +1,15 @@
-"""FLContext: named properties that travel with one federated step through the processors."""
+"""FLContext and RemoteModel: what travels with one federated step (a context bag, a model)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FLContext"]
+import numpy as np
+
+from protos import federated_pb2 as pb
+
+__all__ = ["FLContext", "RemoteModel"]
 
 
 class FLContext:
@@ -21,3 +26,17 @@ class FLContext:
 
     def props(self) -> dict[str, Any]:
         return dict(self._props)
+
+
+@dataclass
+class RemoteModel:
+    """A model received from the server: its meta, owner and tensors."""
+
+    meta: pb.ModelMetaData
+    params: dict[str, np.ndarray]
+    owner: str = "server"
+    meta_data: dict[str, Any] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(v.nbytes) for v in self.params.values())

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.client.communicator import RemoteModel
+from engine.client.fl_context import RemoteModel
 from protos import federated_pb2 as pb
 
 __all__ = ["ClientModelManager", "ModelDiffError"]

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any
 
-from engine.components import build_component
-from engine.config import ComponentSpec
-
-__all__ = ["PRIVACY_PROTOCOLS", "PrivacyProtocol", "build_privacy"]
+__all__ = ["PrivacyProtocol"]
 
 
 class PrivacyProtocol(ABC):
@@ -27,39 +23,3 @@ class PrivacyProtocol(ABC):
         Returns:
             variable name to array, the same names as ``model_diff``.
         """
-
-
-# Built-in protocols, by the name an MMAR's ``privacy`` block gives; filled in at the end of this
-# module, since they subclass PrivacyProtocol.
-PRIVACY_PROTOCOLS: dict[str, type[PrivacyProtocol]] = {}
-
-
-def build_privacy(
-    spec: ComponentSpec | None, search_paths: list[Path] | None = None
-) -> PrivacyProtocol | None:
-    """The protocol an MMAR's ``privacy`` block names; None for ``{}``.
-
-    A protocol written for Clara (``from fed_learn.client.fed_privacy import PrivacyProtocol``)
-    loads unchanged: Clara's module paths are made to mean ours first (``engine.clara_compat``).
-    """
-    if spec is None:
-        return None
-    from engine import clara_compat
-
-    clara_compat.install()
-    return build_component(
-        spec, PRIVACY_PROTOCOLS, "privacy protocol", PrivacyProtocol, search_paths
-    )
-
-
-from engine.privacy.laplacian import LaplacianProtocol  # noqa: E402
-from engine.privacy.percentile import PercentileProtocol  # noqa: E402
-from engine.privacy.svt import SVTProtocol  # noqa: E402
-
-PRIVACY_PROTOCOLS.update(
-    {
-        "PercentileProtocol": PercentileProtocol,
-        "SVTProtocol": SVTProtocol,
-        "LaplacianProtocol": LaplacianProtocol,
-    }
-)

@@ -20,6 +20,7 @@ from typing import Any
 
 from engine.events import RunChanged, StatusChanged, event_from_dict
 from engine.fileio import tail_text
+from engine.site.paths import write_token_file
 from engine.status import ClientStatus
 
 __all__ = [
@@ -163,7 +164,6 @@ class ProcessExecutor(ClientExecutor):
             )
 
     def _launch(self, client: Any, args: dict[str, Any], world: int) -> None:
-        from engine.site.worker import write_token_file
 
         with self._lock:
             if self.is_running():

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.config import (
     ConfigError,
 )
+from engine.fileio import atomic_write
 
-__all__ = ["SitePaths", "find_deployed_mmar", "latest_run"]
+__all__ = [
+    "TOKEN_FILE",
+    "SitePaths",
+    "find_deployed_mmar",
+    "latest_run",
+    "read_token_file",
+    "write_token_file",
+]
 
 
 @dataclass(frozen=True)
@@ -73,3 +83,19 @@ def latest_run(workspace: Path, site: str) -> int | None:
         if (m := re.fullmatch(r"run_([0-9]+)", p.name)) and (p / f"mmar_{site}" / "config").is_dir()
     ]
     return max(numbers) if numbers else None
+
+
+TOKEN_FILE = "client_token.txt"
+
+
+def write_token_file(workspace: Path, info: dict[str, Any]) -> Path:
+    """Writes the worker's start information, readable by the owner only (mkstemp's 0600)."""
+    path = workspace / TOKEN_FILE
+    text = json.dumps(info).encode()
+    atomic_write(path, lambda f: f.write(text))
+    return path
+
+
+def read_token_file(workspace: Path) -> dict[str, Any]:
+    """Reads what ``write_token_file`` wrote."""
+    return dict(json.loads((workspace / TOKEN_FILE).read_text()))

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.events import Event, EventBus, GpuSampled
+from engine.procs import pid_alive
 from engine.site.state import SiteState
 
 __all__ = [
@@ -202,24 +203,6 @@ def _lock_held(lock_path: Path) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def parent_gone(parent: int) -> bool:
-    """Whether ``parent``, the process that started this one, has died (even by SIGKILL).
-
-    Re-parenting says so at once; a pid that no longer exists says so too.
-    """
-    return os.getppid() != parent or not _alive(parent)
-
-
 def find_service(workspace: Path) -> ServiceInfo | None:
     """The service that runs ``workspace`` now, ready for consoles; else None.
 
@@ -232,7 +215,7 @@ def find_service(workspace: Path) -> ServiceInfo | None:
     if not folder.exists():
         return None
     info = _read_info(workspace)
-    if info is None or not _alive(info.pid):
+    if info is None or not pid_alive(info.pid):
         return None
     if not _lock_held(folder / "service.lock"):
         return None
@@ -254,7 +237,7 @@ class WorkspaceLock:
 
     def _holder(self) -> ServiceInfo | None:
         info = _read_info(self.workspace)
-        if info is not None and _alive(info.pid):
+        if info is not None and pid_alive(info.pid):
             return info
         try:  # not described yet (it is starting): the pid it wrote into the lock file
             pid = int((self.dir / "service.lock").read_text().split()[0])

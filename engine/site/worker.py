@@ -10,39 +10,24 @@ to the service; the other ranks train and follow rank 0 through ``torch.distribu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TOKEN_FILE", "main", "read_token_file", "write_token_file"]
+from engine.procs import watch_parent
+from engine.site.paths import read_token_file
 
-TOKEN_FILE = "client_token.txt"
+__all__ = ["main"]
 
 EXIT_COMPLETED = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ABORTED = 3
-
-
-def write_token_file(workspace: Path, info: dict[str, Any]) -> Path:
-    """Writes the worker's start information, readable by the owner only."""
-    path = workspace / TOKEN_FILE
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, path)
-    return path
-
-
-def read_token_file(workspace: Path) -> dict[str, Any]:
-    """Reads what ``write_token_file`` wrote."""
-    return dict(json.loads((workspace / TOKEN_FILE).read_text()))
 
 
 class _Uplink:
@@ -149,20 +134,14 @@ def _watch_parent(period: float = 1.0, grace: float = 10.0) -> _ParentWatch:
     parent = int(os.environ.get("FLTUI_SERVICE_PID", os.getppid()))
     watch_state = _ParentWatch()
 
-    from engine.site.service import parent_gone
-
-    def watch() -> None:
-        import time
-
-        while not parent_gone(parent):
-            time.sleep(period)
+    def gone() -> None:
         if watch_state.engine is None:
             os._exit(EXIT_ABORTED)  # nothing built yet: nothing to stop cleanly
         watch_state.engine.abort()
         time.sleep(grace)  # time to stop cleanly; then leave regardless
         os._exit(EXIT_ABORTED)
 
-    threading.Thread(target=watch, name="worker-parent-watch", daemon=True).start()
+    watch_parent(parent, gone, period, name="worker-parent-watch")
     return watch_state
 
 

@@ -11,7 +11,7 @@ from engine.client.fed_client_base import SESSION_FILE
 from engine.demo import DemoFederation
 from engine.events import EventBus, FederationFinished, SiteConfigured
 from engine.server import fed_server
-from engine.site.worker import TOKEN_FILE
+from engine.site.paths import TOKEN_FILE
 from tests.conftest import Recorder
 
 
