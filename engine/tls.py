@@ -16,11 +16,10 @@ import re
 import socket
 import ssl
 import stat
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 from cryptography import x509
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from engine.config import ConfigError
+from engine.fileio import atomic_write
 
 __all__ = [
     "EXIT_REFUSED",
@@ -272,20 +272,12 @@ class CertificateAuthority:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600: a key is never readable by others, not even briefly.
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    def write(f: IO[bytes]) -> None:
+        # atomic_write's temp file is 0600: a key is never readable by others, not even briefly.
+        os.fchmod(f.fileno(), mode)
+        f.write(data)
+
+    atomic_write(path, write)
 
 
 def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = [
     "EXIT_NO_SERVICE",
@@ -74,9 +74,13 @@ def write_screenshot(svg: str, stem: Path) -> tuple[Path, Path | None, str]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    from engine.fileio import atomic_write  # deferred: numpy; the console imports this module
+
+    def write(f: IO[bytes]) -> None:
+        os.fchmod(f.fileno(), 0o644)  # a picture for a support ticket, not a secret
+        f.write(data)
+
+    atomic_write(path, write)
 
 
 def default_stem(folder: Path, site: str, now: float | None = None) -> Path:

@@ -30,6 +30,7 @@ from engine.events import (
     SessionRenewed,
     StatusChanged,
 )
+from engine.fileio import atomic_write
 from engine.status import ClientStatus
 from protos import federated_pb2 as pb
 
@@ -67,12 +68,8 @@ class SessionTokenFile:
         return str(token) if token else None
 
     def write(self, token: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"token": token}, f)
-        os.replace(tmp, self.path)
+        text = json.dumps({"token": token}).encode("utf-8")
+        atomic_write(self.path, lambda f: f.write(text))  # mkstemp's 0600: owner only
 
     @contextlib.contextmanager
     def locked(self, stop: threading.Event, timeout: float) -> Iterator[None]:
