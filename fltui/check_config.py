@@ -31,6 +31,7 @@ from engine.config import (
     read_server_config,
 )
 from engine.site.deploy import code_refusal
+from engine.site.paths import SitePaths
 from engine.site.policy import load_site_policy
 
 __all__ = ["Report", "check_path", "main"]
@@ -113,9 +114,7 @@ def _check_workspace(root: Path, report: Report) -> None:
         site = load_client_kit(kit).client_name
     except ConfigError:
         site = ""
-    mmars = sorted(p for p in root.glob("run_*/mmar_*") if (p / "config").is_dir())
-    if site:
-        mmars = [p for p in mmars if p.name == f"mmar_{site}"]
+    mmars = SitePaths(root).deployed_mmars(site)
     mmars += sorted(p for p in (root / "transfer").glob("*") if (p / "config").is_dir())
     for mmar in mmars:
         _check_mmar(mmar, report)

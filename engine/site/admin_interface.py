@@ -17,6 +17,7 @@ from typing import Any
 from engine.admin_defs import Message, MsgHeader, Topic, new_message
 from engine.events import AdminRequestHandled, CrossSiteValidated, Event, RunChanged
 from engine.site.deploy import DeployError, code_refusal, deploy_mmar
+from engine.site.paths import SitePaths, check_run_number
 from engine.site.policy import AuditLog, SitePolicy
 from engine.status import ClientStatus
 
@@ -105,20 +106,17 @@ class ClientAdminInterface:
         )
 
     def _run_dir(self, run_number: int) -> Path:
-        return self.workspace / f"run_{run_number}"
+        return SitePaths(self.workspace).run_dir(run_number)
 
     def _mmar(self, run_number: int) -> Path:
-        return self._run_dir(run_number) / f"mmar_{self.client_name}"
+        return SitePaths(self.workspace).mmar(run_number, self.client_name)
 
     @staticmethod
     def _run_number(value: Any) -> int:
         try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise AdminError(f"run number must be a whole number >= 1, got {value!r}") from None
-        if number < 1:
-            raise AdminError(f"run number must be a whole number >= 1, got {number}")
-        return number
+            return check_run_number(value, parse=True)  # headers and shell words are text
+        except ValueError as exc:
+            raise AdminError(str(exc)) from None
 
     # ------------------------------------------------------------------ status
 

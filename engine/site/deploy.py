@@ -14,6 +14,10 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from engine.components import code_in_config
+from engine.config import environment_problems
+from engine.site.paths import SitePaths, check_run_number
+
 __all__ = [
     "REQUIRED_CONFIGS",
     "DeployError",
@@ -62,8 +66,6 @@ def code_refusal(mmar: Path, allow_byoc: bool, policy_file: object = None) -> st
     """
     if allow_byoc:
         return None
-    from engine.components import code_in_config
-
     where = f"refused by site policy ({policy_file or 'defaults'}): "
     folder = Path(mmar) / "custom"
     for path in sorted(folder.rglob("*")) if folder.is_dir() else ():
@@ -360,8 +362,10 @@ def deploy_mmar(
     Raises:
         DeployError: the MMAR is refused or cannot be extracted; the text says why.
     """
-    if isinstance(run_number, bool) or not isinstance(run_number, int) or run_number < 1:
-        raise DeployError(f"the run number must be a whole number >= 1, got {run_number!r}")
+    try:
+        check_run_number(run_number)
+    except ValueError as exc:
+        raise DeployError(str(exc)) from None
     if not isinstance(site, str) or not _SITE_RE.match(site):
         raise DeployError(
             f"site name {site!r} must start with a letter or digit and hold only letters, "
@@ -397,14 +401,12 @@ def deploy_mmar(
                 raise DeployError(refusal)
             _check_environment(tree)
 
-        dest = Path(workspace) / f"run_{run_number}" / f"mmar_{site}"
+        dest = SitePaths(Path(workspace)).mmar(run_number, site)
         _extract(zf, members, dest, max_bytes, verify)
     return dest
 
 
 def _check_environment(tree: Path) -> None:
-    from engine.config import environment_problems
-
     problems = environment_problems(tree)
     if problems:
         lines = [

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import (
-    ConfigError,
-)
+from engine.config import ConfigError
 from engine.fileio import atomic_write
 
 __all__ = [
     "TOKEN_FILE",
     "SitePaths",
+    "check_run_number",
     "find_deployed_mmar",
     "latest_run",
     "read_token_file",
@@ -45,8 +44,38 @@ class SitePaths:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    def run_dir(self, run_number: int) -> Path:
+        return self.root / f"run_{run_number}"
+
     def mmar(self, run_number: int, site: str) -> Path:
-        return self.root / f"run_{run_number}" / f"mmar_{site}"
+        return self.run_dir(run_number) / f"mmar_{site}"
+
+    def deployed_mmars(self, site: str = "") -> list[Path]:
+        """Every deployed ``run_<N>/mmar_<site>`` (any site's where ``site`` is ""), sorted."""
+        found = sorted(p for p in self.root.glob("run_*/mmar_*") if (p / "config").is_dir())
+        return [p for p in found if p.name == f"mmar_{site}"] if site else found
+
+
+def check_run_number(value: Any, *, parse: bool = False) -> int:
+    """The N of ``run_<N>``, checked: a whole number >= 1 (every caller checks it here).
+
+    Args:
+        value: the run number.
+        parse: also take what ``int()`` reads (an admin message carries its headers as text);
+            without it only an int is one (over the control socket JSON can carry "7" or true).
+
+    Raises:
+        ValueError: ``value`` is not a whole number >= 1; the text says so.
+    """
+    number = value
+    if parse:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = None
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ValueError(f"the run number must be a whole number >= 1, got {value!r}")
+    return number
 
 
 def find_deployed_mmar(

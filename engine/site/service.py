@@ -352,7 +352,7 @@ class SiteActions:
 
         if not isinstance(mmar, str) or not mmar:
             raise ActionError("deploy needs an MMAR: a name in transfer/ or a path")
-        _whole("run number", run_number)
+        _check_run(run_number)
         path = Path(mmar)
         folder = path if path.is_absolute() else self.site_root / "transfer" / mmar
         if not (folder / "config").is_dir():
@@ -371,7 +371,7 @@ class SiteActions:
     def start_training(self, run_number: int, gpus: int = 1) -> str:
         from engine.admin_defs import Topic
 
-        _whole("run number", run_number)
+        _check_run(run_number)
         _whole("GPU count", gpus)
         if gpus > 1:
             return self._local(Topic.START_MGPU, self.interface.start_mgpu_client, run_number, gpus)
@@ -392,6 +392,16 @@ class SiteActions:
 
         request = Message(Topic.VALIDATE, "", {MsgHeader.USER_NAME: "local"})
         return self._local(Topic.VALIDATE, self.interface.do_validate, request)
+
+
+def _check_run(value: Any) -> None:
+    """Refuses what is not a run number (over the socket, JSON can carry anything)."""
+    from engine.site.paths import check_run_number
+
+    try:
+        check_run_number(value)
+    except ValueError as exc:
+        raise ActionError(str(exc)) from None
 
 
 def _whole(name: str, value: Any) -> None:
