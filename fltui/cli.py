@@ -23,6 +23,14 @@ from types import FrameType
 
 from engine.procs import watch_parent
 from fltui import __version__
+from fltui.exits import (
+    EXIT_BUSY,
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_NO_SERVICE,
+    EXIT_OK,
+)
 
 __all__ = [
     "EXIT_BUSY",
@@ -33,13 +41,6 @@ __all__ = [
     "EXIT_OK",
     "main",
 ]
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
-EXIT_NO_SERVICE = 5
-EXIT_BUSY = 4
-EXIT_INTERRUPTED = 130
 
 
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -174,34 +175,34 @@ def _workspace(args: argparse.Namespace) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["check-config"]:  # its own parser, --help included
-        from fltui.check_config import main as check_config
+        from fltui.check_config import main as check_config  # deferred: loads when the command runs
 
         return check_config(words[1:])
     if words[:1] == ["provision"]:
-        from fltui.provision import main as provision
+        from fltui.provision import main as provision  # deferred: loads when the command runs
 
         return provision(words[1:])
     if words[:1] == ["runbook"]:
-        from fltui.runbook import main as runbook
+        from fltui.runbook import main as runbook  # deferred: loads when the command runs
 
         return runbook(words[1:])
     if words[:1] == ["screenshot"]:
-        from fltui.screenshot import main as screenshot
+        from fltui.screenshot import main as screenshot  # deferred: loads when the command runs
 
         return screenshot(words[1:])
     args = build_parser().parse_args(words)
     if not args.no_ui and args.command in (None, "demo"):
         return _run_console(args)
     if args.command == "admin":
-        from fltui.admin import run_admin
+        from fltui.admin import run_admin  # deferred: gRPC, X.509; not for --help
 
         return run_admin(_workspace(args), list(args.words), json_out=args.json)
     if args.command == "ctl":
-        from fltui.ctl import run_ctl
+        from fltui.ctl import run_ctl  # deferred: loads when the command runs
 
         return run_ctl(_workspace(args), args)
-    from engine.events import EventBus
-    from fltui.headless import HeadlessPrinter
+    from engine.events import EventBus  # deferred: the engine; not for --help
+    from fltui.headless import HeadlessPrinter  # deferred: --no-ui's; not for --help
 
     bus = EventBus()
     # Human lines: the events say what happened; info-level log lines would repeat them.
@@ -225,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_console(args: argparse.Namespace) -> int:
     """The full-screen console (the engine runs in this process, torch in its workers)."""
-    from fltui.app import create_app
-    from fltui.themes import load_themes
+    from fltui.app import create_app  # deferred: textual; not for --help or --no-ui
+    from fltui.themes import load_themes  # deferred: textual; not for --help or --no-ui
 
     themes = load_themes()
     if args.theme not in themes:
@@ -247,7 +248,7 @@ def _run_console(args: argparse.Namespace) -> int:
             demo_secure=args.secure,
         )
     else:
-        from engine.site.service import ServiceError
+        from engine.site.service import ServiceError  # deferred: not for --help or --no-ui
 
         try:
             app = create_app(_workspace(args), theme=args.theme)
@@ -274,9 +275,13 @@ def _on_sigterm(stop: threading.Event) -> None:
 
 def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
     """The site service: the engine, the workspace lock and the control socket."""
-    from engine.config import ConfigError
-    from engine.gpu import GpuSampler
-    from engine.site.service import ServiceError, SiteRunner, WorkspaceBusy
+    from engine.config import ConfigError  # deferred: the engine; not for --help
+    from engine.gpu import GpuSampler  # deferred: the engine; not for --help
+    from engine.site.service import (  # deferred: the engine; not for --help
+        ServiceError,
+        SiteRunner,
+        WorkspaceBusy,
+    )
 
     root = _workspace(args)
     stop = threading.Event()
@@ -316,7 +321,7 @@ def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
         return EXIT_OK  # stopped on request (ctl shutdown, a console's stop key)
     failure = getattr(runner.service, "failure", None)
     if failure is not None:  # registration failed: refused by TLS/authentication, or not reached
-        from engine.tls import EXIT_REFUSED
+        from engine.tls import EXIT_REFUSED  # deferred: gRPC, X.509; not for --help
 
         return EXIT_REFUSED if failure.security else EXIT_FAILED
     if args.serve:
@@ -325,8 +330,8 @@ def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
 
 
 def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
-    from engine.config import ConfigError
-    from engine.demo import DemoFederation
+    from engine.config import ConfigError  # deferred: the engine; not for --help
+    from engine.demo import DemoFederation  # deferred: gRPC, numpy; not for --help
 
     if args.workspace is not None:
         root = Path(args.workspace).resolve()
@@ -348,8 +353,13 @@ def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
     )
     host = None
     if args.service:
-        from engine.gpu import GpuSampler
-        from engine.site.service import ServiceError, ServiceHost, SiteActions, WorkspaceBusy
+        from engine.gpu import GpuSampler  # deferred: the engine; not for --help
+        from engine.site.service import (  # deferred: the engine; not for --help
+            ServiceError,
+            ServiceHost,
+            SiteActions,
+            WorkspaceBusy,
+        )
 
         actions = SiteActions(
             root / "site-1",
@@ -392,10 +402,13 @@ def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
 
 
 def _run_server(args: argparse.Namespace, bus: object, printer: object) -> int:
-    from engine.config import ConfigError, load_server_config
-    from engine.fileio import load_npz
-    from engine.server import FederatedServer
-    from engine.site.logs import attach_workspace_logs
+    from engine.config import (  # deferred: the engine; not for --help
+        ConfigError,
+        load_server_config,
+    )
+    from engine.fileio import load_npz  # deferred: numpy; not for --help
+    from engine.server import FederatedServer  # deferred: gRPC, numpy; not for --help
+    from engine.site.logs import attach_workspace_logs  # deferred: the engine; not for --help
 
     root = _workspace(args)
     try:
@@ -403,7 +416,7 @@ def _run_server(args: argparse.Namespace, bus: object, printer: object) -> int:
         path = next((p for p in candidates if p.exists()), candidates[0])
         config = load_server_config(path)
         if args.mmar is not None:
-            from engine.training import build_fitter
+            from engine.training import build_fitter  # deferred: only with --mmar
 
             initial = build_fitter(args.mmar, site_name="server").get_weights()
         else:

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fltui.cli import EXIT_CONFIG as EXIT_USAGE
-from fltui.cli import EXIT_FAILED, EXIT_NO_SERVICE, EXIT_OK
+from engine.site.service import ActionError, ControlClient, ServiceError, find_service
+from fltui.exits import EXIT_CONFIG as EXIT_USAGE
+from fltui.exits import EXIT_FAILED, EXIT_NO_SERVICE, EXIT_OK
 
 __all__ = ["run_ctl"]
 
@@ -38,8 +39,6 @@ def _status_lines(status: dict[str, Any]) -> list[str]:
 
 
 def run_ctl(workspace: Path, args: argparse.Namespace) -> int:
-    from engine.site.service import ActionError, ControlClient, ServiceError, find_service
-
     action = args.action
     if action == "deploy" and not args.mmar:
         print("fltui ctl: deploy needs an MMAR (a name in transfer/ or a path)", file=sys.stderr)

@@ -6,9 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+from engine.config import ConfigError
+from fltui.exits import EXIT_CONFIG, EXIT_OK
 
-EXIT_OK, EXIT_CONFIG = 0, 2
+__all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """Runs the command; returns the exit code (0 done, 2 bad project file or output folder)."""
     args = build_parser().parse_args(argv)
-    from engine.config import ConfigError
-    from engine.provision import describe, load_project, provision
+    from engine.provision import describe, load_project, provision  # deferred: gRPC, X.509
 
     try:
         project = load_project(args.project)

@@ -1,12 +1,9 @@
-"""Screenshots of the console: SVG (Textual's own) and PNG (resvg), and ``fltui screenshot``.
+"""``fltui screenshot``: the dashboard of a workspace's running site service, as SVG and PNG.
 
 ``fltui screenshot [--workspace DIR] [--out FILE]`` attaches to the workspace's running site
 service, draws the dashboard off-screen (nothing appears on the terminal) and saves it as SVG
-and PNG, for a support ticket. The console's ``p`` key saves what is on screen the same way.
-
-PNGs are rendered by resvg (the ``resvg-py`` wheel: a Rust renderer with no system library to
-install). Text needs a monospace font on the machine; DejaVu Sans Mono (Debian's
-``fonts-dejavu-core``) is asked for first, then the system's monospace default.
+and PNG (``fltui.pictures``), for a support ticket. The console's ``p`` key saves what is on
+screen the same way.
 """
 
 from __future__ import annotations
@@ -17,76 +14,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-__all__ = [
-    "EXIT_NO_SERVICE",
-    "MONOSPACE",
-    "default_stem",
-    "main",
-    "svg_to_png",
-    "write_screenshot",
-]
+from engine.site.service import find_service
+from fltui.bridge import RemoteBridge
+from fltui.exits import EXIT_NO_SERVICE
+from fltui.pictures import default_stem, write_screenshot
 
-EXIT_NO_SERVICE = 5  # as `fltui ctl`: no site service runs for the workspace
-MONOSPACE = "DejaVu Sans Mono"
+__all__ = ["main"]
+
 DEFAULT_SIZE = (120, 40)
-
-
-def svg_to_png(svg: str) -> bytes:
-    """Renders a Textual SVG screenshot as PNG bytes (same pixel size as the SVG's viewBox).
-
-    Raises:
-        ImportError: resvg-py is not installed.
-        ValueError: the SVG cannot be rendered.
-    """
-    import resvg_py
-
-    # Textual's SVG asks for "Fira Code, monospace" (a web font it cannot fetch offline): the
-    # generic family is mapped to a font that has the box-drawing and block characters.
-    data = resvg_py.svg_to_bytes(
-        svg_string=svg,
-        font_family=MONOSPACE,
-        monospace_family=MONOSPACE,
-        sans_serif_family="DejaVu Sans",
-    )
-    return bytes(data)
-
-
-def write_screenshot(svg: str, stem: Path) -> tuple[Path, Path | None, str]:
-    """Writes ``stem.svg`` and ``stem.png``; returns both paths and a problem ("" if none).
-
-    The SVG is always written; a PNG that cannot be rendered (resvg-py missing) is reported, not
-    raised, so that the picture is never lost.
-    """
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    svg_path = stem.with_suffix(".svg")
-    _write_atomic(svg_path, svg.encode("utf-8"))
-    try:
-        png = svg_to_png(svg)
-    except ImportError:
-        return svg_path, None, "no PNG: install resvg-py (pip install resvg-py)"
-    except ValueError as exc:
-        return svg_path, None, f"no PNG: {exc}"
-    png_path = stem.with_suffix(".png")
-    _write_atomic(png_path, png)
-    return svg_path, png_path, ""
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    from engine.fileio import atomic_write  # deferred: numpy; the console imports this module
-
-    def write(f: IO[bytes]) -> None:
-        os.fchmod(f.fileno(), 0o644)  # a picture for a support ticket, not a secret
-        f.write(data)
-
-    atomic_write(path, write)
-
-
-def default_stem(folder: Path, site: str, now: float | None = None) -> Path:
-    """``folder/fltui-<site>-<YYYYmmdd-HHMMSS>`` (local time)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if now is None else now))
-    return folder / f"fltui-{site or 'site'}-{stamp}"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -149,8 +86,7 @@ def main(argv: list[str]) -> int:
         workspace = Path(args.workspace)
     else:
         workspace = Path(os.environ.get("FLTUI_WORKSPACE") or Path.cwd())
-    from engine.site.service import find_service
-    from fltui.themes import load_themes
+    from fltui.themes import load_themes  # deferred: textual; not for --help or a usage error
 
     if args.theme not in load_themes():
         print(f"fltui screenshot: unknown theme {args.theme!r}", file=sys.stderr)
@@ -167,9 +103,8 @@ def main(argv: list[str]) -> int:
 
 
 async def _shoot(workspace: Path, site: str, args: argparse.Namespace) -> int:
-    from fltui.app import create_app
-    from fltui.bridge import RemoteBridge
-    from fltui.screens.dashboard import Dashboard
+    from fltui.app import create_app  # deferred: textual; not for --help or a usage error
+    from fltui.screens.dashboard import Dashboard  # deferred: textual, as above
 
     bridge = RemoteBridge(workspace, site)
     app = create_app(workspace, theme=args.theme, bridge=bridge, gpu_sampler=_NoSampler())

@@ -31,10 +31,10 @@ from engine.events import (
 from engine.fileio import load_npz, save_json_atomic
 from engine.server import FederatedServer
 from engine.site.paths import SitePaths
+from fltui.pictures import svg_to_png
 from fltui.runbook.bridge import RunbookBridge, SteppedGpu
 from fltui.runbook.pages import Page, Step
 from fltui.runbook.standins import STEP_S
-from fltui.screenshot import svg_to_png
 
 ROUNDS = 3
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: on the child processes' path
@@ -236,7 +236,7 @@ class Run:
 
     @property
     def dash(self) -> Any:
-        from fltui.screens.dashboard import Dashboard  # textual: loaded once a scenario plays
+        from fltui.screens.dashboard import Dashboard  # deferred: textual, once a scenario plays
 
         for screen in self.app.screen_stack:
             if isinstance(screen, Dashboard):
@@ -307,7 +307,7 @@ class Run:
         self.gpu_samples += 1
         await self.pilot.pause(0.2)
         dash.pump(force=True)
-        from textual.widgets import Input  # textual: loaded once a scenario plays
+        from textual.widgets import Input  # deferred: textual, loaded once a scenario plays
 
         for widget in self.app.screen.query(Input):
             widget.cursor_blink = False  # a blinking cursor is on or off by chance

@@ -14,6 +14,7 @@ from textual.widgets import Footer
 
 from engine.site.state import SiteState
 from fltui.bridge import BridgeError, SiteBridge
+from fltui.pictures import default_stem, write_screenshot
 from fltui.screens.confirm import ConfirmScreen
 from fltui.screens.deploy import DeployScreen
 from fltui.screens.help import HelpScreen
@@ -188,8 +189,6 @@ class Dashboard(Screen[None]):
 
     def action_screenshot(self) -> None:
         """Saves what is on screen now (SVG and PNG) under the workspace's screenshots/."""
-        from fltui.screenshot import default_stem
-
         app = self.app
         workspace = getattr(app, "workspace", None)
         folder = (workspace if workspace is not None else Path.cwd()) / "screenshots"
@@ -206,8 +205,6 @@ class Dashboard(Screen[None]):
 
     @work(thread=True, group="screenshot")
     def _write_png(self, svg: Path) -> None:
-        from fltui.screenshot import write_screenshot
-
         try:
             _, png, problem = write_screenshot(svg.read_text(encoding="utf-8"), svg.with_suffix(""))
         except OSError as exc:

@@ -10,9 +10,9 @@ from engine.demo import prepare_workspace
 from engine.site.service import find_service
 from fltui.app import create_app
 from fltui.bridge import LocalBridge
+from fltui.pictures import svg_to_png
 from fltui.screens.dashboard import Dashboard
 from fltui.screenshot import main as screenshot_main
-from fltui.screenshot import svg_to_png
 from tests.ui import replay
 
 PNG = b"\x89PNG\r\n\x1a\n"
