@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine import clara_compat
 from engine.config import ComponentSpec, ConfigError, clara_base, refusal
 
 __all__ = [
@@ -140,8 +141,6 @@ def import_path(dotted: str, custom_dir: Path | None = None) -> Any:
         custom_dir = custom_dir.resolve()
         _use_custom_dir(custom_dir, module_name)
     # Code written for Clara imports fed_learn.client.fed_privacy and the like: ours, aliased.
-    from engine import clara_compat
-
     clara_compat.install()
     try:
         module = importlib.import_module(module_name)

@@ -16,9 +16,14 @@ from typing import Any
 from engine.config import load_server_config
 from engine.events import Event, EventBus, LogRecord, event_from_dict
 from engine.fileio import load_npz, save_json_atomic, tail_text
+from engine.provision import issue_identity, server_tls_settings, site_tls_settings
+from engine.server import FederatedServer
 from engine.site.logs import attach_workspace_logs
 from engine.site.paths import SitePaths
 from engine.site.site_service import SiteService
+from engine.tls import ROLE_ADMIN, ROLE_SERVER, ROLE_SITE, CertificateAuthority
+from engine.training import demo_mmar_path
+from engine.training.initial_model import write_initial_model
 
 __all__ = ["DemoFederation", "DemoResult", "prepare_workspace"]
 
@@ -52,17 +57,12 @@ def prepare_workspace(
     federation would be: a certificate authority in ``ca/``, certificates for the server
     (localhost, 127.0.0.1), each site and the admin, and mutual TLS on every connection.
     """
-    from engine.training import demo_mmar_path
-
     server_dir = root / "server"
     names = _site_names(num_sites)
     # The demo is plaintext unless asked: a server is secure by default otherwise.
     server_tls: dict[str, Any] = {"secure_train": False}
     client_tls: dict[str, Any] = {"secure_train": False}
     if secure:
-        # Imported here: a plaintext demo does not load the X.509 library.
-        from engine.provision import server_tls_settings, site_tls_settings
-
         _provision_demo(root, names)
         server_tls, client_tls = server_tls_settings(names, [ADMIN]), site_tls_settings()
     config: dict[str, Any] = {
@@ -100,8 +100,6 @@ def prepare_workspace(
                 stdin=subprocess.DEVNULL,
             )
         else:
-            from engine.training.initial_model import write_initial_model
-
             write_initial_model(scratch, out)
     admin = root / "admin"
     save_json_atomic(
@@ -142,9 +140,6 @@ def prepare_workspace(
 
 def _provision_demo(root: Path, sites: list[str]) -> None:
     """Certificates for the demo: one authority (kept across runs), fresh leaf certificates."""
-    from engine.provision import issue_identity
-    from engine.tls import ROLE_ADMIN, ROLE_SERVER, ROLE_SITE, CertificateAuthority
-
     ca_cert, ca_key = root / "ca" / "rootCA.pem", root / "ca" / "rootCA.key"
     if ca_cert.exists() and ca_key.exists():
         ca = CertificateAuthority.load(ca_cert, ca_key)
@@ -230,8 +225,6 @@ class DemoFederation:
 
     def run(self, timeout: float = 900.0) -> DemoResult:
         """Runs the whole federation; returns when every site has ended."""
-        from engine.server import FederatedServer
-
         prepare_workspace(
             self.root,
             self.num_sites,

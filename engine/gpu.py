@@ -371,7 +371,7 @@ class GpuSampler(_SamplerBase):
     def _module(self) -> Any:
         if self._nvml is None and not self._import_failed:
             try:
-                import pynvml  # lazy: importing the engine must not need NVML
+                import pynvml  # deferred: NVML may be absent; importing the engine must not need it
             except Exception:  # ImportError, or a broken install raising something else
                 self._import_failed = True
                 _log.debug("pynvml import failed", exc_info=True)

@@ -34,6 +34,7 @@ from typing import Any
 
 from engine.config import SITE_NAME, ConfigError, load_json
 from engine.fileio import save_json_atomic
+from engine.site.policy import write_default_policy
 from engine.tls import (
     ROLE_ADMIN,
     ROLE_SERVER,
@@ -347,8 +348,6 @@ def _write_server(project: Project, ca: CertificateAuthority, root: Path) -> Non
 
 
 def _write_site(project: Project, ca: CertificateAuthority, site: Participant, root: Path) -> None:
-    from engine.site.policy import write_default_policy
-
     startup = root / "startup"
     issue_identity(ca, startup, site.name, ROLE_SITE, site.org, project.valid_days)
     save_json_atomic(

@@ -18,6 +18,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from engine import serde
 from engine.client.data_assembler import DataAssembler
+from engine.client.data_processors import DataContext
 from engine.client.fl_context import FLContext, RemoteModel
 from engine.config import ServerEndpoint
 from engine.events import ConnectionChanged, EventBus, ModelTransferred
@@ -586,8 +587,6 @@ class Communicator:
     ) -> dict[str, np.ndarray]:
         if not self.post_processors:
             return params
-        from engine.client.data_processors import DataContext  # it imports this module
-
         data_ctx = DataContext(model=params, header=header, fl_ctx=FLContext())
         ctx = dict(app_ctx or {})
         for processor in self.post_processors:

@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from engine import clara_compat
 from engine.client.fl_context import FLContext
 from engine.components import build_component
-from engine.config import ComponentSpec
+from engine.config import ComponentSpec, ConfigError
 from protos import federated_pb2 as pb
 
 __all__ = [
@@ -117,8 +118,6 @@ def build_processors(
     Code written for Clara imports its base class from Clara's module
     (``fed_learn.components.data_processor``): those paths are made to mean ours first.
     """
-    from engine import clara_compat
-
     clara_compat.install()
     return [
         build_component(s, DATA_PROCESSORS, "data processor", None, search_paths) for s in specs
@@ -158,9 +157,6 @@ def build_client_state_processors(
         ConfigError: what ``build_component`` raises, or a component without a callable
             ``process(client_state, app_ctx)`` (named by file and key).
     """
-    from engine import clara_compat
-    from engine.config import ConfigError
-
     clara_compat.install()
     built = []
     for spec in specs:

@@ -21,6 +21,7 @@ from engine.events import (
     RoundStarted,
 )
 from engine.status import ClientStatus
+from engine.training.errors import TrainingAborted
 
 __all__ = ["FederatedClient", "TestFederatedClient", "TrainingAbortedError"]
 
@@ -170,8 +171,6 @@ class FederatedClient(FederatedClientBase):
             self.outcome = "completed"
             self.set_status(ClientStatus.TRAINING_STOPPED)
         except Exception as exc:  # every ending is reported, never swallowed
-            from engine.training.errors import TrainingAborted
-
             aborted = self.stop_event.is_set() or isinstance(
                 exc, (TrainingAborted, TrainingAbortedError)
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -74,8 +75,6 @@ class SessionTokenFile:
     @contextlib.contextmanager
     def locked(self, stop: threading.Event, timeout: float) -> Iterator[None]:
         """Holds the lock (polling, so that ``stop`` and ``timeout`` end the wait)."""
-        import fcntl
-
         self._lock_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:

@@ -61,7 +61,7 @@ class PercentileProtocol(PrivacyProtocol):
         Raises:
             NonFiniteDiffError: a variable holds NaN or Inf (named in the error).
         """
-        from engine.privacy import _ops  # torch loads on first use, not with the config
+        from engine.privacy import _ops  # deferred: torch loads on first use, not with the config
 
         if self._workspace is None:
             self._workspace = _ops.Workspace()

@@ -86,7 +86,7 @@ class SVTProtocol(PrivacyProtocol):
         self._workspace: Any = None
 
     def _generator(self, device: Any) -> Any:
-        import torch
+        import torch  # deferred: torch loads on first use, not with the config
 
         key = str(device)
         g = self._generators.get(key)
@@ -110,7 +110,7 @@ class SVTProtocol(PrivacyProtocol):
         Raises:
             NonFiniteDiffError: a variable holds NaN or Inf (named in the error).
         """
-        from engine.privacy import _ops  # torch loads on first use, not with the config
+        from engine.privacy import _ops  # deferred: torch loads on first use, not with the config
 
         if self._workspace is None:
             self._workspace = _ops.Workspace()

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from engine.admin_defs import Message, MsgHeader, Topic, new_message
+from engine.config import ConfigError
 from engine.events import AdminRequestHandled, CrossSiteValidated, Event, RunChanged
 from engine.site.deploy import DeployError, code_refusal, deploy_mmar
-from engine.site.paths import SitePaths, check_run_number
+from engine.site.paths import SitePaths, check_run_number, latest_run
 from engine.site.policy import AuditLog, SitePolicy
+from engine.site.site_engine import check_mmar
 from engine.status import ClientStatus
 
 __all__ = ["AdminError", "ClientAdminInterface"]
@@ -200,9 +202,6 @@ class ClientAdminInterface:
         mmar = self._mmar(number)
         if not (mmar / "config").is_dir():
             raise AdminError(f"run {number} is not deployed on {self.client_name}: deploy first")
-        from engine.config import ConfigError
-        from engine.site.site_engine import check_mmar
-
         # The policy first: nothing of the MMAR's own code is imported before it says yes.
         refusal = code_refusal(mmar, self.policy.allow_byoc, self.policy.path)
         if refusal:
@@ -268,8 +267,6 @@ class ClientAdminInterface:
 
     def do_validate(self, req: Message) -> str:
         """Starts cross-site validation in the background; the result goes back with SendResult."""
-        from engine.site.paths import latest_run
-
         with self._lock:
             if self.executor.is_running():
                 raise AdminError(f"{self.client_name} is busy (run {self.run_number}); try later")
@@ -357,7 +354,7 @@ def _meminfo() -> dict[str, int]:
 
 def _gpu_names() -> dict[str, Any]:
     try:
-        import pynvml
+        import pynvml  # deferred: NVML may be absent; the answer then says so
 
         pynvml.nvmlInit()
     except Exception as exc:  # no library, no driver: say so

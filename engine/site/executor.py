@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import secrets
 import signal
 import socket
@@ -21,6 +22,7 @@ from typing import Any
 from engine.events import RunChanged, StatusChanged, event_from_dict
 from engine.fileio import tail_text
 from engine.site.paths import write_token_file
+from engine.site.site_engine import SiteEngine
 from engine.status import ClientStatus
 
 __all__ = [
@@ -327,8 +329,6 @@ class ProcessExecutor(ClientExecutor):
 
     def check_status(self, client: Any) -> str:
         """Asks the worker itself (over its connection); the last known status otherwise."""
-        import queue
-
         with self._lock:
             conn = self._conn
         if conn is not None:
@@ -459,8 +459,6 @@ class ThreadExecutor(ClientExecutor):
         return self._future is not None and not self._future.done()
 
     def start_train(self, client: Any, args: dict[str, Any], mmar_root: Path) -> None:
-        from engine.site.site_engine import SiteEngine
-
         if self.is_running():
             raise RuntimeError("training is already running")
         engine = SiteEngine(self.workspace, client.bus, int(args["run_number"]))

@@ -42,8 +42,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.config import load_client_kit
 from engine.events import Event, EventBus, GpuSampled
 from engine.procs import pid_alive
+from engine.site.logs import attach_workspace_logs
 from engine.site.state import SiteState
 
 __all__ = [
@@ -283,7 +285,7 @@ class WorkspaceLock:
 
     def publish(self) -> None:
         """Writes service.json: consoles and ``fltui ctl`` find the service from now on."""
-        from engine.fileio import atomic_write
+        from engine.fileio import atomic_write  # deferred: numpy; the console's start path
 
         assert self.info is not None, "acquire first"
         text = json.dumps(dataclasses.asdict(self.info), indent=2) + "\n"
@@ -330,7 +332,7 @@ class SiteActions:
         return found
 
     def _local(self, topic: str, action: Any, *args: Any) -> str:
-        from engine.site.admin_interface import AdminError
+        from engine.site.admin_interface import AdminError  # deferred: numpy, protobuf
 
         try:
             return str(self.interface.local(topic, action, *args))
@@ -342,13 +344,13 @@ class SiteActions:
         return sorted(p.name for p in folder.glob("*") if (p / "config").is_dir())
 
     def latest_run(self) -> int | None:
-        from engine.site.paths import latest_run
+        from engine.site.paths import latest_run  # deferred: numpy; the console's start path
 
         return latest_run(self.site_root, self._site())
 
     def deploy(self, mmar: str, run_number: int) -> str:
-        from engine.admin_defs import Message, MsgHeader, Topic
-        from engine.site.deploy import DeployError, make_mmar_zip
+        from engine.admin_defs import Message, MsgHeader, Topic  # deferred: protobuf
+        from engine.site.deploy import DeployError, make_mmar_zip  # deferred: numpy
 
         if not isinstance(mmar, str) or not mmar:
             raise ActionError("deploy needs an MMAR: a name in transfer/ or a path")
@@ -369,7 +371,7 @@ class SiteActions:
         return self._local(Topic.DEPLOY, self.interface.deploy_mmar, request)
 
     def start_training(self, run_number: int, gpus: int = 1) -> str:
-        from engine.admin_defs import Topic
+        from engine.admin_defs import Topic  # deferred: protobuf; the console's start path
 
         _check_run(run_number)
         _whole("GPU count", gpus)
@@ -378,17 +380,17 @@ class SiteActions:
         return self._local(Topic.START, self.interface.start_client, run_number)
 
     def abort(self) -> str:
-        from engine.admin_defs import Topic
+        from engine.admin_defs import Topic  # deferred: protobuf; the console's start path
 
         return self._local(Topic.ABORT, self.interface.abort_client)
 
     def restart(self) -> str:
-        from engine.admin_defs import Topic
+        from engine.admin_defs import Topic  # deferred: protobuf; the console's start path
 
         return self._local(Topic.RESTART, self.interface.restart_client)
 
     def validate(self) -> str:
-        from engine.admin_defs import Message, MsgHeader, Topic
+        from engine.admin_defs import Message, MsgHeader, Topic  # deferred: protobuf
 
         request = Message(Topic.VALIDATE, "", {MsgHeader.USER_NAME: "local"})
         return self._local(Topic.VALIDATE, self.interface.do_validate, request)
@@ -396,7 +398,7 @@ class SiteActions:
 
 def _check_run(value: Any) -> None:
     """Refuses what is not a run number (over the socket, JSON can carry anything)."""
-    from engine.site.paths import check_run_number
+    from engine.site.paths import check_run_number  # deferred: numpy; the console's start path
 
     try:
         check_run_number(value)
@@ -1005,8 +1007,7 @@ class SiteRunner:
         gpu_sampler: Any = None,
         mode: str = "service",
     ) -> None:
-        from engine.config import load_client_kit
-        from engine.site.paths import SitePaths
+        from engine.site.paths import SitePaths  # deferred: numpy; the console's start path
 
         self.workspace = Path(workspace)
         self.bus = bus
@@ -1047,8 +1048,7 @@ class SiteRunner:
         Returns:
             the training's outcome with ``auto_start`` and without ``stay``, else "stopped".
         """
-        from engine.site.logs import attach_workspace_logs
-        from engine.site.site_service import SiteService
+        from engine.site.site_service import SiteService  # deferred: gRPC, numpy, the engine
 
         while True:
             service = SiteService(self.workspace, self.bus, executor=self.executor)

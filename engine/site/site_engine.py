@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from engine.events import EventBus, MetricsReported, ProgressUpdated
 from engine.privacy import build_privacy
 from engine.site.deploy import code_refusal
 from engine.site.paths import SitePaths, find_deployed_mmar
+from engine.site.policy import load_site_policy
+from engine.training import build_fitter
+from engine.training.config import load_train_config
 
 PROGRESS_PERIOD = 0.5  # seconds between two ProgressUpdated events of a site
 
@@ -40,8 +44,6 @@ def check_mmar(mmar: Path) -> None:
     Raises:
         ConfigError: naming the file, the key and what is expected.
     """
-    from engine.training.config import load_train_config
-
     config = load_mmar_client_config(mmar)
     # environment.json and config_train.json's form too (a TensorFlow one is refused here,
     # before a worker starts); building the torch components is the worker's.
@@ -70,8 +72,6 @@ class SiteEngine:
         self.run_number, self.mmar = find_deployed_mmar(self.paths.root, self.site, run_number)
         # The site policy before anything of the MMAR is built: its own code is imported only
         # where allow_byoc says so (the worker also gates every import: set_code_policy).
-        from engine.site.policy import load_site_policy
-
         self.policy = load_site_policy(self.paths.startup / "site_policy.json")
         refusal = code_refusal(self.mmar, self.policy.allow_byoc, self.policy.path)
         if refusal:
@@ -135,8 +135,6 @@ class SiteEngine:
 
     def build(self) -> FederatedClient:
         """Builds the fitter and the client (imports torch)."""
-        from engine.training import build_fitter
-
         cfg = self.mmar_config
         device = None
         if self.world_size > 1:
@@ -185,8 +183,8 @@ class SiteEngine:
         return self.client
 
     def _init_distributed(self) -> str:
-        import torch
-        import torch.distributed as dist
+        import torch  # deferred: torch loads in the worker, not with the site's engine
+        import torch.distributed as dist  # deferred: part of torch, loaded in the worker only
 
         if torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", self.rank))
@@ -195,8 +193,6 @@ class SiteEngine:
         else:
             backend, device = "gloo", "cpu"
         if not dist.is_initialized():
-            from datetime import timedelta
-
             # Not torch's 30 min default: a rank whose peers died must give up its GPU soon.
             dist.init_process_group(
                 backend, rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=120)
@@ -205,8 +201,8 @@ class SiteEngine:
 
     def _sync_ranks(self, go_on: bool) -> None:
         """Rank 0, after each pull: tells the other ranks whether to train, and with what."""
-        import torch
-        import torch.distributed as dist
+        import torch  # deferred: torch loads in the worker, not with the site's engine
+        import torch.distributed as dist  # deferred: part of torch, loaded in the worker only
 
         flag = torch.tensor([1 if go_on else 0], device=self.fitter.device)
         dist.broadcast(flag, src=0)
@@ -215,8 +211,8 @@ class SiteEngine:
 
     def _follow(self) -> str:
         """Ranks > 0: train each round on rank 0's global model until rank 0 says stop."""
-        import torch
-        import torch.distributed as dist
+        import torch  # deferred: torch loads in the worker, not with the site's engine
+        import torch.distributed as dist  # deferred: part of torch, loaded in the worker only
 
         flag = torch.zeros(1, dtype=torch.long, device=self.fitter.device)
         while True:

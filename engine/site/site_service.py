@@ -5,17 +5,27 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from engine.admin_defs import Topic
+from engine.client.admin import AdminMessageSender, FedAdminAgent
+from engine.client.communicator import FLCommunicationError
+from engine.client.fed_client_base import FederatedClientBase
 from engine.config import (
     ConfigError,
     load_client_kit,
 )
-from engine.events import EventBus
+from engine.events import EventBus, FederationFinished, SiteConfigured
+from engine.site.admin_interface import AdminError, ClientAdminInterface
 from engine.site.deploy import code_refusal
+from engine.site.executor import ProcessExecutor, ThreadExecutor
 from engine.site.paths import SitePaths, find_deployed_mmar
+from engine.site.policy import AuditLog, load_site_policy
+from engine.site.processors import request_processors
 from engine.site.site_engine import check_mmar
+from engine.status import ClientStatus
 
 __all__ = ["SiteService"]
 
@@ -37,15 +47,6 @@ class SiteService:
     """
 
     def __init__(self, workspace: Path, bus: EventBus, executor: str = "process") -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from engine.client.admin import AdminMessageSender, FedAdminAgent
-        from engine.client.fed_client_base import FederatedClientBase
-        from engine.site.admin_interface import ClientAdminInterface
-        from engine.site.executor import ProcessExecutor, ThreadExecutor
-        from engine.site.policy import AuditLog, load_site_policy
-        from engine.site.processors import request_processors
-
         self.paths = SitePaths(Path(workspace))
         self.bus = bus
         self.kit = load_client_kit(self.paths.kit)
@@ -135,12 +136,6 @@ class SiteService:
             with ``auto_start``: the training's outcome ("completed", "aborted", "failed");
             otherwise "stopped" after a shutdown or restart request.
         """
-        from engine.admin_defs import Topic
-        from engine.client.communicator import FLCommunicationError
-        from engine.events import FederationFinished
-        from engine.site.admin_interface import AdminError
-        from engine.status import ClientStatus
-
         number = None
         if auto_start:
             number, mmar = find_deployed_mmar(self.paths.root, self.site, run_number)
@@ -149,8 +144,6 @@ class SiteService:
                 raise ConfigError(mmar, "", refusal)
             # Config mistakes are found here, with file and key, before anything starts.
             check_mmar(mmar)
-        from engine.events import SiteConfigured
-
         self.bus.publish(
             SiteConfigured(
                 site=self.site,

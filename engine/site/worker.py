@@ -10,6 +10,7 @@ to the service; the other ranks train and follow rank 0 through ``torch.distribu
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import threading
@@ -19,8 +20,13 @@ from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
 
+from engine.components import set_code_policy
+from engine.events import EventBus, EventLogHandler
 from engine.procs import watch_parent
 from engine.site.paths import read_token_file
+from engine.site.policy import load_site_policy
+from engine.site.site_engine import SiteEngine
+from engine.status import ClientStatus
 
 __all__ = ["main"]
 
@@ -54,9 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("train", "validate"), default="train")
     args = parser.parse_args(argv)
 
-    from engine.events import EventBus, EventLogHandler
-    from engine.site.site_engine import SiteEngine
-
     # Watch the site service before anything slow (torch import, model build) happens.
     watcher = _watch_parent()
     rank = int(os.environ.get("RANK", "0"))
@@ -70,21 +73,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         uplink = _Uplink(conn)
         bus.subscribe(lambda event: uplink.send({"event": event.to_dict()}))  # type: ignore[union-attr]
-        import logging
-
         engine_log = logging.getLogger("engine")
         engine_log.setLevel(logging.INFO)
         engine_log.addHandler(EventLogHandler(bus, str(info["client_name"])))
 
-    import torch
+    import torch  # deferred: slow, so it loads once the parent watch runs
 
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     # One site's MMAR runs in this process: its policy gates every import a component would make
     # (engine.components.own_code), whichever config or builder the component came through.
-    from engine.components import set_code_policy
-    from engine.site.policy import load_site_policy
-
     policy = load_site_policy(args.workspace / "startup" / "site_policy.json")
     set_code_policy(policy.allow_byoc, str(policy.path or "defaults"))
     engine = SiteEngine(args.workspace, bus, int(info["run_number"]))
@@ -109,8 +107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if command == "abort":
                     engine.abort()
                 elif command == "check_status" and engine.client is not None:
-                    from engine.status import ClientStatus
-
                     uplink.send({"status_reply": ClientStatus.get_status_message(engine.status)})
 
         threading.Thread(target=commands, name="worker-commands", daemon=True).start()

@@ -57,7 +57,7 @@ def build_fitter(
         TrainConfigError: The config or one of its components is unusable.
         ValueError: An argument is out of range, or the device is unavailable.
     """
-    from engine.training import fitter
+    from engine.training import fitter  # deferred: torch; `import engine.training` must not load it
 
     return fitter.build_fitter(
         mmar_root,
@@ -74,7 +74,7 @@ def __getattr__(name: str) -> Any:
     # Fitter is importable from here for type hints and isinstance checks, without making
     # `import engine.training` pay for torch.
     if name == "Fitter":
-        from engine.training.fitter import Fitter
+        from engine.training.fitter import Fitter  # deferred: torch, on first use of the name
 
         return Fitter
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,11 +7,14 @@ only training has: the built-ins per ``config_train.json`` key and the torch nam
 
 from __future__ import annotations
 
+import importlib.machinery
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from engine import components
+from engine.components import _custom_dirs
 from engine.config import ComponentSpec
 from engine.training.errors import TrainConfigError
 
@@ -37,7 +40,7 @@ def _torch_fallback(key: str) -> components.Fallback | None:
         return None
 
     def look(name: str) -> tuple[Any, list[str], str]:
-        import torch
+        import torch  # deferred: torch loads in the worker, not to check a config
 
         ns: Any
         base: type
@@ -77,11 +80,6 @@ def resolve_component(
 
 def is_installed(dotted: str) -> bool:
     """Whether module ``dotted`` is installed, found on disk without importing any of it."""
-    import importlib.machinery
-    import sys
-
-    from engine.components import _custom_dirs
-
     top, *rest = dotted.split(".")
     # The installed packages only: not an MMAR's custom/ this process put on sys.path, and not
     # sys.modules (a site's module imported earlier is not "installed").

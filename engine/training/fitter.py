@@ -13,10 +13,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 from engine.config import load_environment
+from engine.fileio import atomic_write, save_json_atomic
 from engine.training.components import build_component
 from engine.training.config import METRICS, ComponentSpec, TrainConfig, load_train_config
 from engine.training.errors import TrainConfigError, TrainingAborted
@@ -224,10 +228,6 @@ class Fitter:
         Each rank gets its own shard of the training data (DistributedSampler) and gradients are
         averaged across ranks (DistributedDataParallel), so every rank keeps the same weights.
         """
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-        from torch.utils.data.distributed import DistributedSampler
-
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised")
         with self._lock:
@@ -251,8 +251,6 @@ class Fitter:
 
     def broadcast_weights(self, src: int = 0) -> None:
         """Makes every rank's model equal to rank ``src``'s (after rank 0 loaded a global model)."""
-        import torch.distributed as dist
-
         with self._lock, torch.no_grad():
             for tensor in self._model.state_dict().values():
                 dist.broadcast(tensor, src=src)
@@ -524,8 +522,6 @@ class Fitter:
     def _save_best(self, state: Mapping[str, torch.Tensor]) -> None:
         target = self.best_model_path
         tensors = {name: t.detach().to("cpu", copy=True) for name, t in state.items()}
-        from engine.fileio import atomic_write
-
         try:
             # Readers see the old file or the new one, never half of one, even after a crash.
             atomic_write(target, lambda fh: torch.save(tensors, fh))
@@ -536,8 +532,6 @@ class Fitter:
 
     def _save_metrics(self, metrics: Mapping[str, float]) -> None:
         """Writes the last validation to ``<MMAR_EVAL_OUTPUT_PATH>/validation_metrics.json``."""
-        from engine.fileio import save_json_atomic
-
         target = self.eval_dir / EVAL_METRICS
         try:
             save_json_atomic(

@@ -6,14 +6,13 @@ import sys
 from pathlib import Path
 
 from engine.fileio import save_npz_atomic
+from engine.training import build_fitter
 
 __all__ = ["write_initial_model"]
 
 
 def write_initial_model(mmar: Path, out: Path) -> None:
     """Builds the MMAR's model (seeded) and saves its weights to ``out`` atomically."""
-    from engine.training import build_fitter
-
     fitter = build_fitter(mmar, site_name="server")
     save_npz_atomic(out, fitter.get_weights())
 
