@@ -13,6 +13,7 @@ import grpc
 
 from engine.config import ConfigError, load_json
 from engine.server.admin_console import COMMANDS
+from engine.site.deploy import DeployError, make_mmar_zip
 from engine.tls import (
     EXIT_REFUSED,
     SecurityFailure,
@@ -121,8 +122,6 @@ class AdminConsole:
 
     def execute(self, command: str, timeout: float = 900.0) -> apb.ConsoleReply:
         """Runs one command line; a ``deploy`` attaches the named MMAR from transfer/."""
-        from engine.site.deploy import DeployError, make_mmar_zip
-
         attachment = b""
         words = shlex.split(command)
         if words[:1] == ["deploy"] and len(words) > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -11,6 +12,8 @@ from textual.app import App
 from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
 
+from engine.gpu import GpuSampler
+from engine.site.service import find_service
 from fltui.bridge import LocalBridge, RemoteBridge, SiteBridge
 from fltui.screens.dashboard import Dashboard
 from fltui.screens.first_run import FirstRunScreen
@@ -144,8 +147,6 @@ def create_app(
     """
     root = Path(workspace) if workspace is not None else Path.cwd()
     if gpu_sampler is None:
-        from engine.gpu import GpuSampler
-
         gpu_sampler = GpuSampler()
 
     def demo_bridge(path: Path = root) -> SiteBridge:
@@ -156,8 +157,6 @@ def create_app(
         if demo:
             bridge = demo_bridge()
         elif (root / "startup" / "fed_client.json").is_file():
-            from engine.site.service import find_service
-
             info = find_service(root)
             if info is not None:
                 bridge = RemoteBridge(root, info.site)
@@ -165,8 +164,6 @@ def create_app(
                 bridge = LocalBridge(root, gpu_sampler=gpu_sampler)
 
     def fresh_demo() -> SiteBridge:
-        import tempfile
-
         return demo_bridge(Path(tempfile.mkdtemp(prefix="fltui-demo-")))
 
     return FLTuiApp(bridge, theme=theme, workspace=root, demo_factory=fresh_demo, clock=clock)

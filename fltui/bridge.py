@@ -25,8 +25,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.config import ConfigError
 from engine.events import Event, EventBus, LogRecord, StateSnapshot, event_from_dict
-from engine.site.service import ActionError, ServiceInfo
+from engine.site.service import (
+    ActionError,
+    ControlClient,
+    NoService,
+    ServiceError,
+    ServiceInfo,
+    SiteActions,
+    SiteRunner,
+    find_service,
+)
 
 __all__ = ["BridgeError", "LocalBridge", "RemoteBridge", "SiteBridge"]
 
@@ -114,8 +124,6 @@ class LocalBridge(SiteBridge):
     """
 
     def __init__(self, workspace: Path, gpu_sampler: Any = None) -> None:
-        from engine.site.service import SiteActions
-
         self.workspace = Path(workspace)
         self.mode = "console"
         self.bus = EventBus()
@@ -148,9 +156,6 @@ class LocalBridge(SiteBridge):
         self._thread.start()
 
     def _run(self) -> None:
-        from engine.config import ConfigError
-        from engine.site.service import ServiceError, SiteRunner
-
         try:
             runner = SiteRunner(
                 self.workspace, self.bus, gpu_sampler=self.gpu_sampler, mode="console"
@@ -331,8 +336,7 @@ class RemoteBridge(SiteBridge):
 
     def _find(self, wait_s: float) -> ServiceInfo | None:
         """The service, once it listens (waiting up to ``wait_s``); None if it does not come."""
-        from engine.fileio import tail_text
-        from engine.site.service import ServiceError, find_service
+        from engine.fileio import tail_text  # deferred: numpy; the console's start path
 
         deadline = time.monotonic() + wait_s
         while not self._stopping.is_set():
@@ -354,8 +358,6 @@ class RemoteBridge(SiteBridge):
 
     def _connect(self) -> None:
         """Attaches; after a lost connection (a crash, a restart by systemd), attaches again."""
-        from engine.site.service import ControlClient, NoService, ServiceError
-
         if self.launch:
             try:
                 self._spawn()

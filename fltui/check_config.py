@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from engine.client.data_processors import build_client_state_processors, build_processors
 from engine.components import own_code
 from engine.config import (
     ComponentSpec,
@@ -30,9 +31,12 @@ from engine.config import (
     read_mmar_client_config,
     read_server_config,
 )
+from engine.privacy import build_privacy
 from engine.site.deploy import code_refusal
 from engine.site.paths import SitePaths
 from engine.site.policy import load_site_policy
+from engine.training.components import check_component, is_installed
+from engine.training.config import TRAIN_CONFIG, read_train_config
 
 __all__ = ["Report", "check_path", "main"]
 
@@ -150,7 +154,12 @@ def _check_kit(kit: Path, report: Report) -> None:
 
 def _check_kit_files(kit: Path, config: Any, report: Report) -> None:
     """What the site checks before it connects: its key's mode, its certificate's dates/CA."""
-    from engine.tls import KitError, SecurityFailure, check_private_key_file, preflight_certificate
+    from engine.tls import (  # deferred: gRPC and X.509, for a kit with certificate files only
+        KitError,
+        SecurityFailure,
+        check_private_key_file,
+        preflight_certificate,
+    )
 
     files = (config.ssl_root_cert, config.ssl_cert, config.ssl_private_key)
     if not all(f is not None and Path(f).is_file() for f in files):
@@ -216,10 +225,6 @@ def _check_mmar(mmar: Path, report: Report) -> None:
 
 
 def _check_mmar_client(mmar: Path, report: Report) -> None:
-    from engine.client.data_processors import build_client_state_processors, build_processors
-    from engine.privacy import build_privacy
-    from engine.training.components import is_installed
-
     path = mmar / "config" / "config_fed_client.json"
     report.checked.append(path)
     config, problems = read_mmar_client_config(mmar)
@@ -286,16 +291,12 @@ def _custom_module(dotted: str, custom: Path) -> bool:
 
 
 def _check_train(mmar: Path, report: Report) -> None:
-    from engine.training.config import TRAIN_CONFIG, read_train_config
-
     file = mmar / TRAIN_CONFIG
     report.checked.append(file)
     specs, problems = read_train_config(mmar)
     report.add(problems)
     if not specs:
         return
-    from engine.training.components import check_component
-
     custom = mmar / "custom"
     # Each component that parsed is checked, even when others have problems.
     for spec in specs:

@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.simulate_gpus < 0:
         parser.error("--simulate-gpus must be 0 or more")
-    from fltui.themes import load_themes  # textual: not loaded for --help or a usage error
+    from fltui.themes import load_themes  # deferred: textual; not for --help or a usage error
 
     if args.theme not in load_themes():
         parser.error(f"unknown theme {args.theme!r}")

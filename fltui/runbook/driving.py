@@ -60,7 +60,7 @@ async def _play(
     sampler: Any,
     theme: str,
 ) -> tuple[Page, GpuSampled | None]:
-    from fltui.app import create_app  # textual: loaded once a scenario plays
+    from fltui.app import create_app  # deferred: textual, loaded once a scenario plays
 
     root = work / f"{scenario.number:02d}-{scenario.slug}"
     fed = Federation(

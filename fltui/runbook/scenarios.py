@@ -470,8 +470,8 @@ error reply naming the rule; the site did nothing else.
 """,
         extra="The admin's side:\n\n```text\n" + "\n\n".join(outputs) + "\n```",
     )
-    from fltui.screens.request import RequestScreen  # textual: loaded once a scenario plays
-    from fltui.widgets.requests_panel import RequestsPanel
+    from fltui.screens.request import RequestScreen  # deferred: textual, once a scenario plays
+    from fltui.widgets.requests_panel import RequestsPanel  # deferred: textual, as above
 
     run.dash.query_one(RequestsPanel).focus()
     await run.press("enter")

@@ -11,6 +11,7 @@ from textual.widgets import DataTable
 
 from engine.events import AdminRequestHandled
 from engine.site.state import SiteState
+from fltui.screens.request import RequestScreen
 
 __all__ = ["RequestsPanel"]
 
@@ -36,8 +37,6 @@ class RequestsPanel(DataTable[Text]):
         self.border_subtitle = Content(line) if line else None
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        from fltui.screens.request import RequestScreen
-
         req = self._request(event.cursor_row)
         if req is not None:
             self.app.push_screen(RequestScreen(req))
