@@ -107,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if command == "abort":
                     engine.abort()
                 elif command == "check_status" and engine.client is not None:
-                    uplink.send({"status_reply": ClientStatus.get_status_message(engine.status)})
+                    uplink.send(
+                        {"status_reply": ClientStatus.get_status_message(engine.client.status)}
+                    )
 
         threading.Thread(target=commands, name="worker-commands", daemon=True).start()
 
