@@ -39,7 +39,11 @@ def test_the_layers_hold() -> None:
         # core reaching up into the site
         ("engine/events.py", "import engine.site.paths", "core imports none of the parts"),
         # the server importing the client
-        ("engine/server/admin.py", "import engine.client.communicator", "the layers of docs/architecture.md"),
+        (
+            "engine/server/admin.py",
+            "import engine.client.communicator",
+            "the layers of docs/architecture.md",
+        ),
         # the engine importing the console's UI
         ("engine/site/paths.py", "import rich", "the engine never imports the console"),
     ],
