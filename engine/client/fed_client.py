@@ -77,9 +77,7 @@ class FederatedClient(FederatedClientBase):
             MetricsReported(site=self.client_name, round=rnd, scope="local model", metrics=metrics)
         )
         self._check_abort()
-        if self.model_manager.privacy is not None:
-            self.phase("privacy")
-        self.phase("submitting")
+        # push_remote_model announces "privacy" and "submitting" as each begins
         if not self._counted(rnd, self.push_models):
             return True
         info = self.model_manager.last_privacy

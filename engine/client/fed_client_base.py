@@ -385,6 +385,8 @@ class FederatedClientBase:
             self.register()
         fl_ctx = FLContext(best_validation_metric=self._best_metric())
         state = self.communicator.get_client_state(task_name, self.token or "", self.app_context)
+        if self.model_manager.privacy is not None:
+            self.phase("privacy")  # Δ, then the privacy protocol, then the pre-processors
         header, data = DataAssembler.get_contribution_data(
             self.model_manager, task_name, state, self.pre_processors, fl_ctx, self.app_context
         )
@@ -396,6 +398,7 @@ class FederatedClientBase:
 
     def send_contribution(self, task_name: str, pending: _Pending) -> str:
         """Sends a kept contribution (again); returns the server's comment."""
+        self.phase("submitting", pending.round + 1)
 
         def submit(token: str) -> str:
             pending.header.client.token = token  # the session may have been renewed

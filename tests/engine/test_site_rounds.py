@@ -198,8 +198,11 @@ def test_privacy_protocol_from_the_mmar_is_applied_to_the_delta(tmp_path: Path) 
     seen: dict[str, np.ndarray] = {}
     original = manager.read_current_model
 
+    phase_at_read: list[str] = []
+
     def spy(task_name: str, type_str: str = "delta_w") -> dict[str, np.ndarray]:
         seen.update(manager.get_current_model_data())
+        phase_at_read.append(rec.of(PhaseChanged)[-1].phase)
         return original(task_name, type_str)
 
     manager.read_current_model = spy  # type: ignore[method-assign]
@@ -208,6 +211,11 @@ def test_privacy_protocol_from_the_mmar_is_applied_to_the_delta(tmp_path: Path) 
     finally:
         server.stop(grace=0)
     assert manager.last_privacy["protocol"] == "HalfDelta"
+    # the phases say what happens when it happens: Δ and privacy run in "privacy", the upload
+    # in "submitting" (the privacy phase was once announced, then "submitting", then privacy ran)
+    assert phase_at_read == ["privacy"]
+    phases = [e.phase for e in rec.of(PhaseChanged) if e.round == 1]
+    assert phases[phases.index("training") :][:3] == ["training", "privacy", "submitting"]
     [applied] = rec.of(PrivacyApplied)
     assert (applied.round, applied.protocol) == (1, "HalfDelta")
     assert applied.total_values == sum(v.size for v in initial.values())
