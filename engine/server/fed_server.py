@@ -1,16 +1,13 @@
-"""The reference FL server: registration, rounds, FedAvg, heartbeats, cross-site store."""
+"""The reference FL server: the FederatedTraining service, its rounds, and the gRPC server."""
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from concurrent import futures
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
 from engine import serde
-from engine.config import ConfigError, ServerConfig
+from engine.config import ServerConfig
 from engine.events import (
     ContributionRefused,
     EventBus,
@@ -30,14 +27,8 @@ from engine.events import (
     SiteJoined,
     SiteLeft,
 )
-from engine.fileio import (
-    load_npz,
-    read_npz_meta,
-    remove_stale_temps,
-    save_json_atomic,
-    save_npz_atomic,
-)
-from engine.rpc import TOKEN_HEADER, federated_generic_handler
+from engine.rpc import federated_generic_handler
+from engine.server import persistence
 from engine.server.admin import AdminQueues
 from engine.server.admin_console import AdminConsoleService
 from engine.server.aggregator import (
@@ -45,18 +36,24 @@ from engine.server.aggregator import (
     FedAvgAccumulator,
     non_finite_variables,
 )
+from engine.server.auth import (
+    Abort,
+    call_token,
+    check_name,
+    check_peer,
+    check_registration_peer,
+    check_site_peer,
+)
 from engine.server.buffers import BufferPool
+from engine.server.cross_site import SERVER_OWNER, CrossSiteStore
+from engine.server.rounds import Round, Site
 from engine.tls import (
-    NAME_MISMATCH,
-    NOT_IN_FEDERATION,
     ROLE_ADMIN,
     ROLE_SITE,
     TOKEN_REFUSED,
-    WRONG_ROLE,
     KitError,
     PeerIdentity,
     SecurityFailure,
-    peer_identity,
     preflight_certificate,
     read_tls_files,
 )
@@ -67,53 +64,11 @@ __all__ = ["FederatedServer"]
 
 log = logging.getLogger("engine.server")
 
-SERVER_OWNER = "server"
-STATE_FILE = "state.json"
-MODEL_FILE = "models/global_model.npz"
 ENCODE_ONCE_BYTES = 64 << 20
 """A global model up to this size is encoded once per round; every site gets the same messages
 (the cost of one more copy of the model in memory)."""
 CLOSE_WAIT_S = 60.0
 """The longest an upload's reply waits for its round's close (aggregation and save) to end."""
-
-
-@dataclass
-class _Site:
-    name: str
-    token: str
-    ip: str
-    last_seen: float
-    joined: float
-
-
-@dataclass
-class _Round:
-    number: int
-    accumulator: FedAvgAccumulator
-    contributions: dict[str, str] = field(default_factory=dict)  # site -> contribution id
-    receiving: dict[str, str] = field(default_factory=dict)  # contribution id -> site, in flight
-    expected: set[str] = field(default_factory=set)  # sites that fetched this round's model
-    min_reached_at: float | None = None
-    closing: bool = False  # aggregated, being saved: no more contributions
-    # Sites whose contribution was refused (site -> why): the round does not wait for them.
-    refused: dict[str, str] = field(default_factory=dict)
-    # Contributions left out of a round taken again (id -> why): a resend of one is refused.
-    refused_ids: dict[str, str] = field(default_factory=dict)
-    # site -> variable -> the peak of its model (global + Δ) as a fraction of the dtype's range:
-    # what tells which contributions made an average overflow.
-    peaks: dict[str, dict[str, float]] = field(default_factory=dict)
-    retakes: int = 0  # times this round was taken again
-    # Set when the next round's model is there (or the server stops): the sites that have
-    # contributed wait on this, so a contribution wakes nobody and a round close wakes each
-    # waiting site once (a shared condition woke all N waiters per contribution: N² a round).
-    advanced: threading.Event = field(default_factory=threading.Event)
-    started: float = field(default_factory=time.monotonic)
-
-
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code, self.details = code, details
 
 
 class FederatedServer:
@@ -165,19 +120,19 @@ class FederatedServer:
             raise ValueError(f"the initial model holds NaN or Inf in {', '.join(bad)}")
         self.current_round = config.start_round
         self.finished = False
-        self.sites: dict[str, _Site] = {}
-        self._tokens: dict[str, _Site] = {}  # token -> site: every call looks its caller up
+        self.sites: dict[str, Site] = {}
+        self._tokens: dict[str, Site] = {}  # token -> site: every call looks its caller up
         # Sites registered before a restart: a round waits for them as for registered ones,
         # until they register again or their heartbeat timeout passes (monotonic deadline).
         self._returning: dict[str, float] = {}
         self.resumed: dict[str, Any] | None = None
         self.dropped: list[str] = []
         self.history: list[dict[str, Any]] = []
-        self.best_models: dict[str, dict[str, np.ndarray]] = {}
-        self.cross_val_results: dict[str, dict[str, dict[str, Any]]] = {}
-        self._delivered: dict[str, set[str]] = {}
         self._seen_ids: set[str] = set()
         self._cond = threading.Condition()
+        self.cross_site = CrossSiteStore(self.workspace, self._cond)
+        self.best_models = self.cross_site.best_models
+        self.cross_val_results = self.cross_site.results
         self._fold_lock = threading.Lock()
         if resume:
             self._restore()
@@ -267,10 +222,7 @@ class FederatedServer:
             self.port = server.add_insecure_port(target)
         if self.port == 0:
             raise OSError(f"cannot listen on {target}")
-        # Writers killed mid-write (a crash) leave temp files; nobody else writes these.
-        for name in (STATE_FILE, MODEL_FILE):
-            for tmp in remove_stale_temps(self.workspace / name):
-                log.info("removed %s, left by a write that did not finish", tmp)
+        persistence.remove_stale_writes(self.workspace)
         server.start()
         self._server = server
         self._monitor = threading.Thread(target=self._monitor_loop, name="fl-monitor", daemon=True)
@@ -369,8 +321,8 @@ class FederatedServer:
 
     # ------------------------------------------------------------------ helpers
 
-    def _new_round(self) -> _Round:
-        return _Round(self.current_round, FedAvgAccumulator(self.config.exclude_vars))
+    def _new_round(self) -> Round:
+        return Round(self.current_round, FedAvgAccumulator(self.config.exclude_vars))
 
     def _meta(self) -> pb.ModelMetaData:
         meta = pb.ModelMetaData(
@@ -382,40 +334,32 @@ class FederatedServer:
         meta.created.FromSeconds(int(self.created))
         return meta
 
-    def _site_by_token(self, token: str) -> _Site | None:
+    def _site_by_token(self, token: str) -> Site | None:
         with self._cond:
             site = self._tokens.get(token)
             if site is not None:
                 site.last_seen = time.monotonic()
             return site
 
-    def _forget(self, name: str) -> _Site | None:
+    def _forget(self, name: str) -> Site | None:
         """Removes a site and its token (call with ``_cond`` held)."""
         site = self.sites.pop(name, None)
         if site is not None:
             self._tokens.pop(site.token, None)
         return site
 
-    def _authenticate(self, state: pb.ClientState, context: grpc.ServicerContext) -> _Site:
-        metadata = {k: str(v) for k, v in context.invocation_metadata()}
-        token = state.token or metadata.get(TOKEN_HEADER, "")
-        if not token:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "Could not read client token")
-        header = metadata.get(TOKEN_HEADER)
-        if header is not None and header != token:
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "token in header and message differ")
+    def _authenticate(self, state: pb.ClientState, context: grpc.ServicerContext) -> Site:
+        token = call_token(state, context)
         if state.meta.task and state.meta.task != self.config.task_name:
-            raise _Abort(
+            raise Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "Requested task does not match the current server task",
             )
         site = self._site_by_token(token)
         if site is None:
-            raise _Abort(
-                grpc.StatusCode.UNAUTHENTICATED, "Unknown client identity (register again)"
-            )
+            raise Abort(grpc.StatusCode.UNAUTHENTICATED, "Unknown client identity (register again)")
         if state.client_name and state.client_name != site.name:
-            raise _Abort(
+            raise Abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"{TOKEN_REFUSED}: it was not issued to the session of {state.client_name!r}",
             )
@@ -423,75 +367,42 @@ class FederatedServer:
         return site
 
     def _peer(self, context: grpc.ServicerContext, role: str) -> PeerIdentity | None:
-        """The caller's certificate identity (None without TLS), checked for ``role``.
-
-        gRPC has verified the certificate against the authority before any call gets here.
-        """
-        if not self.secure:
-            return None
-        peer = peer_identity(context)
-        if peer is None:
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
-        if peer.role != role:
-            raise _Abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{WRONG_ROLE}: {peer.common_name!r} has a certificate of role "
-                f"{peer.role or 'none'!r}; this needs a {role} certificate",
-            )
-        allowed = self.config.fl_clients if role == ROLE_SITE else self.config.admin_clients
-        if allowed is not None and peer.common_name not in allowed:
-            what = NOT_IN_FEDERATION if role == ROLE_SITE else "admin not in the federation"
-            raise _Abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{what}: {peer.common_name!r} is not one of the {role}s of "
-                f"{self.config.task_name!r}",
-            )
-        return peer
+        """The caller's certificate identity (None without TLS), checked for ``role``."""
+        return check_peer(self.config, self.secure, context, role)
 
     def _check_site_peer(self, site: str, context: grpc.ServicerContext) -> None:
         """With TLS, a session's token is only good over its own site's certificate."""
-        peer = self._peer(context, ROLE_SITE)
-        if peer is not None and peer.common_name != site:
-            log.warning(
-                "refused a call from %s (certificate %r) with a token of another session",
-                context.peer(),
-                peer.common_name,
-            )
-            raise _Abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"{TOKEN_REFUSED}: it was not issued to the session of {peer.common_name!r} "
-                "(the site named in this connection's certificate)",
-            )
+        check_site_peer(self._peer(context, ROLE_SITE), site, context)
 
     def _authorize_admin_channel(self, site: str, context: grpc.ServicerContext) -> None:
         try:
             self._check_site_peer(site, context)
-        except _Abort as exc:
+        except Abort as exc:
             context.abort(exc.code, exc.details)
 
     def check_admin_peer(self, context: grpc.ServicerContext) -> str | None:
         """The admin's name from its certificate (None without TLS); aborts the call if refused."""
         try:
             peer = self._peer(context, ROLE_ADMIN)
-        except _Abort as exc:
+        except Abort as exc:
             log.warning("admin console call from %s refused: %s", context.peer(), exc.details)
             context.abort(exc.code, exc.details)
         return peer.common_name if peer is not None else None
 
     def _contribution_header(
         self, frames: Iterator[bytes | memoryview], context: grpc.ServicerContext
-    ) -> tuple[pb.Contribution, _Site]:
+    ) -> tuple[pb.Contribution, Site]:
         """Reads an upload's header frame and authenticates it, before any payload is read."""
         first = next(frames, None)
         if first is None:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty model stream")
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty model stream")
         header = serde.parse_header_frame(first, pb.Contribution)
         return header, self._authenticate(header.client, context)
 
     def _run(self, context: grpc.ServicerContext, fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
-        except _Abort as exc:
+        except Abort as exc:
             context.abort(exc.code, exc.details)
         except serde.SerdeError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {exc}")
@@ -504,115 +415,28 @@ class FederatedServer:
     ) -> None:
         """Writes ``state.json``: the round, the history (with contribution ids), the sites."""
         with self._cond:  # a snapshot: Register and round closes change these meanwhile
-            rnd = self.current_round if current_round is None else current_round
-            state = {
-                "task": self.config.task_name,
-                "current_round": rnd,
-                "num_rounds": self.config.num_rounds,
-                "finished": rnd >= self.config.num_rounds,
-                "sites": sorted({*self.sites, *self._returning}),
-                "history": [dict(h) for h in (self.history if history is None else history)],
-            }
-        save_json_atomic(self.workspace / STATE_FILE, state)
+            state = persistence.state_document(
+                self.config,
+                self.current_round if current_round is None else current_round,
+                {*self.sites, *self._returning},
+                self.history if history is None else history,
+            )
+        persistence.write_state(self.workspace, state)
 
     def _restore(self) -> None:
-        """Goes on from the workspace's saved state, if it holds an unfinished federation.
-
-        The model file says which round it belongs to (its zip comment); the state may be one
-        round ahead of it (a crash between the two writes), never behind. The round restored is
-        the model's; history beyond it is dropped, so its contributions are taken again.
-        """
-        state_path = self.workspace / STATE_FILE
-        model_path = self.workspace / MODEL_FILE
-        if not state_path.exists():
+        """Goes on from the workspace's saved state, if it holds an unfinished federation."""
+        saved = persistence.read_resumable(self.workspace, self.config, self.global_model)
+        if saved is None:
             return
-        try:
-            state = json.loads(state_path.read_text(encoding="utf-8"))
-            saved_round = int(state["current_round"])
-            history = [dict(h) for h in state.get("history", [])]
-            task = str(state.get("task", ""))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(
-                state_path,
-                "",
-                f"unreadable saved state ({exc}); move it away to start a new federation",
-            ) from exc
-        if task != self.config.task_name:
-            raise ConfigError(
-                state_path,
-                "task",
-                f"this workspace holds the state of task {task!r}, not "
-                f"{self.config.task_name!r}: use another workspace, or move state.json away",
-            )
-        if bool(state.get("finished")) or saved_round >= self.config.num_rounds:
-            log.info(
-                "the federation saved in %s finished (%d rounds): starting a new one",
-                self.workspace,
-                saved_round,
-            )
-            return
-        model_round = self.config.start_round
-        model: dict[str, np.ndarray] | None = None
-        if model_path.exists():
-            try:
-                meta = read_npz_meta(model_path)
-                model = load_npz(model_path)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(
-                    model_path, "", f"unreadable saved global model ({exc}); move it away"
-                ) from exc
-            # A model saved before the round was written into its file: trust the state.
-            model_round = int(meta.get("round", saved_round))
-        detail = []
-        if model is None or model_round <= self.config.start_round:
-            model, model_round = None, self.config.start_round  # the initial model's round
-        else:
-            self._check_same_shapes(model, model_path)
-            bad = non_finite_variables(model)
-            if bad:
-                raise ConfigError(
-                    model_path,
-                    "",
-                    f"the saved global model holds NaN or Inf in {', '.join(bad)} (saved by a "
-                    "server that did not check); move it away, or put a good model there",
-                )
-        if model_round > saved_round:
-            raise ConfigError(
-                model_path,
-                "",
-                f"the saved model is of round {model_round} but state.json of round "
-                f"{saved_round}: these files are not of one federation; move them away",
-            )
-        if model_round < saved_round:
-            detail.append(
-                f"round {saved_round} was saved only in part; round {model_round + 1} is "
-                "trained again from its saved model"
-            )
-        kept = [h for h in history if int(h.get("round", 0)) <= model_round]
-        if model is not None:
-            self.global_model = {k: np.array(v, order="C") for k, v in model.items()}
-        self.current_round = model_round
-        self.history = kept
-        for entry in kept:
+        if saved.model is not None:
+            self.global_model = {k: np.array(v, order="C") for k, v in saved.model.items()}
+        self.current_round = saved.model_round
+        self.history = saved.history
+        for entry in saved.history:
             self._seen_ids.update(str(c) for c in dict(entry.get("contributions", {})).values())
-        sites = sorted(str(s) for s in state.get("sites", []))
         deadline = time.monotonic() + self.config.heart_beat_timeout
-        self._returning = {name: deadline for name in sites}
-        detail.insert(0, f"{len(kept)} round{'s' if len(kept) != 1 else ''} done")
-        self.resumed = {"sites": sites, "detail": "; ".join(detail)}
-
-    def _check_same_shapes(self, model: Mapping[str, np.ndarray], path: Path) -> None:
-        ours = {k: (v.dtype.str, v.shape) for k, v in self.global_model.items()}
-        saved = {k: (np.asarray(v).dtype.str, np.shape(v)) for k, v in model.items()}
-        if ours != saved:
-            differ = sorted(k for k in set(ours) | set(saved) if ours.get(k) != saved.get(k))
-            raise ConfigError(
-                path,
-                "",
-                f"the saved global model is not of this federation's model (variables differ: "
-                f"{', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}); move it away to "
-                "start a new federation",
-            )
+        self._returning = {name: deadline for name in saved.sites}
+        self.resumed = {"sites": saved.sites, "detail": saved.detail}
 
     # ------------------------------------------------------------------ FederatedTraining
 
@@ -626,41 +450,27 @@ class FederatedServer:
     ) -> pb.FederatedSummary:
         name = request.client_name
         if request.meta.task != self.config.task_name:
-            raise _Abort(
+            raise Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"Requested task {request.meta.task!r} does not match the current server task "
                 f"{self.config.task_name!r}",
             )
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid client name {name!r}")
+        check_name(name)
         try:
             peer = self._peer(context, ROLE_SITE)
-        except _Abort as exc:
+        except Abort as exc:
             log.warning("registration of %r from %s refused: %s", name, context.peer(), exc.details)
             raise
-        if peer is not None and peer.common_name != name:
-            log.warning(
-                "registration of %r from %s refused: its certificate is %r",
-                name,
-                context.peer(),
-                peer.common_name,
-            )
-            raise _Abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"{NAME_MISMATCH}: this connection's certificate is for {peer.common_name!r} "
-                f"but it registers as {name!r}",
-            )
+        check_registration_peer(peer, name, context)
         with self._cond:
             if name not in self.sites and len(self.sites) >= self.config.max_num_clients:
-                raise _Abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, "Maximum number of clients reached"
-                )
+                raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Maximum number of clients reached")
             again = name in self.sites
             self._forget(name)  # its old token is void from now on
             self._returning.pop(name, None)
             token = str(uuid.uuid4())
             now = time.monotonic()
-            site = _Site(name, token, request.client_ip or context.peer(), now, now)
+            site = Site(name, token, request.client_ip or context.peer(), now, now)
             self.sites[name] = self._tokens[token] = site
             if name in self.dropped:
                 self.dropped.remove(name)
@@ -748,7 +558,7 @@ class FederatedServer:
         header, site = self._contribution_header(frames, context)
         cid = header.contribution_id
         if not cid:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "contribution without contribution_id")
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "contribution without contribution_id")
         base: dict[str, np.ndarray] = {}
         with self._cond:
             # A retry of an upload that was counted gets "ignored", even after the last round.
@@ -758,26 +568,26 @@ class FederatedServer:
                     comment="duplicate contribution ignored", meta=self._meta()
                 )
             if self.finished:
-                raise _Abort(grpc.StatusCode.OUT_OF_RANGE, "Server training has stopped")
+                raise Abort(grpc.StatusCode.OUT_OF_RANGE, "Server training has stopped")
             rnd = header.client.meta.current_round
             if rnd != self.current_round:
-                raise _Abort(
+                raise Abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"Contrib: round {rnd} is not the current round {self.current_round}",
                 )
             rnd_state = self._round
             if rnd_state.closing:
-                raise _Abort(
+                raise Abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"Contrib: round {rnd} closed while the contribution was received",
                 )
             if site.name in rnd_state.contributions:
-                raise _Abort(
+                raise Abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"Contrib: {site.name} already contributed to round {rnd}",
                 )
             if site.name in rnd_state.receiving.values():
-                raise _Abort(
+                raise Abort(
                     grpc.StatusCode.ABORTED, f"an upload from {site.name} is being received"
                 )
             # The weight is the site's own claim: bounded before a byte of payload is read.
@@ -853,7 +663,7 @@ class FederatedServer:
 
     def _fold(
         self,
-        rnd_state: _Round,
+        rnd_state: Round,
         site: str,
         cid: str,
         delta: dict[str, np.ndarray],
@@ -868,7 +678,7 @@ class FederatedServer:
         with self._cond, self._fold_lock:
             if rnd_state is not self._round or rnd_state.closing or self.finished:
                 self._pool.give(delta.values())
-                raise _Abort(
+                raise Abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"Contrib: round {rnd_state.number} closed while the contribution was received",
                 )
@@ -896,7 +706,7 @@ class FederatedServer:
             )
         return None
 
-    def _refuse(self, rnd: _Round, site: str, problem: str) -> _Abort:
+    def _refuse(self, rnd: Round, site: str, problem: str) -> Abort:
         """Records a refused contribution (log, event, the round's list); returns the abort.
 
         The round no longer waits for the site (its contribution will not come), and closes now
@@ -911,7 +721,7 @@ class FederatedServer:
             ContributionRefused(site="server", site_name=site, round=rnd.number + 1, reason=problem)
         )
         self._maybe_close_round()
-        return _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {reason}")
+        return Abort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {reason}")
 
     # ------------------------------------------------------------------ rounds
 
@@ -995,7 +805,7 @@ class FederatedServer:
             log.info("all %d rounds done; global model saved", self.config.num_rounds)
 
     def _retake(
-        self, rnd: _Round, new_model: dict[str, np.ndarray], bad: list[str]
+        self, rnd: Round, new_model: dict[str, np.ndarray], bad: list[str]
     ) -> ServerRoundRetaken:
         """Deals with an average that is not finite (call with ``_cond`` held).
 
@@ -1062,11 +872,7 @@ class FederatedServer:
         try:
             with self._save_lock:
                 self._save_state(current_round, history)
-                save_npz_atomic(
-                    self.workspace / MODEL_FILE,
-                    model,
-                    meta={"task": self.config.task_name, "round": current_round},
-                )
+                persistence.save_model(self.workspace, model, self.config.task_name, current_round)
                 self._saved_round = current_round
         except OSError as exc:
             # The federation goes on; a restart would resume from the last round saved.
@@ -1127,13 +933,7 @@ class FederatedServer:
         assembler = serde.ModelAssembler(pb.Contribution, self._expected())
         assembler.on_header(header)
         params = serde.receive_model(assembler, frames)
-        if params:
-            save_npz_atomic(self.workspace / "cross_site" / site.name / "best_model.npz", params)
-        with self._cond:
-            self.best_models[site.name] = params
-            # A site's validation begins with its best model: it gets every model again.
-            self._delivered.pop(site.name, None)
-            self._cond.notify_all()
+        self.cross_site.put_best(site.name, params)
         comment = f"Received best model from {site.name}." if params else "not participating"
         return pb.FederatedSummary(comment=comment, meta=self._meta())
 
@@ -1142,24 +942,16 @@ class FederatedServer:
     ) -> Iterator[bytes]:
         site = self._run(context, self._authenticate, request, context)
         with self._cond:
-            delivered = self._delivered.setdefault(site.name, set())
-            owners = [
-                o for o in sorted(self.best_models) if o not in delivered and self.best_models[o]
-            ]
-            models = {o: self.best_models[o] for o in owners}
-            if self.finished and SERVER_OWNER not in delivered:
-                owners.append(SERVER_OWNER)
-                models[SERVER_OWNER] = self.global_model
-            # More will come from registered sites that have not submitted their best model yet.
-            more = any(s not in self.best_models for s in self.sites) or not self.finished
+            delivered, owners, models, more = self.cross_site.due(
+                site.name, self.finished, self.global_model, self.sites
+            )
         for owner in owners:
             yield from serde.encode_model_stream(
                 pb.CurrentModel(meta=self._meta(), owner=owner), models[owner], batch=True
             )
         yield serde.encode_done_frame(more)
         # Only a stream that went through counts: after a broken one the site gets them again.
-        with self._cond:
-            delivered.update(owners)
+        self.cross_site.delivered(delivered, owners)
 
     def SubmitCrossSiteValidationResults(
         self, request: pb.CrossValidationResults, context: grpc.ServicerContext
@@ -1170,34 +962,28 @@ class FederatedServer:
         self, request: pb.CrossValidationResults, context: grpc.ServicerContext
     ) -> pb.FederatedSummary:
         site = self._authenticate(request.client, context)
-        with self._cond:
-            mine = self.cross_val_results.setdefault(site.name, {})
-            for result in request.results:
-                mine[result.model_owner] = json_format.MessageToDict(result.metrics)
-            snapshot = {k: dict(v) for k, v in self.cross_val_results.items()}
-        save_json_atomic(self.workspace / "cross_val_results.json", snapshot)
+        self.cross_site.add_results(
+            site.name,
+            {r.model_owner: json_format.MessageToDict(r.metrics) for r in request.results},
+        )
         return pb.FederatedSummary(
             comment=f"Received Cross Validation results from {site.name}.", meta=self._meta()
         )
 
     def reset_cross_site_delivery(self, sites: list[str]) -> None:
         """An admin's ``validate``: these sites get every model again."""
-        with self._cond:
-            for site in sites:
-                self._delivered.pop(site, None)
+        self.cross_site.reset(sites)
 
     def cross_val_results_snapshot(self) -> dict[str, dict[str, Any]]:
         """``{data_site: {model_owner: metrics}}`` as received so far."""
-        with self._cond:
-            return {k: dict(v) for k, v in self.cross_val_results.items()}
+        return self.cross_site.snapshot()
 
     # ------------------------------------------------------------------ persistence
 
     @staticmethod
     def load_saved_model(workspace: Path) -> dict[str, np.ndarray] | None:
         """The last saved global model of a server workspace, if any."""
-        path = Path(workspace) / "models" / "global_model.npz"
-        return load_npz(path) if path.exists() else None
+        return persistence.load_saved_model(workspace)
 
 
 def metrics_struct(metrics: Mapping[str, float]) -> Struct:
