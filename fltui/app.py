@@ -13,7 +13,7 @@ from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
 
 from engine.gpu import GpuSampler
-from engine.site.service import find_service
+from engine.site.lock import find_service
 from fltui.bridge import LocalBridge, RemoteBridge, SiteBridge
 from fltui.screens.dashboard import Dashboard
 from fltui.screens.first_run import FirstRunScreen

@@ -27,16 +27,10 @@ from typing import Any
 
 from engine.config import ConfigError
 from engine.events import Event, EventBus, LogRecord, StateSnapshot, event_from_dict
-from engine.site.service import (
-    ActionError,
-    ControlClient,
-    NoService,
-    ServiceError,
-    ServiceInfo,
-    SiteActions,
-    SiteRunner,
-    find_service,
-)
+from engine.site.actions import SiteActions
+from engine.site.control_client import ControlClient
+from engine.site.lock import ActionError, NoService, ServiceError, ServiceInfo, find_service
+from engine.site.runner import SiteRunner
 
 __all__ = ["BridgeError", "LocalBridge", "RemoteBridge", "SiteBridge"]
 

@@ -248,7 +248,7 @@ def _run_console(args: argparse.Namespace) -> int:
             demo_secure=args.secure,
         )
     else:
-        from engine.site.service import ServiceError  # deferred: not for --help or --no-ui
+        from engine.site.lock import ServiceError  # deferred: not for --help or --no-ui
 
         try:
             app = create_app(_workspace(args), theme=args.theme)
@@ -277,11 +277,11 @@ def _run_site(args: argparse.Namespace, bus: object, printer: object) -> int:
     """The site service: the engine, the workspace lock and the control socket."""
     from engine.config import ConfigError  # deferred: the engine; not for --help
     from engine.gpu import GpuSampler  # deferred: the engine; not for --help
-    from engine.site.service import (  # deferred: the engine; not for --help
+    from engine.site.lock import (  # deferred: the engine; not for --help
         ServiceError,
-        SiteRunner,
         WorkspaceBusy,
     )
+    from engine.site.runner import SiteRunner  # deferred: the engine; not for --help
 
     root = _workspace(args)
     stop = threading.Event()
@@ -354,12 +354,12 @@ def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
     host = None
     if args.service:
         from engine.gpu import GpuSampler  # deferred: the engine; not for --help
-        from engine.site.service import (  # deferred: the engine; not for --help
+        from engine.site.actions import SiteActions  # deferred: the engine; not for --help
+        from engine.site.lock import (  # deferred: the engine; not for --help
             ServiceError,
-            ServiceHost,
-            SiteActions,
             WorkspaceBusy,
         )
+        from engine.site.runner import ServiceHost  # deferred: the engine; not for --help
 
         actions = SiteActions(
             root / "site-1",

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine.site.service import ActionError, ControlClient, ServiceError, find_service
+from engine.site.control_client import ControlClient
+from engine.site.lock import ActionError, ServiceError, find_service
 from fltui.exits import EXIT_CONFIG as EXIT_USAGE
 from fltui.exits import EXIT_FAILED, EXIT_NO_SERVICE, EXIT_OK
 

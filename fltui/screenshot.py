@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.site.service import find_service
+from engine.site.lock import find_service
 from fltui.bridge import RemoteBridge
 from fltui.exits import EXIT_NO_SERVICE
 from fltui.pictures import default_stem, write_screenshot

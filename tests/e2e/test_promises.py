@@ -39,8 +39,8 @@ from engine.events import EventBus, SiteJoined, SiteLeft
 from engine.fileio import load_npz
 from engine.provision import issue_identity, site_tls_settings
 from engine.server import FederatedServer
+from engine.site.lock import control_socket_path, find_service, service_dir
 from engine.site.paths import SitePaths
-from engine.site.service import control_socket_path, find_service, service_dir
 from engine.status import ClientStatus
 from engine.tls import (
     ROLE_SITE,

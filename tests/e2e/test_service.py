@@ -26,8 +26,8 @@ from engine.demo import _set_port, prepare_workspace
 from engine.events import Event, StateSnapshot, StatusChanged
 from engine.fileio import load_npz
 from engine.server import FederatedServer
+from engine.site.lock import find_service
 from engine.site.paths import SitePaths
-from engine.site.service import find_service
 from engine.status import ClientStatus
 from fltui.app import FLTuiApp, create_app
 from fltui.bridge import RemoteBridge

@@ -28,19 +28,19 @@ from engine.events import (
     StateSnapshot,
     StatusChanged,
 )
-from engine.site.service import (
+from engine.site.actions import SiteActions
+from engine.site.control_client import ControlClient
+from engine.site.control_server import ControlServer
+from engine.site.lock import (
     ActionError,
-    ControlClient,
-    ControlServer,
     NoService,
     ServiceError,
-    ServiceHost,
-    SiteActions,
     WorkspaceBusy,
     WorkspaceLock,
     control_socket_path,
     find_service,
 )
+from engine.site.runner import ServiceHost
 from engine.site.state import SiteState
 from engine.status import ClientStatus
 
@@ -251,7 +251,7 @@ def test_a_real_other_user_is_refused_by_the_file_mode_and_by_its_credentials(
 # A real holder: takes the lock, says so, describes itself when told to, then waits to be killed.
 _HOLDER = """
 import sys
-from engine.site.service import WorkspaceLock
+from engine.site.lock import WorkspaceLock
 
 lock = WorkspaceLock(sys.argv[1])
 lock.acquire("site-1", "service")

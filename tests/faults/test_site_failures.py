@@ -27,7 +27,8 @@ from engine.demo import prepare_workspace
 from engine.events import EventBus, ServerRoundAggregated, SiteLeft
 from engine.fileio import load_npz
 from engine.server import FederatedServer
-from engine.site.service import ControlClient, find_service
+from engine.site.control_client import ControlClient
+from engine.site.lock import find_service
 from tests.conftest import Recorder
 from tests.faults.procs import Proc, edit_json, start_site, wait_for, workers
 from tests.faults.proxy import FaultProxy

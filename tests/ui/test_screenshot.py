@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from engine.demo import prepare_workspace
-from engine.site.service import find_service
+from engine.site.lock import find_service
 from fltui.app import create_app
 from fltui.bridge import LocalBridge
 from fltui.pictures import svg_to_png
