@@ -6,7 +6,7 @@ high-rate events are coalesced into one screen update), and the action methods a
 Textual thread workers.
 
 - ``RemoteBridge``: the console attached to the site's service over its control socket
-  (``engine.site.service``); quitting the console leaves the service running. ``RemoteBridge.demo``
+  (``engine.site.runner``, over ``engine.site.control_client``); quitting the console leaves the service running. ``RemoteBridge.demo``
   starts the demo federation as such a service, in a child process, and stops it on quit.
 - ``LocalBridge``: no service runs, so the console runs the site's engine itself (and serves the
   control socket, so that a second console or ``fltui ctl`` can attach); the engine ends when
