@@ -16,12 +16,17 @@ from typing import Any
 from engine.config import load_server_config
 from engine.events import Event, EventBus, LogRecord, event_from_dict
 from engine.fileio import load_npz, save_json_atomic, tail_text
-from engine.provision import issue_identity, server_tls_settings, site_tls_settings
+from engine.provision import (
+    CertificateAuthority,
+    issue_identity,
+    server_tls_settings,
+    site_tls_settings,
+)
 from engine.server import FederatedServer
 from engine.site.logs import attach_workspace_logs
 from engine.site.paths import SitePaths
 from engine.site.site_service import SiteService
-from engine.tls import ROLE_ADMIN, ROLE_SERVER, ROLE_SITE, CertificateAuthority
+from engine.tls import ROLE_ADMIN, ROLE_SERVER, ROLE_SITE
 from engine.training import demo_mmar_path
 from engine.training.initial_model import write_initial_model
 

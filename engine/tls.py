@@ -1,35 +1,33 @@
-"""X.509 and TLS helpers: issuing certificates, checking kits, peer identity, failure reasons.
+"""TLS at run time: reading and checking kits' files, peer identity, reasons for failures.
 
-Certificates are real X.509 (``cryptography``): an ECDSA P-256 certificate authority per project,
-and certificates for the server (its host names as subject alternative names), each site and
-each admin. A certificate's role (``server``, ``site``, ``admin``) is its organizational unit, so
-a site's certificate cannot open the admin console and an admin's cannot register as a site.
+Certificates are real X.509 (``cryptography``), issued by ``engine.provision``: an ECDSA P-256
+certificate authority per project, and certificates for the server (its host names as subject
+alternative names), each site and each admin. A certificate's role (``server``, ``site``,
+``admin``) is its organizational unit, so a site's certificate cannot open the admin console and
+an admin's cannot register as a site.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
-import ipaddress
 import os
 import re
 import socket
 import ssl
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 
 from engine.config import ConfigError
-from engine.fileio import atomic_write
 
 __all__ = [
     "EXIT_REFUSED",
@@ -40,7 +38,6 @@ __all__ = [
     "ROLE_SITE",
     "TOKEN_REFUSED",
     "WRONG_ROLE",
-    "CertificateAuthority",
     "KitError",
     "PeerIdentity",
     "SecurityFailure",
@@ -56,16 +53,12 @@ __all__ = [
     "refusal_kind",
     "security_failure",
     "valid_name",
-    "write_certificate",
-    "write_private_key",
 ]
 
 EXIT_REFUSED = 3
 """Exit code of ``fltui`` when TLS or authentication refused this site or admin (not retried)."""
 
 ROLE_SERVER, ROLE_SITE, ROLE_ADMIN = "server", "site", "admin"
-_ROLES = (ROLE_SERVER, ROLE_SITE, ROLE_ADMIN)
-
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
 
 
@@ -119,180 +112,11 @@ def refusal_kind(details: str) -> str:
     return "auth"
 
 
-# ---------------------------------------------------------------------------- issuing
+# ---------------------------------------------------------------------------- files
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def _name(cn: str, role: str | None = None, org: str | None = None) -> x509.Name:
-    attrs = []
-    if org:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
-    if role:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role))
-    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
-    return x509.Name(attrs)
-
-
-def _general_name(host: str) -> x509.GeneralName:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(host))
-    except ValueError:
-        return x509.DNSName(host)
-
-
-@dataclass
-class CertificateAuthority:
-    """A project's certificate authority: its key and self-signed certificate."""
-
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
-
-    @classmethod
-    def create(
-        cls, name: str, valid_days: int = 3650, not_before: dt.datetime | None = None
-    ) -> CertificateAuthority:
-        """A new authority named ``name`` (its common name), valid ``valid_days`` from now."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        start = not_before or _now() - dt.timedelta(minutes=5)
-        subject = _name(f"{name} root CA")
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(start + dt.timedelta(days=valid_days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .sign(key, hashes.SHA256())
-        )
-        return cls(key, cert)
-
-    @classmethod
-    def load(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
-        """An authority saved by ``save``."""
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise KitError(key_path, "not an EC private key of a certificate authority")
-        return cls(key, load_certificate(cert_path))
-
-    def save(self, cert_path: Path, key_path: Path) -> None:
-        write_certificate(cert_path, self.cert)
-        write_private_key(key_path, self.key)
-
-    def issue(
-        self,
-        common_name: str,
-        role: str,
-        org: str | None = None,
-        host_names: Iterable[str] = (),
-        valid_days: int = 365,
-        not_before: dt.datetime | None = None,
-    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-        """A new key and a certificate for it, signed by this authority.
-
-        Args:
-            common_name: the site's name, the admin's name or the server's name.
-            role: ``server``, ``site`` or ``admin`` (the certificate's organizational unit).
-            org: the organization, if any.
-            host_names: the server's DNS names and IP addresses (subject alternative names).
-            valid_days: days of validity from ``not_before``.
-            not_before: start of validity (default: five minutes ago, for clock skew).
-
-        Returns:
-            the private key and the certificate.
-        """
-        if role not in _ROLES:
-            raise ValueError(f"role must be one of {', '.join(_ROLES)}, got {role!r}")
-        key = ec.generate_private_key(ec.SECP256R1())
-        start = not_before or _now() - dt.timedelta(minutes=5)
-        usage = (
-            ExtendedKeyUsageOID.SERVER_AUTH
-            if role == ROLE_SERVER
-            else (ExtendedKeyUsageOID.CLIENT_AUTH)
-        )
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(common_name, role, org))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(start + dt.timedelta(days=valid_days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
-            )
-        )
-        # A server's name is one of its host names (clients match SANs, never the CN).
-        names = list(
-            dict.fromkeys([common_name, *host_names] if role == ROLE_SERVER else host_names)
-        )
-        if names:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([_general_name(h) for h in names]), critical=False
-            )
-        return key, builder.sign(self.key, hashes.SHA256())
-
-
-# ---------------------------------------------------------------------------- files
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    def write(f: IO[bytes]) -> None:
-        # atomic_write's temp file is 0600: a key is never readable by others, not even briefly.
-        os.fchmod(f.fileno(), mode)
-        f.write(data)
-
-    atomic_write(path, write)
-
-
-def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    """Writes ``key`` as unencrypted PKCS#8 PEM, mode 0600 (owner only), atomically."""
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    _write_atomic(path, pem, 0o600)
-
-
-def write_certificate(path: Path, cert: x509.Certificate) -> None:
-    """Writes ``cert`` as PEM, mode 0644, atomically."""
-    _write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def load_certificate(path: Path) -> x509.Certificate:

@@ -37,17 +37,18 @@ from engine.config import load_server_config
 from engine.demo import prepare_workspace
 from engine.events import EventBus, SiteJoined, SiteLeft
 from engine.fileio import load_npz
-from engine.provision import issue_identity, site_tls_settings
+from engine.provision import (
+    CertificateAuthority,
+    issue_identity,
+    site_tls_settings,
+    write_certificate,
+    write_private_key,
+)
 from engine.server import FederatedServer
 from engine.site.lock import control_socket_path, find_service, service_dir
 from engine.site.paths import SitePaths
 from engine.status import ClientStatus
-from engine.tls import (
-    ROLE_SITE,
-    CertificateAuthority,
-    write_certificate,
-    write_private_key,
-)
+from engine.tls import ROLE_SITE
 from engine.training import demo_mmar_path
 from fltui.app import create_app
 from fltui.bridge import RemoteBridge

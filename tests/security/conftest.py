@@ -14,16 +14,14 @@ import pytest
 from engine.client import DirectFederatedClient
 from engine.config import ServerConfig, ServerEndpoint
 from engine.events import EventBus
-from engine.provision import issue_identity
-from engine.server import FederatedServer
-from engine.tls import (
-    ROLE_ADMIN,
-    ROLE_SERVER,
-    ROLE_SITE,
+from engine.provision import (
     CertificateAuthority,
+    issue_identity,
     write_certificate,
     write_private_key,
 )
+from engine.server import FederatedServer
+from engine.tls import ROLE_ADMIN, ROLE_SERVER, ROLE_SITE
 
 TASK = "secure_federation"
 SITES = ("site-a", "site-b")
