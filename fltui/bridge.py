@@ -5,9 +5,10 @@ that arrived since the last call (the app calls it a few times a second, on its 
 high-rate events are coalesced into one screen update), and the action methods are called from
 Textual thread workers.
 
-- ``RemoteBridge``: the console attached to the site's service over its control socket
-  (``engine.site.runner``, over ``engine.site.control_client``); quitting the console leaves the service running. ``RemoteBridge.demo``
-  starts the demo federation as such a service, in a child process, and stops it on quit.
+- ``RemoteBridge``: the console attached to the site's service (``engine.site.runner``) over
+  its control socket (``engine.site.control_client``); quitting the console leaves the service
+  running. ``RemoteBridge.demo`` starts the demo federation as such a service, in a child
+  process, and stops it on quit.
 - ``LocalBridge``: no service runs, so the console runs the site's engine itself (and serves the
   control socket, so that a second console or ``fltui ctl`` can attach); the engine ends when
   this console quits.
