@@ -652,6 +652,22 @@ class Communicator:
             header.client.client_name = uid
         if not header.contribution_id:
             header.contribution_id = f"{uid}-{uuid.uuid4()}"
+        return self.submit_contribution(servers, task_name, token, header, params)
+
+    def submit_contribution(
+        self,
+        servers: Mapping[str, ServerEndpoint],
+        task_name: str,
+        token: str,
+        header: pb.Contribution,
+        params: Mapping[str, np.ndarray],
+    ) -> pb.FederatedSummary:
+        """Uploads an assembled contribution (its header names the site and the id); retried
+        within ``retry_timeout``, the same bytes under the same id each time.
+
+        ``submitUpdate`` is the lineage's door to this, taking the contribution packed in an
+        FLContext; a caller that holds the header and the tensors calls this directly.
+        """
         return self._upload(servers, task_name, token, "SubmitUpdate", header, params)
 
     def _upload(

@@ -51,8 +51,10 @@ class DataAssembler:
             the Contribution header and the tensors to send.
         """
         if model_data is None:
-            model = model_manager.read_current_model(task_name, type_str="delta_w")
+            # Δ, then what may leave (NaN/Inf refused, privacy), then the pre-processors below
             n_iter = model_manager.num_local_iterations()
+            diff = model_manager.model_diff(task_name, "delta_w")
+            model = model_manager.outgoing(diff, "delta_w", n_iter)
         else:
             if n_iter is None:
                 n_iter = model_manager.num_local_iterations()

@@ -402,9 +402,8 @@ class FederatedClientBase:
 
         def submit(token: str) -> str:
             pending.header.client.token = token  # the session may have been renewed
-            fl_ctx = FLContext(contribution=pending.header, model_data=pending.data)
-            reply = self.communicator.submitUpdate(
-                self.servers, task_name, token, fl_ctx, self.app_context, self.client_name
+            reply = self.communicator.submit_contribution(
+                self.servers, task_name, token, pending.header, pending.data
             )
             return reply.comment
 

@@ -158,7 +158,8 @@ class ClientModelManager:
     def read_current_model(
         self, task_name: str, type_str: str = "delta_w"
     ) -> dict[str, np.ndarray]:
-        """What to send: Δ = local − global over the shared variables, after privacy.
+        """What to send: Δ = local − global over the shared variables, after privacy
+        (``model_diff`` then ``outgoing``; the lineage's one call for both).
 
         Args:
             task_name: the server.
@@ -167,6 +168,13 @@ class ClientModelManager:
         Raises:
             ModelDiffError: a value is NaN or Inf (it is refused, not shared).
         """
+        return self.outgoing(
+            self.model_diff(task_name, type_str), type_str, self.num_local_iterations()
+        )
+
+    def model_diff(self, task_name: str, type_str: str = "delta_w") -> dict[str, np.ndarray]:
+        """Δ = local − global over the shared variables ("weights": the local weights), before
+        any privacy: integer Δ wrapped into the variable's dtype, bool variables left out."""
         base = self._global.get(task_name)
         if base is None:
             raise RuntimeError(f"no global model from {task_name!r} yet")
@@ -186,7 +194,7 @@ class ClientModelManager:
             elif type_str != "weights":
                 raise ValueError(f"type_str must be 'delta_w' or 'weights', got {type_str!r}")
             out[name] = value
-        return self._outgoing(out, type_str, self.num_local_iterations())
+        return out
 
     def prepare_model_data(
         self,
@@ -216,12 +224,13 @@ class ClientModelManager:
             if not self.is_excluded(name)
         }
         steps = self.num_local_iterations() if total_steps is None else max(1, int(total_steps))
-        return self._outgoing(out, type_str, steps)
+        return self.outgoing(out, type_str, steps)
 
-    def _outgoing(
+    def outgoing(
         self, out: dict[str, np.ndarray], type_str: str, total_steps: int
     ) -> dict[str, np.ndarray]:
-        """The last steps before anything leaves: refuse NaN/Inf, then privacy on a Δ."""
+        """The last steps before anything leaves: NaN/Inf refused, then privacy on a Δ (with
+        ``total_steps`` as T); ``last_privacy`` says what the protocol did."""
         for name, value in out.items():
             if value.dtype.kind in "fc" and not np.isfinite(value).all():
                 raise ModelDiffError(

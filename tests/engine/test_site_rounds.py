@@ -196,7 +196,7 @@ def test_privacy_protocol_from_the_mmar_is_applied_to_the_delta(tmp_path: Path) 
     manager = engine.client.model_manager
     # what the site trained, seen through the manager just before the upload
     seen: dict[str, np.ndarray] = {}
-    original = manager.read_current_model
+    original = manager.model_diff
 
     phase_at_read: list[str] = []
 
@@ -205,7 +205,7 @@ def test_privacy_protocol_from_the_mmar_is_applied_to_the_delta(tmp_path: Path) 
         phase_at_read.append(rec.of(PhaseChanged)[-1].phase)
         return original(task_name, type_str)
 
-    manager.read_current_model = spy  # type: ignore[method-assign]
+    manager.model_diff = spy  # type: ignore[method-assign]
     try:
         assert engine.run() == "completed"
     finally:
