@@ -104,9 +104,22 @@ def test_admin_deploys_starts_aborts_restarts_validates_and_deletes(tmp_path: Pa
             ws, ["check_status", "client", "site-1"], r"status: training started.*worker pid: \d+"
         )
         pid = int(re.search(r"worker pid: (\d+)", status).group(1))
+        # once the worker reports steps it is connected: check_status is now answered by the
+        # worker itself
+        events = ws / "site-1" / "logs" / "events.jsonl"
+        deadline = time.monotonic() + 120
+        while '"ProgressUpdated"' not in (events.read_text() if events.exists() else ""):
+            assert time.monotonic() < deadline, "site-1's worker reported no training step"
+            time.sleep(0.2)
+        assert "status: training started" in _admin(ws, "check_status", "client", "site-1").stdout
 
         abort = _admin(ws, "abort", "client", "site-1")
         assert abort.returncode == 0 and "training aborted" in abort.stdout, abort.stdout
+        assert "worker stopped after the abort command" in abort.stdout, abort.stdout  # no SIGTERM
+        # the worker answered check_status without an error (a broken reply killed its command
+        # thread once, with a traceback in its log, and check_status fell back after 2 s)
+        worker_log = (ws / "site-1" / "logs" / "worker.log").read_text()
+        assert "Traceback" not in worker_log, worker_log[-3000:]
         assert "status: training stopped" in _admin(ws, "check_status", "client", "site-1").stdout
         assert not Path(f"/proc/{pid}").exists(), "the aborted worker is still there"
 
