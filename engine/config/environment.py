@@ -22,7 +22,6 @@ _PATH_VARIABLES = (
 #: The path variables the site writes under (checkpoints, evaluation output): these must resolve
 #: (links followed) inside the MMAR, with these defaults.
 _PATH_DEFAULTS = {"MMAR_CKPT_DIR": "models", "MMAR_EVAL_OUTPUT_PATH": "eval"}
-_WRITTEN_PATH_VARIABLES = tuple(_PATH_DEFAULTS)
 ENVIRONMENT_FILE = Path("config") / "environment.json"
 
 
@@ -104,6 +103,22 @@ class MMAREnvironment:
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+def _written_path_problem(raw: str, value: str, root: Path, default: str) -> str | None:
+    """Why a folder the worker creates and writes (``raw`` as given, ``value`` resolved against
+    the MMAR) is refused, or None: an MMAR shipped by the federation must not make the site write
+    anywhere the service user can (an absolute path, "../..", a link out, or "", which would be
+    the worker's working folder, wherever the service was started)."""
+    if not raw.strip():
+        return f"is empty; give a folder inside the MMAR (default {default!r})"
+    resolved = os.path.realpath(value)
+    if os.path.commonpath([resolved, str(root)]) == str(root):
+        return None
+    return (
+        f"{json.dumps(raw)} resolves to {resolved}, outside the MMAR ({root}); the folders the "
+        'site writes must be inside it (a relative path such as "models")'
+    )
+
+
 def _parse_environment(mmar_root: Path, sink: list[ConfigError]) -> MMAREnvironment:
     root = Path(mmar_root).resolve()
     path = root / ENVIRONMENT_FILE
@@ -134,36 +149,14 @@ def _parse_environment(mmar_root: Path, sink: list[ConfigError]) -> MMAREnvironm
         value = variables.get(name)
         if isinstance(value, str) and value:
             variables[name] = str(root / value)  # an absolute value stays as it is
-    for name in _WRITTEN_PATH_VARIABLES:
-        value = variables.get(name)
-        if not isinstance(value, str):
-            continue
-        raw = given.get(name, _PATH_DEFAULTS[name])
-        if isinstance(raw, str) and not raw.strip():
-            # "" would be the worker's working folder, wherever the service was started
-            sink.append(
-                ConfigError(
-                    path,
-                    name,
-                    f"is empty; give a folder inside the MMAR (default {_PATH_DEFAULTS[name]!r})",
-                )
-            )
-            variables[name] = str(root / _PATH_DEFAULTS[name])  # never used: the MMAR is refused
-            continue
-        # The worker creates and writes these folders: an MMAR shipped by the federation must
-        # not make it write anywhere the service user can (an absolute path, "../..", a link).
-        resolved = os.path.realpath(value)
-        if os.path.commonpath([resolved, str(root)]) != str(root):
-            sink.append(
-                ConfigError(
-                    path,
-                    name,
-                    f"{json.dumps(given.get(name))} resolves to {resolved}, outside the "
-                    f"MMAR ({root}); the folders the site writes must be inside it (a relative "
-                    'path such as "models")',
-                )
-            )
-            variables[name] = str(root / _PATH_DEFAULTS[name])  # never used: the MMAR is refused
+    for name, default in _PATH_DEFAULTS.items():
+        raw = given.get(name, default)
+        if not isinstance(raw, str):
+            continue  # reported above; the default stands
+        problem = _written_path_problem(raw, variables[name], root, default)
+        if problem:
+            sink.append(ConfigError(path, name, problem))
+            variables[name] = str(root / default)  # never used: the MMAR is refused
     return MMAREnvironment(path=path, mmar_root=root, variables=variables)
 
 
