@@ -16,6 +16,7 @@ __all__ = [
     "ParsedCommand",
     "ShellCommandError",
     "is_secret_file",
+    "name_problem",
     "parse_command",
     "parse_shell_command",
 ]
@@ -101,14 +102,21 @@ def _check_file(cmd: str, path: str, spec: CommandSpec) -> None:
         )
     if ".." in path.split("/"):
         raise ShellCommandError(f"{cmd}: path {path!r} may not hold a '..' component")
-    if is_secret_file(path):
-        # The session token and worker key live in client_token.txt; keys in startup/.
-        raise ShellCommandError(f"{cmd}: {path!r} may hold a secret and is not readable remotely")
-    if spec.readable and not path.endswith(READABLE_EXTENSIONS):
-        raise ShellCommandError(
-            f"{cmd}: file {path!r} is not one of the readable kinds "
-            f"({' '.join(READABLE_EXTENSIONS)})"
-        )
+    problem = name_problem(path, spec)
+    if problem:
+        raise ShellCommandError(f"{cmd}: file {path!r} {problem}")
+
+
+def name_problem(name: str, spec: CommandSpec) -> str | None:
+    """What the file-name rules hold against ``name`` for ``spec``'s command, or None: a file
+    that may hold a secret (the session token and worker key live in client_token.txt, keys in
+    startup/), or one of a kind the readers may not read. The site applies them to the name
+    asked and again to what it resolves to."""
+    if is_secret_file(name):
+        return "may hold a secret and is not readable remotely"
+    if spec.readable and not name.endswith(READABLE_EXTENSIONS):
+        return f"is not one of the readable kinds ({' '.join(READABLE_EXTENSIONS)})"
+    return None
 
 
 def parse_command(command: str) -> ParsedCommand:

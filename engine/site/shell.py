@@ -13,11 +13,10 @@ from pathlib import Path
 
 from engine.shell import (
     COMMAND_SPECS,
-    READABLE_EXTENSIONS,
     SECRET_NAME,
     CommandSpec,
     ShellCommandError,
-    is_secret_file,
+    name_problem,
     parse_command,
 )
 
@@ -100,16 +99,9 @@ def _inside(workspace: str, cmd: str, path: str, spec: CommandSpec) -> None:
         raise ShellCommandError(f"{cmd}: path {path!r} resolves outside the workspace")
     rel = os.path.relpath(real, workspace)
     if real != os.path.normpath(os.path.join(workspace, path)):
-        if is_secret_file(rel):
-            raise ShellCommandError(
-                f"{cmd}: {path!r} resolves to {rel!r}, which may hold a secret and is not "
-                "readable remotely"
-            )
-        if spec.readable and not rel.endswith(READABLE_EXTENSIONS):
-            raise ShellCommandError(
-                f"{cmd}: {path!r} resolves to {rel!r}, which is not one of the readable kinds "
-                f"({' '.join(READABLE_EXTENSIONS)})"
-            )
+        problem = name_problem(rel, spec)
+        if problem:
+            raise ShellCommandError(f"{cmd}: {path!r} resolves to {rel!r}, which {problem}")
     if spec.readable and _hard_linked(real):
         raise ShellCommandError(
             f"{cmd}: {path!r} has other names (hard links) than the one asked for, and one of "
