@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.machinery
 import inspect
 import json
 import sys
@@ -28,6 +29,8 @@ __all__ = [
     "build_component",
     "code_in_config",
     "import_path",
+    "is_installed",
+    "missing_module",
     "own_code",
     "resolve_component",
     "set_code_policy",
@@ -169,6 +172,51 @@ def import_path(dotted: str, custom_dir: Path | None = None) -> Any:
             f"module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute {attr!r}"
         )
     return obj
+
+
+def is_installed(dotted: str) -> bool:
+    """Whether module ``dotted`` is installed, found on disk without importing any of it."""
+    top, *rest = dotted.split(".")
+    # The installed packages only: not an MMAR's custom/ this process put on sys.path, and not
+    # sys.modules (a site's module imported earlier is not "installed").
+    custom = {c.resolve() for c in _custom_dirs}
+    search = [p for p in sys.path if not p or Path(p).resolve() not in custom]
+    try:
+        spec = importlib.machinery.PathFinder.find_spec(top, search)  # nothing is imported
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    locations = [Path(p) for p in (spec.submodule_search_locations or [])]
+    for i, part in enumerate(rest):
+        last = i == len(rest) - 1
+        packages = [loc / part for loc in locations if (loc / part).is_dir()]
+        if packages:
+            locations = packages
+            continue
+        return last and any(
+            any(loc.glob(f"{part}.py")) or any(loc.glob(f"{part}.*.so")) for loc in locations
+        )
+    return True
+
+
+def missing_module(path: str, custom_dir: Path | None) -> str | None:
+    """Why the module of a ``"path"`` component cannot be found, or None; nothing is imported.
+
+    It is found as a module or package under the MMAR's ``custom_dir``, or installed in this
+    Python (``torch.nn.Linear``, MONAI, ...). Whether it may run is the site policy's question
+    (``own_code``), not this one's.
+    """
+    dotted = path.rpartition(".")[0]
+    module = dotted.replace(".", "/")
+    if custom_dir is not None and (
+        (custom_dir / f"{module}.py").is_file() or (custom_dir / module).is_dir()
+    ):
+        return None
+    if is_installed(dotted):
+        return None
+    where = f"{custom_dir}" if custom_dir is not None else "the MMAR's custom/ (none here)"
+    return f"no module {dotted!r} in {where}, nor installed in this Python"
 
 
 def resolve_component(

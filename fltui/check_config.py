@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from engine.client.data_processors import build_client_state_processors, build_processors
-from engine.components import own_code
+from engine.components import missing_module, own_code
 from engine.config import (
     ComponentSpec,
     ConfigError,
@@ -35,7 +35,7 @@ from engine.privacy import build_privacy
 from engine.site.deploy import code_refusal
 from engine.site.paths import SitePaths
 from engine.site.policy import load_site_policy
-from engine.training.components import check_component, is_installed
+from engine.training.components import check_component
 from engine.training.config import TRAIN_CONFIG, read_train_config
 
 __all__ = ["Report", "check_path", "main"]
@@ -253,17 +253,9 @@ def _check_mmar_client(mmar: Path, report: Report) -> None:
         if code is not None:
             # Code by path (custom/ or any installed module): never imported here, only found;
             # whether the site lets it run is the policy check of _check_mmar.
-            if not (_custom_module(code, custom) or is_installed(code.rpartition(".")[0])):
-                report.add(
-                    [
-                        ConfigError(
-                            path,
-                            f"{spec.key}.path",
-                            f"no module {code.rpartition('.')[0]!r} in {custom}, nor installed "
-                            "in this Python",
-                        )
-                    ]
-                )
+            missing = missing_module(code, custom if custom.is_dir() else None)
+            if missing:
+                report.add([ConfigError(path, f"{spec.key}.path", missing)])
             continue
         try:
             if kind == "privacy":
@@ -283,11 +275,6 @@ def _workspace_policy(mmar: Path) -> Path | None:
     if not (workspace / "startup" / "fed_client.json").is_file():
         return None
     return workspace / "startup" / "site_policy.json"
-
-
-def _custom_module(dotted: str, custom: Path) -> bool:
-    module = dotted.rpartition(".")[0].replace(".", "/")
-    return (custom / f"{module}.py").is_file() or (custom / module / "__init__.py").is_file()
 
 
 def _check_train(mmar: Path, report: Report) -> None:

@@ -7,18 +7,15 @@ only training has: the built-ins per ``config_train.json`` key and the torch nam
 
 from __future__ import annotations
 
-import importlib.machinery
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from engine import components
-from engine.components import _custom_dirs
 from engine.config import ComponentSpec
 from engine.training.errors import TrainConfigError
 
-__all__ = ["BUILTINS", "build_component", "check_component", "is_installed", "resolve_component"]
+__all__ = ["BUILTINS", "build_component", "check_component", "resolve_component"]
 
 _DATA = {
     "SyntheticClassification": "engine.training.data:SyntheticClassification",
@@ -78,32 +75,6 @@ def resolve_component(
     )
 
 
-def is_installed(dotted: str) -> bool:
-    """Whether module ``dotted`` is installed, found on disk without importing any of it."""
-    top, *rest = dotted.split(".")
-    # The installed packages only: not an MMAR's custom/ this process put on sys.path, and not
-    # sys.modules (a site's module imported earlier is not "installed").
-    custom = {c.resolve() for c in _custom_dirs}
-    search = [p for p in sys.path if not p or Path(p).resolve() not in custom]
-    try:
-        spec = importlib.machinery.PathFinder.find_spec(top, search)  # nothing is imported
-    except (ImportError, ValueError):
-        return False
-    if spec is None:
-        return False
-    locations = [Path(p) for p in (spec.submodule_search_locations or [])]
-    for i, part in enumerate(rest):
-        last = i == len(rest) - 1
-        packages = [loc / part for loc in locations if (loc / part).is_dir()]
-        if packages:
-            locations = packages
-            continue
-        return last and any(
-            any(loc.glob(f"{part}.py")) or any(loc.glob(f"{part}.*.so")) for loc in locations
-        )
-    return True
-
-
 def check_component(spec: ComponentSpec, file: Path, custom_dir: Path | None) -> None:
     """Resolve a built-in or torch component and check its arguments, without building it.
 
@@ -115,20 +86,10 @@ def check_component(spec: ComponentSpec, file: Path, custom_dir: Path | None) ->
     """
     spec = _with_file(spec, file)
     if spec.path is not None:
-        dotted = spec.path.rpartition(".")[0]
-        module = dotted.replace(".", "/")
-        if custom_dir is not None and (
-            (custom_dir / f"{module}.py").is_file() or (custom_dir / module).is_dir()
-        ):
-            return
-        if is_installed(dotted):  # an installed package's class (torch.nn.Linear, MONAI, ...)
-            return
-        where = f"{custom_dir}" if custom_dir is not None else "the MMAR's custom/ (none here)"
-        raise TrainConfigError(
-            file,
-            f"{spec.key}.path",
-            f"no module {dotted!r} in {where}, nor installed in this Python",
-        )
+        missing = components.missing_module(spec.path, custom_dir)
+        if missing:
+            raise TrainConfigError(file, f"{spec.key}.path", missing)
+        return
     factory = resolve_component(spec, file, custom_dir)
     leading: tuple[Any, ...] = ([],) if spec.key == "optimizer" else ()
     context = {"site_name": "check", "mmar_root": file.parent.parent}
