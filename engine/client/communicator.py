@@ -20,7 +20,7 @@ from engine import serde
 from engine.client.data_assembler import DataAssembler
 from engine.client.data_processors import DataContext
 from engine.client.fl_context import FLContext, RemoteModel
-from engine.config import ServerEndpoint
+from engine.config import COMPRESSIONS, ServerEndpoint
 from engine.events import ConnectionChanged, EventBus, ModelTransferred
 from engine.rpc import TOKEN_HEADER, FederatedStub
 from engine.tls import (
@@ -70,11 +70,6 @@ def channel_options(configured: Any, defaults: list[tuple[str, Any]]) -> list[tu
     return list({**dict(defaults), **{str(o[0]): o[1] for o in configured or []}}.items())
 
 
-#: What ``compression`` may be: Clara's config strings, or a ``grpc.Compression`` (what the
-#: lineage's deployer handed its communicator), or None for none.
-COMPRESSION_NAMES = ("Gzip", "Deflate")
-
-
 def grpc_compression(value: Any) -> grpc.Compression:
     """The ``grpc.Compression`` that a ``compression`` setting means.
 
@@ -86,10 +81,10 @@ def grpc_compression(value: Any) -> grpc.Compression:
         return grpc.Compression.NoCompression
     if isinstance(value, grpc.Compression):
         return value
-    if isinstance(value, str) and value in COMPRESSION_NAMES:
+    if isinstance(value, str) and value in COMPRESSIONS:
         return getattr(grpc.Compression, value)  # type: ignore[no-any-return]
     raise ValueError(
-        f"compression must be one of {', '.join(map(repr, COMPRESSION_NAMES))}, None or a "
+        f"compression must be one of {', '.join(map(repr, COMPRESSIONS))}, None or a "
         f"grpc.Compression; got {value!r}"
     )
 
