@@ -72,7 +72,7 @@ class FederatedClient(FederatedClientBase):
         self.bus.publish(RoundStarted(site=self.client_name, round=rnd, num_rounds=self.num_rounds))
         self.phase("training")
         n_iter = self.model_manager.train()
-        metrics = self.model_manager.validate_model(None, None)
+        metrics = self.model_manager.validate_model(None, None, after_training=True)
         self.bus.publish(
             MetricsReported(site=self.client_name, round=rnd, scope="local model", metrics=metrics)
         )

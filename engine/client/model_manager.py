@@ -252,11 +252,22 @@ class ClientModelManager:
     # ------------------------------------------------------------------ validation
 
     def validate_model(
-        self, cross_site_val_configer: Any, checkpoint: Mapping[str, np.ndarray] | None
+        self,
+        cross_site_val_configer: Any,
+        checkpoint: Mapping[str, np.ndarray] | None,
+        *,
+        after_training: bool = False,
     ) -> dict[str, float]:
-        """Metrics of ``checkpoint`` (or the local model) on this site's validation data."""
-        validator = self.model_validator or self.fitter
-        return dict(validator.validate(checkpoint))
+        """Metrics of ``checkpoint`` (or the local model) on this site's validation data.
+
+        Only the local model measured right after local training (``after_training``) may
+        become the site's best model: a global model just received is measured, not kept.
+        """
+        if self.model_validator is not None:
+            return dict(self.model_validator.validate(checkpoint))
+        if checkpoint is not None:
+            return dict(self.fitter.validate(checkpoint))
+        return dict(self.fitter.validate(None, after_training=after_training))
 
     def get_best_model(self) -> dict[str, np.ndarray] | None:
         """The best local weights seen by validation, over the shared variables."""

@@ -439,11 +439,15 @@ class Fitter:
 
     # -- validation -------------------------------------------------------------------------
 
-    def validate(self, weights: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+    def validate(
+        self, weights: Mapping[str, np.ndarray] | None = None, *, after_training: bool = True
+    ) -> dict[str, float]:
         """Evaluate on this site's validation set.
 
-        Without ``weights`` the fitter's own model is evaluated, and an improvement of the key
-        metric updates :attr:`best_metric`, :meth:`best_weights` and ``models/best_model.pt``.
+        Without ``weights`` the fitter's own model is evaluated, and (``after_training``: it is
+        the model local training just made) an improvement of the key metric updates
+        :attr:`best_metric`, :meth:`best_weights` and ``models/best_model.pt``. A global model
+        just loaded is validated with ``after_training=False``: measured, never kept as best.
         With ``weights`` (e.g. another site's model, for cross-site validation) those weights
         are evaluated and the fitter's own model and best model stay as they are.
 
@@ -461,7 +465,8 @@ class Fitter:
             substitute = self._checked(weights) if weights is not None else None
             metrics = self._evaluate(substitute)
             if substitute is None:
-                self._note(metrics)
+                if after_training:
+                    self._note(metrics)
                 self._save_metrics(metrics)
             return metrics
 

@@ -376,6 +376,27 @@ def test_validate_and_best_model(mmar: Path) -> None:
     assert not list(fitter.best_model_path.parent.glob(".best_model.*"))  # no temp files left
 
 
+def test_a_received_global_model_is_never_the_best_local_model(mmar: Path) -> None:
+    """Best local model = the best after local training; a global model just loaded (which may
+    score higher: e.g. the untrained global of a later run) is measured, never kept."""
+    from engine.client.model_manager import ClientModelManager
+
+    trained = build_fitter(mmar, site_name="site-1", device="cpu")
+    for _ in range(3):
+        trained.train()
+    good = trained.get_weights()
+    fitter = build_fitter(mmar, site_name="site-1", device="cpu")
+    manager = ClientModelManager()
+    manager.set_fitter(fitter)
+    untrained = manager.validate_model(None, None, after_training=True)
+    fitter.set_weights(good)  # a better global model arrives
+    global_metrics = manager.validate_model(None, None)
+    assert global_metrics["accuracy"] > untrained["accuracy"]
+    assert fitter.best_metric == untrained["accuracy"]
+    best = fitter.best_weights()
+    assert best is not None and not weights_equal(best, good)
+
+
 def test_validate_with_weights_leaves_own_model(mmar: Path) -> None:
     fitter = build_fitter(mmar, site_name="site-1", device="cpu")
     untrained = fitter.get_weights()
