@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from engine.config import load_environment
-from engine.fileio import atomic_write, save_json_atomic
+from engine.fileio import save_json_atomic
 from engine.training.components import build_component
 from engine.training.config import METRICS, ComponentSpec, TrainConfig, load_train_config
 from engine.training.errors import TrainConfigError, TrainingAborted
+from engine.training.weights import BEST_MODEL_NAME, BestModel, checked_tensors, to_numpy
 
 __all__ = ["BEST_MODEL", "EpochCallback", "Fitter", "ProgressCallback", "build_fitter"]
 
@@ -37,7 +38,7 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 #: Where the best local model is kept, relative to the MMAR, unless environment.json's
 #: MMAR_CKPT_DIR names another folder (Clara's default is models/).
-BEST_MODEL = Path("models") / "best_model.pt"
+BEST_MODEL = Path("models") / BEST_MODEL_NAME
 #: The metrics of the last validation, in MMAR_EVAL_OUTPUT_PATH (default eval/).
 EVAL_METRICS = "validation_metrics.json"
 
@@ -202,8 +203,7 @@ class Fitter:
         self._abort = threading.Event()
         self._rounds = 0
         self._n_iter = 0
-        self._best_metric: float | None = None
-        self._best_weights: dict[str, np.ndarray] | None = None
+        self._best = BestModel(self.ckpt_dir, METRICS[config.metric])
         pin = device.type == "cuda"
         self._shuffle = torch.Generator()
         self._train_loader = DataLoader(
@@ -275,7 +275,7 @@ class Fitter:
     @property
     def best_metric(self) -> float | None:
         """The best key metric that :meth:`validate` saw on the fitter's own model, if any."""
-        return self._best_metric
+        return self._best.metric
 
     @property
     def n_iter(self) -> int:
@@ -290,7 +290,7 @@ class Fitter:
     @property
     def best_model_path(self) -> Path:
         """Where the best local model is saved: ``<MMAR_CKPT_DIR>/best_model.pt``."""
-        return self.ckpt_dir / BEST_MODEL.name
+        return self._best.path
 
     @property
     def steps_per_round(self) -> int:
@@ -307,7 +307,7 @@ class Fitter:
         bfloat16 tensors (which numpy lacks) come back as float32.
         """
         with self._lock:
-            return _to_numpy(self._model.state_dict())
+            return to_numpy(self._model.state_dict())
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Load some or all variables into the model.
@@ -334,12 +334,7 @@ class Fitter:
         saved in ``models/best_model.pt`` by an earlier run, if there is one.
         """
         with self._lock:
-            if self._best_weights is None and self.best_model_path.is_file():
-                state = torch.load(self.best_model_path, map_location="cpu", weights_only=True)
-                self._best_weights = _to_numpy(state)
-            if self._best_weights is None:
-                return None
-            return {name: array.copy() for name, array in self._best_weights.items()}
+            return self._best.weights()
 
     # -- training ---------------------------------------------------------------------------
 
@@ -513,27 +508,7 @@ class Fitter:
         return metrics
 
     def _note(self, metrics: Mapping[str, float]) -> None:
-        value = metrics[self.metric_name]
-        if not math.isfinite(value):
-            return
-        best = self._best_metric
-        if best is not None and (value <= best if self.higher_is_better else value >= best):
-            return
-        self._best_metric = value
-        state = self._model.state_dict()
-        self._best_weights = _to_numpy(state)
-        self._save_best(state)
-
-    def _save_best(self, state: Mapping[str, torch.Tensor]) -> None:
-        target = self.best_model_path
-        tensors = {name: t.detach().to("cpu", copy=True) for name, t in state.items()}
-        try:
-            # Readers see the old file or the new one, never half of one, even after a crash.
-            atomic_write(target, lambda fh: torch.save(tensors, fh))
-        except OSError as exc:
-            # Training goes on (the weights are kept in memory); the operator sees why the file
-            # is stale.
-            log.warning("could not save the best model to %s: %s", target, exc)
+        self._best.offer(metrics[self.metric_name], self._model.state_dict())
 
     def _save_metrics(self, metrics: Mapping[str, float]) -> None:
         """Writes the last validation to ``<MMAR_EVAL_OUTPUT_PATH>/validation_metrics.json``."""
@@ -545,7 +520,7 @@ class Fitter:
                     "site": self.site_name,
                     "metric": self.metric_name,
                     "metrics": dict(metrics),
-                    "best_metric": self._best_metric,
+                    "best_metric": self._best.metric,
                     "local_rounds": self._rounds,
                 },
             )
@@ -556,32 +531,7 @@ class Fitter:
 
     def _checked(self, weights: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Check every entry, then convert to tensors of the model's dtype on its device."""
-        state = self._model.state_dict()
-        unknown = [name for name in weights if name not in state]
-        if unknown:
-            raise ValueError(
-                f"unknown variable {unknown[0]!r}: the model has no such variable "
-                f"({len(unknown)} unknown of {len(weights)} given; the model has {len(state)})"
-            )
-        arrays: dict[str, np.ndarray] = {}
-        for name, value in weights.items():
-            target = state[name]
-            try:
-                array = np.asarray(value)
-            except Exception as exc:
-                raise ValueError(f"variable {name!r}: not an array ({exc})") from exc
-            if tuple(array.shape) != tuple(target.shape):
-                raise ValueError(
-                    f"variable {name!r}: shape {tuple(array.shape)} given, but the model's is "
-                    f"{tuple(target.shape)}"
-                )
-            if array.dtype.kind not in "biufc":
-                raise ValueError(f"variable {name!r}: dtype {array.dtype} is not numeric")
-            arrays[name] = array
-        return {
-            name: torch.tensor(array).to(self.device, dtype=state[name].dtype)
-            for name, array in arrays.items()
-        }
+        return checked_tensors(self._model.state_dict(), weights)
 
     def _to_device(self, batch: Any) -> tuple[Any, Any]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -639,15 +589,6 @@ def _mix(*parts: int) -> int:
     """A well-spread 63-bit seed from several integers (seed, round, purpose)."""
     state = np.random.SeedSequence([p & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2)
     return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF
-
-
-def _to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for name, tensor in state.items():
-        t = tensor.detach()
-        dtype = torch.float32 if t.dtype == torch.bfloat16 else t.dtype
-        out[name] = t.to("cpu", dtype=dtype, copy=True).numpy()
-    return out
 
 
 def _move(value: Any, device: torch.device, non_blocking: bool) -> Any:

@@ -1,0 +1,130 @@
+"""What every training form (the torch fitter, Clara's MONAI form, MONAI bundles) does with a
+model's weights the same way: numpy copies, checked loads, and the best local model.
+
+The federated client sees weights as ``{name: numpy array}`` in ``state_dict`` order; here is
+the one conversion each way, the one check of what arrives (names, shapes, dtypes) and the one
+keeper of the best local model (``<MMAR_CKPT_DIR>/best_model.pt``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.fileio import atomic_write
+
+__all__ = ["BEST_MODEL_NAME", "BestModel", "checked_tensors", "load_weights", "to_numpy"]
+
+log = logging.getLogger(__name__)
+
+#: The best local model's file name in ``MMAR_CKPT_DIR`` (Clara's default ``models/``).
+BEST_MODEL_NAME = "best_model.pt"
+
+
+def to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A CPU numpy copy of every tensor (bfloat16, which numpy lacks, as float32)."""
+    out: dict[str, np.ndarray] = {}
+    for name, tensor in state.items():
+        t = tensor.detach()
+        dtype = torch.float32 if t.dtype == torch.bfloat16 else t.dtype
+        out[name] = t.to("cpu", dtype=dtype, copy=True).numpy()
+    return out
+
+
+def checked_tensors(
+    state: Mapping[str, torch.Tensor], weights: Mapping[str, np.ndarray]
+) -> dict[str, torch.Tensor]:
+    """Checks every entry against ``state``, then converts to tensors of its dtype and device.
+
+    Raises:
+        ValueError: A name is not a variable of ``state``, a shape does not match, or a value
+            is not numeric. Nothing has been converted then.
+    """
+    unknown = [name for name in weights if name not in state]
+    if unknown:
+        raise ValueError(
+            f"unknown variable {unknown[0]!r}: the model has no such variable "
+            f"({len(unknown)} unknown of {len(weights)} given; the model has {len(state)})"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for name, value in weights.items():
+        target = state[name]
+        try:
+            array = np.asarray(value)
+        except Exception as exc:
+            raise ValueError(f"variable {name!r}: not an array ({exc})") from exc
+        if tuple(array.shape) != tuple(target.shape):
+            raise ValueError(
+                f"variable {name!r}: shape {tuple(array.shape)} given, but the model's is "
+                f"{tuple(target.shape)}"
+            )
+        if array.dtype.kind not in "biufc":
+            raise ValueError(f"variable {name!r}: dtype {array.dtype} is not numeric")
+        arrays[name] = array
+    return {
+        name: torch.as_tensor(array).to(state[name].device, dtype=state[name].dtype)
+        for name, array in arrays.items()
+    }
+
+
+def load_weights(module: torch.nn.Module, weights: Mapping[str, np.ndarray]) -> None:
+    """Loads some or all variables into ``module`` in place (names not given keep theirs).
+
+    Raises:
+        ValueError: as :func:`checked_tensors`; then nothing has been changed.
+    """
+    state = module.state_dict()
+    tensors = checked_tensors(state, weights)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            state[name].copy_(tensor)
+
+
+class BestModel:
+    """The best local model by a key metric: in memory, and in ``<ckpt_dir>/best_model.pt``.
+
+    Only a model that local training made is offered (:meth:`offer`); a global model just
+    received is measured by its caller, never offered.
+    """
+
+    def __init__(self, ckpt_dir: Path, higher_is_better: bool) -> None:
+        self.path = ckpt_dir / BEST_MODEL_NAME
+        self.higher_is_better = higher_is_better
+        self.metric: float | None = None
+        self._weights: dict[str, np.ndarray] | None = None
+
+    def offer(self, value: float, state: Mapping[str, torch.Tensor]) -> bool:
+        """Keeps ``state`` when ``value`` beats the best so far; True when it did."""
+        if not math.isfinite(value):
+            return False
+        best = self.metric
+        if best is not None and (value <= best if self.higher_is_better else value >= best):
+            return False
+        self.metric = value
+        self._weights = to_numpy(state)
+        self._save(state)
+        return True
+
+    def weights(self) -> dict[str, np.ndarray] | None:
+        """A copy of the best weights; before any offer, those an earlier run saved, or None."""
+        if self._weights is None and self.path.is_file():
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            self._weights = to_numpy(state)
+        if self._weights is None:
+            return None
+        return {name: array.copy() for name, array in self._weights.items()}
+
+    def _save(self, state: Mapping[str, torch.Tensor]) -> None:
+        tensors = {name: t.detach().to("cpu", copy=True) for name, t in state.items()}
+        try:
+            # Readers see the old file or the new one, never half of one, even after a crash.
+            atomic_write(self.path, lambda fh: torch.save(tensors, fh))
+        except OSError as exc:
+            # Training goes on (the weights are kept in memory); the operator sees why the file
+            # is stale.
+            log.warning("could not save the best model to %s: %s", self.path, exc)
