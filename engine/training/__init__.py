@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.config import load_environment
+from engine.training.clara_config import ClaraConfig
+from engine.training.config import TRAIN_CONFIG, load_train_config
 from engine.training.errors import TrainConfigError, TrainingAborted
 
 if TYPE_CHECKING:
@@ -59,6 +62,23 @@ def build_fitter(
     """
     from engine.training import fitter  # deferred: torch; `import engine.training` must not load it
 
+    root = Path(mmar_root).resolve()
+    config = load_train_config(root) if (root / TRAIN_CONFIG).is_file() else None
+    if isinstance(config, ClaraConfig):
+        from engine.training import clara_monai  # deferred: MONAI, only for this form
+
+        environment = config.environment or load_environment(root)
+        return clara_monai.build_clara_trainer(  # type: ignore[return-value]
+            config,
+            site_name=site_name,
+            local_epochs=local_epochs,
+            steps_aggregation=steps_aggregation,
+            on_progress=on_progress,
+            on_epoch_end=on_epoch_end,
+            device=fitter.pick_device(device),
+            ckpt_dir=environment.ckpt_dir,
+            eval_dir=environment.eval_dir,
+        )
     return fitter.build_fitter(
         mmar_root,
         site_name=site_name,

@@ -17,6 +17,12 @@ from typing import Any, TypeVar
 
 from engine.config import ComponentSpec, ConfigError, ConfigProblems, MMAREnvironment, refusal
 from engine.config import load_environment as _load_environment
+from engine.training.clara_config import (
+    ClaraConfig,
+    is_clara_pytorch,
+    parse_clara_config,
+    require_monai,
+)
 from engine.training.errors import TrainConfigError
 
 __all__ = [
@@ -78,7 +84,7 @@ class TrainConfig:
 
 def load_train_config(
     mmar_root: str | Path, environment: MMAREnvironment | None = None
-) -> TrainConfig:
+) -> TrainConfig | ClaraConfig:
     """Read and check ``<mmar_root>/config/config_train.json``.
 
     Args:
@@ -107,9 +113,14 @@ def read_train_config(mmar_root: str | Path) -> tuple[list[ComponentSpec], list[
     sink: list[ConfigError] = []
     specs: list[ComponentSpec] = []
     try:
-        _load(Path(mmar_root), None, sink, specs)
+        config = _load(Path(mmar_root), None, sink, specs)
     except ConfigError as exc:
         sink.extend(getattr(exc, "problems", [exc]))
+        config = None
+    if isinstance(config, ClaraConfig):
+        from engine.training.clara_monai import check_clara_config  # deferred: torch, MONAI
+
+        sink.extend(check_clara_config(config))
     return specs, sink
 
 
@@ -118,7 +129,7 @@ def _load(
     environment: MMAREnvironment | None,
     sink: list[ConfigError],
     parsed: list[ComponentSpec] | None = None,
-) -> TrainConfig | None:
+) -> TrainConfig | ClaraConfig | None:
     file = root / TRAIN_CONFIG
     try:
         text = file.read_text(encoding="utf-8")
@@ -136,6 +147,10 @@ def _load(
         ) from exc
     if environment is None:
         environment = _load_environment(root)
+    if is_clara_pytorch(data):
+        # Clara's PyTorch form (MONAI engines): its own sections and top-level variables.
+        require_monai(file, "train")
+        return parse_clara_config(data, file, environment, sink)
     data, undefined = environment.substitute(data, file)
     sink.extend(TrainConfigError(file, p.key, p.problem) for p in undefined)
     return _parse(data, file, environment, sink, parsed)

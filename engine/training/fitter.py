@@ -92,7 +92,7 @@ def build_fitter(
         raise ValueError(
             f"steps_aggregation must be >= 0 (0 means epochs), got {steps_aggregation}"
         )
-    torch_device = _pick_device(device)
+    torch_device = pick_device(device)
 
     root = Path(mmar_root).resolve()
     config = load_train_config(root)
@@ -544,7 +544,7 @@ class Fitter:
         return _move(x, self.device, non_blocking), _move(y, self.device, non_blocking)
 
 
-def _pick_device(device: str | None) -> torch.device:
+def pick_device(device: str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
