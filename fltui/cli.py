@@ -416,9 +416,10 @@ def _run_server(args: argparse.Namespace, bus: object, printer: object) -> int:
         path = next((p for p in candidates if p.exists()), candidates[0])
         config = load_server_config(path)
         if args.mmar is not None:
-            from engine.training import build_fitter  # deferred: only with --mmar
+            from engine.training.initial_model import initial_weights  # deferred: torch
 
-            initial = build_fitter(args.mmar, site_name="server").get_weights()
+            # The model component alone (or the MMAR's checkpoint): a server has no data.
+            initial = initial_weights(args.mmar)
         else:
             model_path = root / "models" / "initial_model.npz"
             if not model_path.exists():

@@ -33,11 +33,17 @@ import torch
 from engine import components
 from engine.config import ComponentSpec, ConfigError, MMAREnvironment
 from engine.fileio import save_json_atomic
-from engine.training.clara_config import MONAI_EXTRA, ClaraConfig, Part, require_monai
+from engine.training.clara_config import ClaraConfig, Part, require_monai
 from engine.training.errors import TrainConfigError, TrainingAborted
 from engine.training.weights import BestModel, checked_tensors, load_weights, to_numpy
 
-__all__ = ["ClaraMonaiTrainer", "build_clara_trainer", "check_clara_config", "require_monai"]
+__all__ = [
+    "ClaraMonaiTrainer",
+    "build_clara_model",
+    "build_clara_trainer",
+    "check_clara_config",
+    "require_monai",
+]
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +169,11 @@ def _translate(spec: ComponentSpec, factory: Callable[..., Any]) -> ComponentSpe
             if on:
                 args["threshold"] = thresh
             notices.append("'threshold_values'/'logit_thresh' is 'threshold' in this MONAI")
-    if label in ("AddChanneld", "AddChannel"):
-        notices.append(f"{label} was removed from MONAI: EnsureChannelFirst with no_channel")
     for gone in ("mutually_exclusive", "to_onehot_y", "sigmoid", "logit_thresh", "other_act"):
-        if label in ("MeanDice", "HausdorffDistance", "SurfaceDistance") and gone in args:
-            if gone not in params:
-                args.pop(gone)
-                notices.append(f"{gone!r} was removed (do it in post_transforms): dropped")
+        metric = label in ("MeanDice", "HausdorffDistance", "SurfaceDistance")
+        if metric and gone in args and gone not in params:
+            args.pop(gone)
+            notices.append(f"{gone!r} was removed (do it in post_transforms): dropped")
     for note in notices:
         log.warning("%s %s (%s): %s; translated", spec.file, spec.key, label, note)
     if not notices:
@@ -226,7 +230,9 @@ def _expression(text: str, file: Path | None, key: str) -> Any:
         )
         return pick
     try:
-        return eval(text, {"__builtins__": builtins, "torch": torch, "np": np})  # noqa: S307
+        return eval(
+            text, {"__builtins__": builtins, "torch": torch, "np": np}
+        )  # the site policy allowed expressions
     except Exception as exc:
         raise TrainConfigError(
             file or Path("<config>"), key, f"the expression {text!r} failed: {exc}"
@@ -375,6 +381,13 @@ def _datalist(part: Part, environment: MMAREnvironment | None, default_key: str)
         )
     try:
         items = load_decathlon_datalist(str(path), data_list_key=key, base_dir=str(base_dir))
+    except TypeError as exc:
+        raise TrainConfigError(
+            file,
+            f"{part.key}.data_list_file_path",
+            f"the datalist {path} {key!r}: {exc}; Clara's datalist items are objects like "
+            '{"image": "imagesTr/x.nii.gz", "label": "labelsTr/x.nii.gz"}',
+        ) from exc
     except (ValueError, KeyError, OSError) as exc:
         raise TrainConfigError(
             file, f"{part.key}.data_list_key", f"cannot read key {key!r} of {path}: {exc}"
@@ -414,6 +427,18 @@ def _metrics(parts: list[Part], rank: int) -> tuple[dict[str, Any], dict[str, An
             part, output_transform=_pick("pred", "label")
         )
     return key, extra, next(iter(key), None)
+
+
+def build_clara_model(config: ClaraConfig) -> torch.nn.Module:
+    """The network alone (seeded as for training): a server's initial model, without data."""
+    require_monai(config.file, "train.model")
+    with torch.random.fork_rng(devices=[]):
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+        network = _build(config.train["model"])
+    if not isinstance(network, torch.nn.Module):
+        raise TrainConfigError(config.file, "train.model", "expected a torch.nn.Module")
+    return network
 
 
 def build_clara_trainer(
