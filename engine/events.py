@@ -208,11 +208,16 @@ class PrivacyApplied(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class RoundCompleted(Event):
-    """A round ended: ``metrics`` are the new global model's, as this site measured them."""
+    """A round ended: ``metrics`` are the new global model's, as this site measured them.
+
+    ``key_metric`` names the one the MMAR's config chose (``val_mean_dice``, ``accuracy``):
+    the console plots it, and the site's best local model is chosen by it.
+    """
 
     round: int
     num_rounds: int
     metrics: dict[str, float]
+    key_metric: str = ""
 
     def summary(self) -> str:
         return (

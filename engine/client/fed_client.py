@@ -130,9 +130,14 @@ class FederatedClient(FederatedClientBase):
         metrics = self.model_manager.validate_model(None, None)
         self._reported_round = r
         self.final_metrics = metrics
+        trainer = self.model_manager.get_fitter()
         self.bus.publish(
             RoundCompleted(
-                site=self.client_name, round=r, num_rounds=self.num_rounds, metrics=metrics
+                site=self.client_name,
+                round=r,
+                num_rounds=self.num_rounds,
+                metrics=metrics,
+                key_metric=str(getattr(trainer, "metric_name", "") or ""),
             )
         )
 

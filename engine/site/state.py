@@ -74,6 +74,8 @@ class SiteState:
     train_started: float | None = None
     transfer: str = ""
     round_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    # The metric the MMAR's config chose (RoundCompleted.key_metric): plotted, chooses best.
+    key_metric: str = ""
     local_metrics: dict[str, float] = field(default_factory=dict)
     # The latest cross-site validation on this site's data: {model owner: metrics}.
     validation: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -214,6 +216,8 @@ class SiteState:
         self.num_rounds = e.num_rounds
         self.round_metrics = [m for m in self.round_metrics if m[0] != e.round]
         self.round_metrics.append((e.round, dict(e.metrics)))
+        if e.key_metric:
+            self.key_metric = e.key_metric
         return {"round"}
 
     def _on_FederationFinished(self, e: FederationFinished) -> set[str]:
@@ -309,6 +313,7 @@ class SiteState:
             "step": self.step,
             "total_steps": self.total_steps,
             "round_metrics": self.round_metrics,
+            "key_metric": self.key_metric,
             "validation": self.validation,
             "outcome": self.outcome,
             "last_error": self.last_error,

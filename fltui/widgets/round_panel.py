@@ -137,6 +137,8 @@ def _validation_line(results: dict[str, dict[str, float]], metric: str) -> str:
 
 
 def _metric_name(state: SiteState) -> str:
+    if state.key_metric and any(state.key_metric in m for _, m in state.round_metrics):
+        return state.key_metric
     for _, metrics in state.round_metrics:
         if "accuracy" in metrics:
             return "accuracy"
