@@ -78,7 +78,9 @@ def write_segmentation_data(
     save_json_atomic(
         target,
         {
-            "description": f"synthetic: MONAI create_test_image_{dims}d, seed {seed} (a simulation)",
+            "description": (
+                f"synthetic: MONAI create_test_image_{dims}d, seed {seed} (a simulation)"
+            ),
             "training": items[:n_train],
             "validation": items[n_train:],
         },

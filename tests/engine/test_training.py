@@ -443,3 +443,37 @@ def test_demo_federation_learns(tmp_path: Path) -> None:
         }
         history.append(np.mean([f.validate(global_weights)["accuracy"] for f in fitters]))
     assert history[2] > history[0] + 0.15, history
+
+
+_DICT_DATA = """
+import torch
+from torch.utils.data import Dataset
+
+
+class DictItems(Dataset):
+    def __init__(self, n=64, keys=("image", "label")):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = (self.x[:, 0] > 0).long()
+        self.keys = keys
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {self.keys[0]: self.x[i], self.keys[1]: self.y[i]}
+"""
+
+
+def test_dictionary_items_train_as_monai_writes_them(tmp_path: Path) -> None:
+    config = small_config()
+    config["model"]["args"].update(in_features=8, num_classes=2)
+    for key in ("train_data", "validation_data"):
+        config[key] = {"path": "dict_data.DictItems", "args": {}}
+    root = make_mmar(tmp_path / "m", config, {"dict_data.py": _DICT_DATA})
+    fitter = build_fitter(root, site_name="s", device="cpu")
+    assert fitter.train() > 0 and "accuracy" in fitter.validate()
+    config["train_data"]["args"] = {"keys": ["img", "seg"]}
+    other = make_mmar(tmp_path / "n", config, {"dict_data.py": _DICT_DATA})
+    with pytest.raises(TypeError, match=r"keys \['img', 'seg'\].*Clara's PyTorch form"):
+        build_fitter(other, site_name="s", device="cpu").train()
