@@ -534,12 +534,18 @@ class Fitter:
         return checked_tensors(self._model.state_dict(), weights)
 
     def _to_device(self, batch: Any) -> tuple[Any, Any]:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        if isinstance(batch, Mapping) and "image" in batch and "label" in batch:
+            x, y = batch["image"], batch["label"]  # MONAI's dictionary items
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            x, y = batch
+        else:
+            keys = f" with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else ""
             raise TypeError(
-                "a dataset item must be an (input, target) pair; "
-                f"got a batch of type {type(batch).__name__}"
+                'a dataset item must be an (input, target) pair or a {"image", "label"} '
+                f"dict; got a batch of type {type(batch).__name__}{keys}. For MONAI "
+                "transforms and datalists, write config_train.json in Clara's PyTorch form "
+                "(train / validate sections)"
             )
-        x, y = batch
         non_blocking = self.device.type == "cuda"
         return _move(x, self.device, non_blocking), _move(y, self.device, non_blocking)
 
