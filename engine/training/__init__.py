@@ -7,13 +7,27 @@ from typing import TYPE_CHECKING, Any
 
 from engine.config import load_environment
 from engine.training.clara_config import ClaraConfig
-from engine.training.config import TRAIN_CONFIG, load_train_config
+from engine.training.config import load_train_config
 from engine.training.errors import TrainConfigError, TrainingAborted
 
 if TYPE_CHECKING:
     from engine.training.fitter import EpochCallback, Fitter, ProgressCallback
 
-__all__ = ["Fitter", "TrainConfigError", "TrainingAborted", "build_fitter", "demo_mmar_path"]
+__all__ = [
+    "Fitter",
+    "TrainConfigError",
+    "TrainingAborted",
+    "build_fitter",
+    "demo_mmar_path",
+    "is_bundle",
+]
+
+
+def is_bundle(mmar_root: str | Path) -> bool:
+    """Whether the MMAR is (or carries at its root) a MONAI bundle: ``configs/train.json``
+    (or ``.yaml`` / ``.yml``); cheap, nothing is imported."""
+    root = Path(mmar_root)
+    return any((root / "configs" / f"train{ext}").is_file() for ext in (".json", ".yaml", ".yml"))
 
 
 def demo_mmar_path() -> Path:
@@ -63,7 +77,19 @@ def build_fitter(
     from engine.training import fitter  # deferred: torch; `import engine.training` must not load it
 
     root = Path(mmar_root).resolve()
-    config = load_train_config(root) if (root / TRAIN_CONFIG).is_file() else None
+    if is_bundle(root):
+        from engine.training import bundle  # deferred: MONAI, only for bundles
+
+        return bundle.build_bundle_trainer(  # type: ignore[return-value]
+            root,
+            site_name=site_name,
+            local_epochs=local_epochs,
+            steps_aggregation=steps_aggregation,
+            on_progress=on_progress,
+            on_epoch_end=on_epoch_end,
+            device=device,
+        )
+    config = load_train_config(root)
     if isinstance(config, ClaraConfig):
         from engine.training import clara_monai  # deferred: MONAI, only for this form
 

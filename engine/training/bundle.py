@@ -43,8 +43,9 @@ import engine.components
 from engine.config import load_environment
 from engine.config.environment import MMAREnvironment
 from engine.fileio import save_json_atomic
+from engine.training import is_bundle
 from engine.training.errors import TrainConfigError, TrainingAborted
-from engine.training.fitter import EVAL_METRICS, EpochCallback, ProgressCallback
+from engine.training.fitter import EVAL_METRICS, EpochCallback, ProgressCallback, pick_device
 from engine.training.weights import BestModel, checked_tensors, load_weights, to_numpy
 
 __all__ = ["BundleTrainer", "build_bundle_trainer", "bundle_config_files", "is_bundle"]
@@ -72,15 +73,6 @@ def _config_file(root: Path, stem: str) -> Path | None:
         if path.is_file():
             return path
     return None
-
-
-def is_bundle(mmar_root: str | Path) -> bool:
-    """Whether the MMAR is (or carries at its root) a MONAI bundle: ``configs/train.json``.
-
-    ``.yaml`` / ``.yml`` count too. An MMAR may hold our ``config/config_fed_client.json``
-    beside the bundle's ``configs/``, or be a bundle deployed as it is.
-    """
-    return _config_file(Path(mmar_root), "train") is not None
 
 
 def bundle_config_files(mmar_root: str | Path) -> dict[str, Path]:
@@ -157,7 +149,7 @@ def build_bundle_trainer(
         raise ValueError(
             f"steps_aggregation must be an integer >= 0 (0 means epochs), got {steps_aggregation!r}"
         )
-    torch_device = _pick_device(device) if device is not None else None
+    torch_device = pick_device(device) if device is not None else None
     epochs = local_epochs or 1
     root = Path(mmar_root).resolve()
     files = bundle_config_files(root)
@@ -231,6 +223,42 @@ def build_bundle_trainer(
         ckpt_dir=environment.ckpt_dir,
         eval_dir=environment.eval_dir,
     )
+
+
+def initial_bundle_weights(mmar_root: str | Path) -> dict[str, np.ndarray]:
+    """The bundle's network alone (``network_def``), seeded: a server's initial model, no data.
+
+    Raises:
+        TrainConfigError: MONAI is missing, or the bundle has no buildable ``network_def``.
+    """
+    root = Path(mmar_root).resolve()
+    files = bundle_config_files(root)
+    train_file = files["train"]
+    if importlib.util.find_spec("monai") is None:
+        raise TrainConfigError(
+            train_file,
+            None,
+            f"this MMAR is a MONAI bundle and 'monai' is not installed; {INSTALL_HINT}",
+        )
+    raw = _read_configs({"train": train_file})
+    _check_expressions(raw, root)
+    config = _merged([train_file])
+    key = "network_def" if "network_def" in config else "network"
+    _require(config, key, train_file, "the network (MONAI's bundle layout: network_def)")
+    config["bundle_root"] = str(root)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            network = config.get_parsed_content(key, instantiate=True)
+        except Exception as exc:
+            raise TrainConfigError(
+                train_file, key, f"cannot be built: {type(exc).__name__}: {exc}"
+            ) from exc
+    if not isinstance(network, nn.Module):
+        raise TrainConfigError(
+            train_file, key, f"built {type(network).__name__}, not a torch module"
+        )
+    return to_numpy(network.state_dict())
 
 
 def _initialise(
@@ -854,13 +882,3 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[str(name)] = float(value)
     return out
-
-
-def _pick_device(device: str) -> torch.device:
-    try:
-        chosen = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"not a torch device: {device!r} ({exc})") from exc
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested, but CUDA is not available here")
-    return chosen

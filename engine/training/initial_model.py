@@ -15,6 +15,7 @@ import torch
 
 from engine.config import load_environment
 from engine.fileio import save_npz_atomic
+from engine.training import is_bundle
 from engine.training.clara_config import ClaraConfig
 from engine.training.config import TRAIN_CONFIG, load_train_config
 from engine.training.errors import TrainConfigError
@@ -34,10 +35,10 @@ def initial_weights(mmar: str | Path) -> dict[str, np.ndarray]:
     pretrained = environment.variables.get("PRETRAIN_WEIGHTS_FILE")
     if pretrained:
         return _checkpoint(Path(pretrained), environment.path)
-    if any((root / "configs" / f"train.{ext}").is_file() for ext in ("json", "yaml", "yml")):
+    if is_bundle(root):
         from engine.training import bundle  # deferred: MONAI's bundle form, only for bundles
 
-        return bundle.initial_bundle_weights(root)  # type: ignore[no-any-return]
+        return bundle.initial_bundle_weights(root)
     if not (root / TRAIN_CONFIG).is_file():
         raise TrainConfigError(root / TRAIN_CONFIG, None, "file not found; no model to start from")
     config = load_train_config(root, environment)

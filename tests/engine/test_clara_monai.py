@@ -235,6 +235,8 @@ def test_two_sites_train_the_clara_form_over_loopback(
     engines = []
     for i, name in enumerate(("client1", "client2")):
         root = _site(tmp_path, name, server.port, template)
+        # the MMAR's output_transform lambda is an expression: this site's policy allows them
+        (root / "startup" / "site_policy.json").write_text(json.dumps({"allow_expressions": True}))
         deployed = root / "run_1" / f"mmar_{name}"
         write_segmentation_data(
             deployed / "data", seed=10 + i, n_train=4, n_validation=2, size=32, dims=2
