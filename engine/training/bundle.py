@@ -48,7 +48,14 @@ from engine.training.errors import TrainConfigError, TrainingAborted
 from engine.training.fitter import EVAL_METRICS, EpochCallback, ProgressCallback, pick_device
 from engine.training.weights import BestModel, checked_tensors, load_weights, to_numpy
 
-__all__ = ["BundleTrainer", "build_bundle_trainer", "bundle_config_files", "is_bundle"]
+__all__ = [
+    "BundleTrainer",
+    "build_bundle_trainer",
+    "bundle_config_files",
+    "bundle_problems",
+    "initial_bundle_weights",
+    "is_bundle",
+]
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +230,47 @@ def build_bundle_trainer(
         ckpt_dir=environment.ckpt_dir,
         eval_dir=environment.eval_dir,
     )
+
+
+def bundle_problems(mmar_root: str | Path) -> list[TrainConfigError]:
+    """What keeps a bundle from training here, found without building it (nothing runs): the
+    files read, the trainer and evaluator a round needs, the network a server starts from.
+    Whether its ``$`` expressions may run is the site policy's question, not this one's."""
+    root = Path(mmar_root)
+    try:
+        files = bundle_config_files(root)
+        if importlib.util.find_spec("monai") is None:
+            raise TrainConfigError(
+                files["train"],
+                None,
+                f"this MMAR is a MONAI bundle and 'monai' is not installed; {INSTALL_HINT}",
+            )
+        _read_configs(files)
+    except TrainConfigError as exc:
+        return [exc]
+    problems: list[TrainConfigError] = []
+    train = _merged([files["train"]])
+    evaluate = _merged([files["train"], *([files["evaluate"]] if "evaluate" in files else [])])
+    for config, key, file, what in (
+        (train, "train#trainer", files["train"], "a SupervisedTrainer that trains `network`"),
+        (
+            evaluate,
+            "validate#evaluator",
+            files.get("evaluate", files["train"]),
+            "a SupervisedEvaluator with a key metric",
+        ),
+        (
+            train,
+            "network_def" if "network" not in train else "network",
+            files["train"],
+            "the network (MONAI's bundle layout)",
+        ),
+    ):
+        try:
+            _require(config, key, file, what)
+        except TrainConfigError as exc:
+            problems.append(exc)
+    return problems
 
 
 def initial_bundle_weights(mmar_root: str | Path) -> dict[str, np.ndarray]:
