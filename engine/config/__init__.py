@@ -22,9 +22,11 @@ from engine.config.common import (
 )
 from engine.config.environment import (
     ENVIRONMENT_FILE,
+    LOCAL_ENVIRONMENT_FILE,
     MMAREnvironment,
     environment_problems,
     load_environment,
+    local_environment_file,
 )
 from engine.config.kit import (
     CLARA_REQUEST_PROCESSORS,
@@ -55,6 +57,7 @@ __all__ = [
     "COMPRESSIONS",
     "DEFAULT_MAX_N_ITER",
     "ENVIRONMENT_FILE",
+    "LOCAL_ENVIRONMENT_FILE",
     "MAX_N_ITER_MARGIN",
     "NOT_IMPLEMENTED",
     "REQUEST_PROCESSORS",
@@ -77,6 +80,7 @@ __all__ = [
     "load_json",
     "load_mmar_client_config",
     "load_server_config",
+    "local_environment_file",
     "mmar_client_problems",
     "read_client_kit",
     "read_mmar_client_config",

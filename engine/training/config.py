@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engine.config import ComponentSpec, ConfigError, ConfigProblems, MMAREnvironment, refusal
+from engine.config import (
+    ComponentSpec,
+    ConfigError,
+    ConfigProblems,
+    MMAREnvironment,
+    local_environment_file,
+    refusal,
+)
 from engine.config import load_environment as _load_environment
 from engine.training.clara_config import (
     ClaraConfig,
@@ -89,7 +96,8 @@ def load_train_config(
 
     Args:
         mmar_root: The MMAR folder.
-        environment: Its ``environment.json`` (read from the MMAR when None).
+        environment: Its ``environment.json`` (when None: read from the MMAR, with the site's
+            ``local/environment.json`` over it for an MMAR in a site workspace).
 
     Returns:
         The checked config, its ``{NAME}`` placeholders filled in.
@@ -146,7 +154,8 @@ def _load(
             file, None, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from exc
     if environment is None:
-        environment = _load_environment(root)
+        # An MMAR in a site workspace: the site's own local/environment.json wins.
+        environment = _load_environment(root, local_environment_file(root))
     if is_clara_pytorch(data):
         # Clara's PyTorch form (MONAI engines): its own sections and top-level variables.
         require_monai(file, "train")

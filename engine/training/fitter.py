@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from engine.config import load_environment
+from engine.config import load_environment, local_environment_file
 from engine.fileio import save_json_atomic
 from engine.training.components import build_component
 from engine.training.config import METRICS, ComponentSpec, TrainConfig, load_train_config
@@ -96,7 +96,8 @@ def build_fitter(
 
     root = Path(mmar_root).resolve()
     config = load_train_config(root)
-    environment = config.environment or load_environment(root)
+    # load_train_config reads the site's local/environment.json over the MMAR's too.
+    environment = config.environment or load_environment(root, local_environment_file(root))
     custom = root / "custom"
     custom_dir = custom if custom.is_dir() else None
     context = {
