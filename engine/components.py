@@ -6,6 +6,13 @@ of its kind (then in a fallback, e.g. ``torch.nn``), a ``path`` is imported with
 ``custom/`` first on ``sys.path`` (as Clara put ``custom/`` on ``PYTHONPATH``). Every failure is
 a ConfigError (or the subclass the caller asks for) naming the file, the key and what is
 expected. TensorFlow-only components are refused by name before anything is imported.
+
+The site policy's code rules live here too, for every config and builder: what counts as the
+MMAR's own code (``own_code``, ``code_in_config``: a ``path`` outside the site's trusted
+packages, or into one of their denied entry points, ``denied_callable``), what counts as a
+config expression (``is_expression``, ``expression_in_config``), and the process-wide gate a
+training worker sets from its site's policy (``set_code_policy``), which ``resolve_component``,
+``check_expression`` and ``check_config_code`` apply.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ import importlib
 import importlib.machinery
 import inspect
 import json
+import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +33,26 @@ from engine import clara_compat
 from engine.config import ComponentSpec, ConfigError, clara_base, refusal
 
 __all__ = [
+    "DEFAULT_TRUSTED_PACKAGES",
+    "DENIED_CALLABLES",
+    "CodePolicy",
     "Fallback",
     "bind_arguments",
     "build_component",
+    "check_config_code",
+    "check_expression",
+    "code_at",
     "code_in_config",
+    "denied_callable",
+    "expression_in_config",
     "import_path",
+    "is_expression",
     "is_installed",
     "missing_module",
     "own_code",
     "resolve_component",
     "set_code_policy",
+    "shorten",
 ]
 
 #: ``fallback(name) -> (factory or None, names it knows, where it looked)``, e.g. ``torch.nn``.
@@ -55,73 +74,536 @@ _FOREIGN_PACKAGES = {
 _custom_dirs: set[Path] = set()
 
 
-# Whether this process may import the code a component names by path: None until a process that
-# runs one site's training (the worker) says, from that site's policy (set_code_policy).
-_code_policy: tuple[bool, str] | None = None
+#: Top-level packages a site trusts by default (``trusted_packages`` of its site policy): a
+#: ``path`` into one of them, installed and not shadowed, is a library's code, not the MMAR's.
+DEFAULT_TRUSTED_PACKAGES: tuple[str, ...] = ("torch", "monai", "ignite", "numpy")
+
+# Callables of trusted packages that still run code the MMAR chooses: they fetch or unpickle
+# code (torch.hub, torch.load, torch.package, numpy.load with pickles), compile and load native
+# code (cpp_extension, ops, ctypeslib, f2py), start processes or launchers, or read a config
+# whose expressions they evaluate (monai.bundle, monai.fl, auto3dseg). A path at or under one
+# of these is the MMAR's code, as is its home module once imported. Not complete: a deny-list
+# names what is known, and a trusted package's ordinary components still read and write the
+# files and folders their arguments name.
+DENIED_CALLABLES: tuple[str, ...] = (
+    "torch.hub",
+    "torch.load",
+    "torch.serialization",
+    "torch.package",
+    "torch.jit",
+    "torch.utils.cpp_extension",
+    "torch.utils.collect_env",
+    "torch.utils.model_zoo",
+    "torch.utils.benchmark",
+    "torch.ops",
+    "torch.classes",
+    "torch.library",
+    "torch.fx",
+    "torch.compile",
+    "torch.compiler",
+    "torch.export",
+    "torch.onnx",
+    "torch.distributed.run",
+    "torch.distributed.launch",
+    "torch.distributed.launcher",
+    "torch.distributed.elastic",
+    "torch.distributed.rpc",
+    "torch.multiprocessing",
+    "torch.testing",
+    "numpy.load",
+    "numpy.lib.npyio",
+    "numpy.lib.format",
+    "numpy.ctypeslib",
+    "numpy.distutils",
+    "numpy.f2py",
+    "numpy.testing",
+    "monai.bundle",
+    "monai.fl",
+    "monai.apps.auto3dseg",
+    "monai.apps.nnunet",
+    "monai.apps.mmars",
+    "monai.apps.utils",
+    "monai.auto3dseg",
+    "monai.utils.module",
+    "ignite.distributed",
+)
+# Names that run code wherever they live (any part of a dotted path, lower case), and the
+# beginnings and pieces of such names.
+_DENIED_WORDS = frozenset(
+    {
+        "eval",
+        "exec",
+        "execfile",
+        "compile",
+        "system",
+        "popen",
+        "spawn",
+        "run",
+        "call",
+        "load",
+        "loads",
+        "import_module",
+        "instantiate",
+        "locate",
+        "optional_import",
+        "getattr",
+        "breakpoint",
+        "download",
+        "create_workflow",
+    }
+)
+_DENIED_STARTS = ("run_", "exec_", "eval_", "load_", "download", "spawn", "popen")
+_DENIED_PIECES = ("subprocess", "pickle", "popen")
+# MONAI bundles name components by bare class name ("_target_": "UNet"), looked up among the
+# loaded monai modules: these bare names are the denied modules' entry points.
+_DENIED_BARE_NAMES = frozenset(
+    {
+        "ConfigParser",
+        "ConfigWorkflow",
+        "BundleWorkflow",
+        "PythonicWorkflow",
+        "ConfigItem",
+        "ConfigComponent",
+        "ConfigExpression",
+        "ReferenceResolver",
+        "ComponentLocator",
+        "MonaiAlgo",
+        "MonaiAlgoStats",
+        "BaseMonaiAlgo",
+        "AutoRunner",
+        "BundleGen",
+        "EnsembleRunner",
+        "DataAnalyzer",
+        "nnUNetV2Runner",
+    }
+)
+# Arguments that turn a loader into one that unpickles (runs code) or asks the debugger, and the
+# one value of each that is safe; any other value (a placeholder too) counts as code.
+_SAFE_ARGS: dict[str, tuple[Any, ...]] = {
+    "allow_pickle": (False, None),
+    "weights_only": (True, None),
+    "trust_repo": (False, None),
+    "trust_remote_code": (False, None),
+    "_debug_": (False, None),
+}
+# A dotted import path as it may be written: ASCII identifiers, at least module.attr.
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+_BARE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LAMBDA = re.compile(r"lambda(?![A-Za-z0-9_])")
 
 
-def own_code(spec: ComponentSpec) -> str | None:
+# What this process's components and configs may run: None until a process that runs one site's
+# training (the worker) says, from that site's policy (set_code_policy).
+_code_policy: CodePolicy | None = None
+
+
+def denied_callable(dotted: str) -> str | None:
+    """Why a dotted name under a trusted package still counts as code, or None.
+
+    The rules (``DENIED_CALLABLES`` and the names that run code wherever they live: ``eval``,
+    ``exec``, ``run``/``run_*``, ``load``/``load_*``, ``subprocess``, ``pickle``, ...) are a
+    deny-list of what is known to run code the MMAR chooses; they are not complete.
+    """
+    for prefix in DENIED_CALLABLES:
+        if dotted == prefix or dotted.startswith(prefix + "."):
+            return f"{prefix} runs code it fetches, unpickles, compiles or reads from a config"
+    for part in dotted.split("."):
+        word = part.lower()
+        if (
+            word in _DENIED_WORDS
+            or word.startswith(_DENIED_STARTS)
+            or any(piece in word for piece in _DENIED_PIECES)
+        ):
+            return f"{part!r} is a name that runs code (eval, exec, run, load, subprocess, ...)"
+    return None
+
+
+def _unsafe_arg(args: Any) -> tuple[str, Any] | None:
+    """The first argument of an ``args`` object that makes a loader run code, or None."""
+    if not isinstance(args, dict):
+        return None
+    for name, safe in _SAFE_ARGS.items():
+        if name in args and not any(args[name] is s for s in safe):
+            return name, args[name]
+    if args.get("_mode_", "default") not in ("default", "callable"):
+        return "_mode_", args["_mode_"]
+    return None
+
+
+def _policy_trusted(trusted: Iterable[str] | None) -> tuple[str, ...]:
+    if trusted is not None:
+        return tuple(trusted)
+    return _code_policy.trusted if _code_policy is not None else DEFAULT_TRUSTED_PACKAGES
+
+
+def _installed_spec(top: str) -> Any:
+    """The spec of installed package ``top`` (site-packages and the like), found without
+    importing it and without the MMARs' custom/ folders or the working folder."""
+    custom = {c.resolve() for c in _custom_dirs}
+    search = [p for p in sys.path if p and Path(p).resolve() not in custom]
+    try:
+        return importlib.machinery.PathFinder.find_spec(top, search)
+    except (ImportError, ValueError):
+        return None
+
+
+def _where(spec: Any) -> tuple[str, ...]:
+    if spec is None:
+        return ()
+    if spec.origin:
+        return (str(Path(spec.origin).resolve()),)
+    return tuple(str(Path(p).resolve()) for p in spec.submodule_search_locations or ())
+
+
+def _shadowed_in(custom_dir: Path | None, top: str) -> bool:
+    """Whether the MMAR's ``custom/`` holds a module or package named ``top``."""
+    if custom_dir is None or not custom_dir.is_dir():
+        return False
+    try:
+        return any(c.name == top or c.name.startswith(top + ".") for c in custom_dir.iterdir())
+    except OSError:
+        return True  # cannot tell: not trusted
+
+
+def _library_problem(path: Any, trusted: Sequence[str], custom_dir: Path | None) -> str | None:
+    """Why ``path`` does not name a callable of a trusted library, or None when it does.
+
+    It must be written ``package.module.Name`` in ASCII identifiers with no private part, its
+    top-level package trusted and installed, not shadowed by a module of the MMAR's
+    ``custom_dir``, and not denied (``denied_callable``). Nothing is imported.
+    """
+    if not isinstance(path, str) or not _DOTTED.fullmatch(path):
+        return "not a plain module.Name path"
+    top = path.partition(".")[0]
+    if top not in trusted:
+        return "not in a trusted package"
+    if any(part.startswith("_") for part in path.split(".")):
+        return "a private name of a trusted package"
+    denied = denied_callable(path)
+    if denied:
+        return denied
+    if _shadowed_in(custom_dir, top):
+        return f"the MMAR's custom/ holds its own {top!r}, which would be imported instead"
+    if _installed_spec(top) is None:
+        return f"{top!r} is not installed here"
+    return None
+
+
+def own_code(
+    spec: ComponentSpec,
+    *,
+    trusted: Iterable[str] | None = None,
+    custom_dir: Path | None = None,
+) -> str | None:
     """The import path this component would run that is not one of ours, or None.
 
     The one rule for "may this component be imported" under a site policy without BYOC: a
     ``name`` is looked up among our built-ins (and torch classes by name) and never imports the
     MMAR's code; a Clara module path (``fed_learn.client.fed_privacy.SVTProtocol``) names one of
-    our built-ins and is never imported (one we lack is refused by name). Every other ``path`` is
-    code: a module under the MMAR's ``custom/`` or anything importable (``os.getpid``).
+    our built-ins and is never imported (one we lack is refused by name); a path into a trusted
+    package (``monai.networks.nets.UNet``: installed, not shadowed by the MMAR's ``custom/``,
+    not on the deny-list, see ``denied_callable``) is a library's code. Every other ``path`` is
+    code: a module under the MMAR's ``custom/`` or anything importable (``os.getpid``). So are
+    arguments that make a loader unpickle (``allow_pickle``, ``weights_only: false``); for those
+    the path and the argument are returned.
+
+    Args:
+        spec: the component.
+        trusted: top-level package names the site trusts; default this process's policy's
+            (``set_code_policy``), else ``DEFAULT_TRUSTED_PACKAGES``.
+        custom_dir: the MMAR's ``custom/``, which must not shadow a trusted package.
     """
+    unsafe = _unsafe_arg(spec.args)
+    if unsafe is not None:
+        return f"{spec.path or spec.name} with {unsafe[0]}={json.dumps(unsafe[1])}"
     if spec.path is None or clara_base(spec.path) is not None:
+        return None
+    if _library_problem(spec.path, _policy_trusted(trusted), custom_dir) is None:
         return None
     return spec.path
 
 
-def code_in_config(data: Any) -> str | None:
-    """The first component in a parsed JSON config that names code by path, or None.
-
-    Walks every object at any depth (nested processors, sections, lists): an object with a
-    ``"path"`` key is a component whose path is code unless it is a Clara module path alone
-    (no ``"name"`` beside it: such a component is malformed and judged as code). A ``"path"``
-    that is not a string is code too, for the config check to name; nothing is imported.
-    """
+def _code_at(
+    data: Any, key: str, trusted: Sequence[str], custom_dir: Path | None
+) -> tuple[str, str, str] | None:
+    """(key, what, why) of the first code in a parsed config, walking every object."""
     if isinstance(data, dict):
+        unsafe = _unsafe_arg(data)
+        if unsafe is not None:
+            where = f"{key}.{unsafe[0]}" if key else unsafe[0]
+            return where, f"{unsafe[0]}={json.dumps(unsafe[1])}", "makes a loader unpickle"
         if "path" in data:
             path = data["path"]
             clara = isinstance(path, str) and "name" not in data and clara_base(path) is not None
-            if not clara:
-                return path if isinstance(path, str) else json.dumps(path)
-        values: list[Any] = list(data.values())
+            if not clara and _library_problem(path, trusted, custom_dir) is not None:
+                what = path if isinstance(path, str) else json.dumps(path)
+                return (f"{key}.path" if key else "path"), what, _why(path, trusted, custom_dir)
+        if "_target_" in data:
+            # A MONAI bundle's component: a dotted path, or a bare name MONAI finds among its
+            # own loaded modules (so a name of MONAI, when MONAI is trusted).
+            target = data["_target_"]
+            bare = isinstance(target, str) and _BARE.fullmatch(target)
+            if bare:
+                problem = _library_problem(f"monai.{target}", trusted, custom_dir)
+                if problem is None and target in _DENIED_BARE_NAMES:
+                    problem = f"MONAI's {target} runs code it reads from a config"
+            else:
+                problem = _library_problem(target, trusted, custom_dir)
+            if problem is not None:
+                what = target if isinstance(target, str) else json.dumps(target)
+                where = f"{key}._target_" if key else "_target_"
+                return where, what, f"names code ({problem})"
+        items: list[tuple[str, Any]] = [
+            (f"{key}.{k}" if key else str(k), v) for k, v in data.items()
+        ]
     elif isinstance(data, list):
-        values = data
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(data)]
     else:
         return None
-    for value in values:
-        found = code_in_config(value)
+    for where, value in items:
+        found = _code_at(value, where, trusted, custom_dir)
         if found is not None:
             return found
     return None
 
 
-def set_code_policy(allow: bool, source: str) -> None:
-    """Says, for this whole process, whether components may import code by path.
+def _why(path: Any, trusted: Sequence[str], custom_dir: Path | None) -> str:
+    problem = _library_problem(path, trusted, custom_dir)
+    if problem in (None, "not in a trusted package", "not a plain module.Name path"):
+        return "names code by path"
+    return f"names code by path ({problem})"
 
-    A training worker runs one site's MMAR and calls this before building anything, from the
-    site's ``allow_byoc``: every later ``resolve_component`` then refuses a component that
-    ``own_code`` flags, whichever config or builder it came through.
+
+def code_in_config(
+    data: Any, *, trusted: Iterable[str] | None = None, custom_dir: Path | None = None
+) -> str | None:
+    """The first component in a parsed JSON config that names code, or None.
+
+    Walks every object at any depth (nested processors, sections, lists): an object with a
+    ``"path"`` key is a component whose path is code unless it is a Clara module path alone
+    (no ``"name"`` beside it: such a component is malformed and judged as code) or a path into
+    a trusted package (``own_code``). A ``"path"`` that is not a string is code too, for the
+    config check to name; so is a MONAI bundle's ``"_target_"`` outside the trusted packages,
+    and an object that sets ``allow_pickle``, ``weights_only: false`` and the like (returned as
+    ``name=value``). Nothing is imported.
 
     Args:
-        allow: the site policy's ``allow_byoc``.
+        data: the parsed config.
+        trusted: as for ``own_code``.
+        custom_dir: the MMAR's ``custom/``, which must not shadow a trusted package.
+    """
+    found = code_at(data, trusted=trusted, custom_dir=custom_dir)
+    return found[1] if found is not None else None
+
+
+def code_at(
+    data: Any, *, trusted: Iterable[str] | None = None, custom_dir: Path | None = None
+) -> tuple[str, str, str] | None:
+    """``code_in_config`` with where and why: ``(key, what, why)``, e.g.
+    ``("client.pre_processors[0].path", "os.system", "names code by path")``, or None."""
+    return _code_at(data, "", _policy_trusted(trusted), custom_dir)
+
+
+def is_expression(text: Any) -> bool:
+    """Whether a config string is Python code: a ``lambda`` (``"lambda x: x['pred']"``, also
+    inside opening parentheses) or, as MONAI bundles write them, a string starting with ``$``.
+
+    ``"@name"`` references and ``"%file#key"`` macros are not expressions. Whoever evaluates a
+    config string evaluates only what this says is an expression, and shows each one to
+    ``check_expression`` first, so the deploy check and the training worker agree.
+    """
+    if not isinstance(text, str):
+        return False
+    stripped = text.lstrip()
+    return stripped.startswith("$") or bool(_LAMBDA.match(stripped.lstrip("( \t\r\n")))
+
+
+def expression_in_config(data: Any, key: str = "") -> tuple[str, str] | None:
+    """``(key, expression)`` of the first Python expression in a parsed config, or None.
+
+    The key is the dotted path of the value, ``train.metrics[0].args.output_transform``; an
+    expression is what ``is_expression`` says is one. Nothing is evaluated.
+    """
+    if is_expression(data):
+        return key, data
+    if isinstance(data, dict):
+        items: list[tuple[str, Any]] = [
+            (f"{key}.{k}" if key else str(k), v) for k, v in data.items()
+        ]
+    elif isinstance(data, list):
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(data)]
+    else:
+        return None
+    for where, value in items:
+        found = expression_in_config(value, where)
+        if found is not None:
+            return found
+    return None
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """One line of at most ``limit`` characters, for a message."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class CodePolicy:
+    """This process's code policy (``set_code_policy``).
+
+    Attributes:
+        allow_byoc: whether components may import the MMAR's code by path.
+        source: where the policy came from, for refusals ("startup/site_policy.json").
+        trusted: top-level packages a path may name without BYOC.
+        allow_expressions: whether config expressions may be evaluated.
+    """
+
+    allow_byoc: bool
+    source: str
+    trusted: tuple[str, ...] = DEFAULT_TRUSTED_PACKAGES
+    allow_expressions: bool = False
+
+
+def set_code_policy(
+    allow_byoc: bool,
+    source: str,
+    *,
+    trusted: Iterable[str] = DEFAULT_TRUSTED_PACKAGES,
+    allow_expressions: bool | None = None,
+) -> None:
+    """Says, for this whole process, which code its components and configs may run.
+
+    A training worker runs one site's MMAR and calls this before building anything, from the
+    site's policy: every later ``resolve_component`` then refuses a component that ``own_code``
+    flags (or whose import would come from somewhere else than the installed trusted package,
+    or whose imported object lives under a denied name), whichever config or builder it came
+    through; and ``check_expression`` refuses config expressions unless they are allowed.
+    A process that never calls this (tests, the in-process executor, whose deploy and start
+    checks are the gate) gates nothing.
+
+    Args:
+        allow_byoc: the site policy's ``allow_byoc``.
         source: where the policy came from, for the refusal ("startup/site_policy.json").
+        trusted: the site policy's ``trusted_packages``.
+        allow_expressions: the site policy's ``allow_expressions``; None: as ``allow_byoc``.
     """
     global _code_policy
-    _code_policy = (bool(allow), source)
+    _code_policy = CodePolicy(
+        allow_byoc=bool(allow_byoc),
+        source=source,
+        trusted=tuple(str(t) for t in trusted),
+        allow_expressions=bool(allow_byoc if allow_expressions is None else allow_expressions),
+    )
 
 
-def _code_refusal(spec: ComponentSpec) -> str | None:
-    code = own_code(spec)
-    if code is None or _code_policy is None or _code_policy[0]:
+def check_expression(key: str, text: str, file: Path | str | None) -> None:
+    """The site policy's gate for one config expression, called just before evaluating it.
+
+    Whoever evaluates a config string (an ``output_transform`` lambda, a bundle's ``"$..."``)
+    calls this first with the string exactly as it will be evaluated; nothing is evaluated here.
+
+    Args:
+        key: where the string is, ``train.metrics[0].args.output_transform`` (or a bundle id).
+        text: the expression.
+        file: the config file it came from, for the message.
+
+    Raises:
+        ConfigError: this process's policy (``set_code_policy``) does not allow expressions;
+            the text names the file, the key, the expression and the rule. A process that set
+            no policy allows them (its deploy and start checks were the gate).
+    """
+    policy = _code_policy
+    if policy is None or policy.allow_expressions:
+        return
+    raise ConfigError(
+        file or Path("<config>"),
+        key,
+        f"refused by site policy ({policy.source}): {shorten(str(text))!r} is a Python "
+        "expression and allow_expressions is false; nothing was evaluated",
+    )
+
+
+def check_config_code(data: Any, file: Path | str | None, custom_dir: Path | None = None) -> None:
+    """The site policy's gate for a whole parsed config that something other than our builder
+    instantiates (a MONAI bundle's ``ConfigParser``): its code by path or ``_target_`` and its
+    expressions, under this process's policy (``set_code_policy``).
+
+    Raises:
+        ConfigError: naming the file, the key and the rule; nothing is imported or evaluated.
+    """
+    policy = _code_policy
+    if policy is None:
+        return
+    where = file or Path("<config>")
+    if not policy.allow_byoc:
+        found = code_at(data, trusted=policy.trusted, custom_dir=custom_dir)
+        if found is not None:
+            raise ConfigError(
+                where,
+                found[0],
+                f"refused by site policy ({policy.source}): {found[1]!r} {found[2]} and "
+                "allow_byoc is false; nothing was imported",
+            )
+    expression = expression_in_config(data)
+    if expression is not None:
+        check_expression(expression[0], expression[1], file)
+
+
+def _code_refusal(spec: ComponentSpec, custom_dir: Path | None) -> str | None:
+    policy = _code_policy
+    if policy is None or policy.allow_byoc:
+        return None
+    code = own_code(spec, trusted=policy.trusted, custom_dir=custom_dir)
+    if code is not None:
+        return (
+            f"refused by site policy ({policy.source}): {code!r} names code by path and "
+            "allow_byoc is false; nothing was imported"
+        )
+    if spec.path is None or clara_base(spec.path) is not None:
+        return None
+    # A trusted package's path: the module that an import would load now (the MMAR's custom/
+    # goes first on sys.path, and the working folder is there too) must be the installed one.
+    top = spec.path.partition(".")[0]
+    installed = _where(_installed_spec(top))
+    loaded = sys.modules.get(top)
+    if loaded is not None:
+        actual = _where(getattr(loaded, "__spec__", None))
+    else:
+        search = [str(custom_dir)] if custom_dir is not None and custom_dir.is_dir() else []
+        try:
+            actual = _where(importlib.machinery.PathFinder.find_spec(top, search + sys.path))
+        except (ImportError, ValueError):
+            actual = ()
+    if actual and actual == installed:
         return None
     return (
-        f"refused by site policy ({_code_policy[1]}): {code!r} names code by path and "
-        "allow_byoc is false; nothing was imported"
+        f"refused by site policy ({policy.source}): {spec.path!r} would import {top!r} from "
+        f"{', '.join(actual) or 'nowhere'}, not the installed package "
+        f"({', '.join(installed) or 'none'}); nothing was imported"
+    )
+
+
+def _home_refusal(obj: Any, spec: ComponentSpec, by_path: bool) -> str | None:
+    """Under a policy without BYOC: why an imported object may not be used, or None. Its home
+    (``__module__``) must be in a trusted package when it came by path, and never denied: an
+    alias (``torch.utils.model_zoo.load_url`` is ``torch.hub``'s) is judged by what it is."""
+    policy = _code_policy
+    if policy is None or policy.allow_byoc:
+        return None
+    module = getattr(obj, "__module__", None)
+    if not isinstance(module, str) or not module:
+        return None  # no home to judge (a C function): the path was judged before the import
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", "")
+    home = f"{module}.{name}" if name else module
+    if by_path and module.partition(".")[0] not in policy.trusted:
+        why = f"is {home}, which is not in a trusted package"
+    else:
+        denied = denied_callable(home)
+        if denied is None:
+            return None
+        why = f"is {home}: {denied}"
+    return (
+        f"refused by site policy ({policy.source}): {spec.label!r} {why}, and allow_byoc is false"
     )
 
 
@@ -242,7 +724,7 @@ def resolve_component(
         ConfigError: a TensorFlow-only or refused component, an unknown name, or a path that
             cannot be imported or is not callable.
     """
-    why = refusal(spec) or _code_refusal(spec)
+    why = refusal(spec) or _code_refusal(spec, custom_dir)
     if why:
         raise _err(error, spec, "name" if spec.name else "path", why)
     clara = clara_base(spec.path) if spec.path is not None else None
@@ -267,6 +749,9 @@ def resolve_component(
             raise _err(error, spec, "path", str(exc)) from exc
         if not callable(obj):
             raise _err(error, spec, "path", f"{spec.path!r} is not a class or factory function")
+        why = _home_refusal(obj, spec, by_path=True)
+        if why:
+            raise _err(error, spec, "path", why)
         return obj  # type: ignore[no-any-return]
     name = str(spec.name)
     if name in builtins:
@@ -280,6 +765,9 @@ def resolve_component(
     if fallback is not None:
         obj, known, place = fallback(name)
         if obj is not None:
+            why = _home_refusal(obj, spec, by_path=False)
+            if why:
+                raise _err(error, spec, "name", why)
             return obj  # type: ignore[no-any-return]
         candidates += known
         where.append(place)

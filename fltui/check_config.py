@@ -27,12 +27,13 @@ from engine.config import (
     environment_problems,
     existing_files,
     load_client_kit,
+    local_environment_file,
     read_client_kit,
     read_mmar_client_config,
     read_server_config,
 )
 from engine.privacy import build_privacy
-from engine.site.deploy import code_refusal
+from engine.site.deploy import policy_refusal
 from engine.site.paths import SitePaths
 from engine.site.policy import load_site_policy
 from engine.training.components import check_component
@@ -204,17 +205,23 @@ def _check_mmar(mmar: Path, report: Report) -> None:
             ]
         )
     report.checked.append(config_dir / "environment.json")
-    report.add(environment_problems(mmar))
+    # In a site workspace the site's own local/environment.json goes over the MMAR's variables
+    # (as at start and in training): its problems are the site's, reported with it.
+    local = local_environment_file(mmar)
+    if local is not None and local.exists():
+        report.checked.append(local)
+    report.add(environment_problems(mmar, local))
     policy_file = _workspace_policy(mmar)
     if policy_file is not None:
         # The MMAR sits in a site workspace (run_<N>/ or transfer/): that site's policy decides
-        # whether its own code may run, by the same check as deploy, start and the worker.
+        # whether its own code and config expressions may run, by the same check as deploy,
+        # start and the worker.
         try:
             policy = load_site_policy(policy_file)
         except ConfigError as exc:
             report.add([exc])
         else:
-            refusal = code_refusal(mmar, policy.allow_byoc, policy.path)
+            refusal = policy_refusal(mmar, policy)
             if refusal:
                 report.add([ConfigError(mmar, "", refusal)])
     if fed_client.is_file():

@@ -17,7 +17,7 @@ from typing import Any
 from engine.admin_defs import Message, MsgHeader, Topic, new_message
 from engine.config import ConfigError
 from engine.events import AdminRequestHandled, CrossSiteValidated, Event, RunChanged
-from engine.site.deploy import DeployError, code_refusal, deploy_mmar
+from engine.site.deploy import DeployError, deploy_mmar, policy_refusal
 from engine.site.paths import SitePaths, check_run_number, latest_run
 from engine.site.policy import AuditLog, SitePolicy
 from engine.site.site_engine import check_mmar
@@ -163,14 +163,17 @@ class ClientAdminInterface:
         with self._lock:
             if self.executor.is_running() and self.run_number in (number, None):
                 raise AdminError(f"run {number} is in use; abort it before deploying over it")
+            policy = self.policy.current()  # the policy file as it is now (one read)
             path = deploy_mmar(
                 data.body,
                 self.workspace,
                 number,
                 self.client_name,
-                max_bytes=self.policy.max_deploy_bytes,
-                allow_byoc=self.policy.allow_byoc,
-                policy_file=self.policy.path,
+                max_bytes=policy.max_deploy_bytes,
+                allow_byoc=policy.allow_byoc,
+                policy_file=policy.path,
+                trusted_packages=policy.trusted_packages,
+                allow_expressions=policy.expressions_allowed,
             )
         (self._run_dir(number) / "fl_app.txt").write_text(app + "\n")
         log.info("%s: deployed %s as %s", self.client_name, app, path)
@@ -203,7 +206,7 @@ class ClientAdminInterface:
         if not (mmar / "config").is_dir():
             raise AdminError(f"run {number} is not deployed on {self.client_name}: deploy first")
         # The policy first: nothing of the MMAR's own code is imported before it says yes.
-        refusal = code_refusal(mmar, self.policy.allow_byoc, self.policy.path)
+        refusal = policy_refusal(mmar, self.policy)
         if refusal:
             raise AdminError(refusal)
         try:

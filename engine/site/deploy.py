@@ -11,12 +11,13 @@ import stat
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from engine.components import code_in_config
+from engine.components import DEFAULT_TRUSTED_PACKAGES, code_at, expression_in_config, shorten
 from engine.config import environment_problems
 from engine.site.paths import SitePaths, check_run_number
+from engine.site.policy import LivePolicy, SitePolicy, policy_source
 
 __all__ = [
     "REQUIRED_CONFIGS",
@@ -27,6 +28,7 @@ __all__ = [
     "extract_zip",
     "is_custom_code",
     "make_mmar_zip",
+    "policy_refusal",
 ]
 
 REQUIRED_CONFIGS = ("config/config_fed_client.json", "config/config_train.json")
@@ -51,41 +53,133 @@ def is_custom_code(rel: str, size: int | None = None) -> bool:
     return not (rel.rsplit("/", 1)[-1] == ".gitkeep" and size == 0)
 
 
-def code_refusal(mmar: Path, allow_byoc: bool, policy_file: object = None) -> str | None:
-    """Why the site policy refuses this MMAR's own code, or None: the one check of deploy,
-    start, the training worker and ``check-config``.
+def code_refusal(
+    mmar: Path,
+    allow_byoc: bool,
+    policy_file: object = None,
+    *,
+    trusted_packages: Iterable[str] = DEFAULT_TRUSTED_PACKAGES,
+    allow_expressions: bool | None = None,
+) -> str | None:
+    """Why the site policy refuses this MMAR's own code or config expressions, or None: the one
+    check of deploy, start, the training worker and ``check-config``.
 
     Own code is any file under ``custom/`` (``is_custom_code``) and any component in any of the
-    MMAR's JSON configs that names code by path (``engine.components.code_in_config``: at any
-    depth, whatever keys stand beside it). Nothing is imported here.
+    MMAR's JSON configs (``config/`` and a bundle's ``configs/``, at any depth) that names code
+    (``engine.components.code_at``: a ``path`` or bundle ``_target_`` outside the trusted
+    packages or into one of their denied entry points, a loader told to unpickle). A config
+    expression is a string ``engine.components.is_expression`` says is Python (``lambda ...``,
+    a bundle's ``"$..."``), in any of those configs, YAML ones included. Nothing is imported
+    or evaluated.
 
     Args:
         mmar: the MMAR folder.
         allow_byoc: the site policy's ``allow_byoc``.
         policy_file: where the policy came from, for the message.
+        trusted_packages: the site policy's ``trusted_packages``.
+        allow_expressions: the site policy's ``allow_expressions``; None: as ``allow_byoc``.
     """
-    if allow_byoc:
+    if allow_expressions is None:
+        allow_expressions = allow_byoc
+    if allow_byoc and allow_expressions:
         return None
-    where = f"refused by site policy ({policy_file or 'defaults'}): "
-    folder = Path(mmar) / "custom"
-    for path in sorted(folder.rglob("*")) if folder.is_dir() else ():
+    source = policy_source(policy_file) if isinstance(policy_file, Path) else policy_file
+    where = f"refused by site policy ({source or 'defaults'}): "
+    root = Path(mmar)
+    custom = root / "custom"
+    if not allow_byoc:
+        for path in sorted(custom.rglob("*")) if custom.is_dir() else ():
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            rel = path.relative_to(root).as_posix()
+            if not stat.S_ISDIR(st.st_mode) and is_custom_code(rel, st.st_size):
+                return where + f"the MMAR has custom code ({rel}) and allow_byoc is false"
+    trusted = tuple(trusted_packages)
+    for config in _config_files(root):
+        rel = config.relative_to(root).as_posix()
         try:
-            st = path.lstat()
-        except OSError:
+            text = config.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # an unreadable config is reported by the config check, with file and key
+        if config.suffix != ".json":
+            why = _yaml_refusal(text, allow_byoc, allow_expressions, trusted, custom)
+            if why:
+                return where + f"{rel} {why}"
             continue
-        rel = path.relative_to(mmar).as_posix()
-        if not stat.S_ISDIR(st.st_mode) and is_custom_code(rel, st.st_size):
-            return where + f"the MMAR has custom code ({rel}) and allow_byoc is false"
-    config_dir = Path(mmar) / "config"
-    for config in sorted(config_dir.rglob("*.json")) if config_dir.is_dir() else ():
         try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            data = json.loads(text)
+        except RecursionError:
+            return where + f"{rel} is nested too deeply to be checked for code"
+        except ValueError:
             continue  # a broken config is reported by the config check, with file and key
-        found = code_in_config(data)
+        try:
+            found = None if allow_byoc else code_at(data, trusted=trusted, custom_dir=custom)
+            expression = None if allow_expressions else expression_in_config(data)
+        except RecursionError:
+            return where + f"{rel} is nested too deeply to be checked for code"
         if found is not None:
-            rel = config.relative_to(mmar).as_posix()
-            return where + f"{rel} names code by path ({found!r}) and allow_byoc is false"
+            key, what, why = found
+            return where + f"{rel} key {key} {why} ({what!r}) and allow_byoc is false"
+        if expression is not None:
+            key, text = expression
+            return where + (
+                f"{rel} key {key} is a Python expression ({shorten(text, 40)}) and "
+                "allow_expressions is false"
+            )
+    return None
+
+
+def policy_refusal(mmar: Path, policy: SitePolicy | LivePolicy) -> str | None:
+    """``code_refusal`` under a site's whole policy (its BYOC, trusted packages, expressions);
+    a LivePolicy is read once, as the file is now."""
+    policy = policy.current()
+    return code_refusal(
+        mmar,
+        policy.allow_byoc,
+        policy.path,
+        trusted_packages=policy.trusted_packages,
+        allow_expressions=policy.expressions_allowed,
+    )
+
+
+# The folders an MMAR keeps its configs in: Clara's config/ and a MONAI bundle's configs/.
+_CONFIG_DIRS = ("config", "configs")
+_CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+# In a YAML config (read as text: no YAML parser is needed to refuse): a value that is an
+# expression, and a bundle component's _target_.
+_YAML_EXPRESSION = re.compile(r"""(?m)(?:^|[:\-\[,{])\s*["']?\s*(?:\$|\(*\s*lambda(?![\w]))""")
+_YAML_TARGET = re.compile(r"""(?m)["']?_target_["']?\s*:\s*["']?([^"'\s,}#]+)""")
+
+
+def _config_files(root: Path) -> list[Path]:
+    files: list[Path] = []
+    for name in _CONFIG_DIRS:
+        folder = root / name
+        if folder.is_dir() and not folder.is_symlink():
+            files += [p for p in folder.rglob("*") if p.suffix in _CONFIG_SUFFIXES and p.is_file()]
+    return sorted(files)
+
+
+def _yaml_refusal(
+    text: str, allow_byoc: bool, allow_expressions: bool, trusted: tuple[str, ...], custom: Path
+) -> str | None:
+    """Why a YAML config (a bundle's, read as text) is refused: a ``_target_`` that names code,
+    or a line holding an expression; conservative, as no YAML parser is needed to refuse."""
+    if not allow_byoc:
+        for match in _YAML_TARGET.finditer(text):
+            target = match.group(1)
+            found = code_at({"_target_": target}, trusted=trusted, custom_dir=custom)
+            if found is not None:
+                return f"names code ({target!r}) and allow_byoc is false"
+    expression = None if allow_expressions else _YAML_EXPRESSION.search(text)
+    if expression is not None:
+        line = text.count("\n", 0, expression.start()) + 1
+        return (
+            f"line {line} holds a Python expression ({shorten(text.splitlines()[line - 1], 40)})"
+            " and allow_expressions is false"
+        )
     return None
 
 
@@ -337,13 +431,16 @@ def deploy_mmar(
     max_bytes: int,
     allow_byoc: bool,
     policy_file: object = None,
+    trusted_packages: Iterable[str] = DEFAULT_TRUSTED_PACKAGES,
+    allow_expressions: bool | None = None,
 ) -> Path:
     """Deploys an MMAR zip to ``<workspace>/run_<N>/mmar_<site>``.
 
     The MMAR's files may lie at the top of the zip or under one top folder (stripped). It must
     hold ``config/config_fed_client.json`` and ``config/config_train.json`` (JSON objects). Its
     own code (``code_refusal``: any file under ``custom/``, any component that names code by
-    path) needs ``allow_byoc``, and the folders it would have the site write
+    path outside the trusted packages) needs ``allow_byoc``, its config expressions need
+    ``allow_expressions``, and the folders it would have the site write
     (``environment.json``'s MMAR_CKPT_DIR, MMAR_EVAL_OUTPUT_PATH) must stay inside it. All is
     checked before the MMAR replaces anything; an earlier deployment is replaced only on success.
 
@@ -355,6 +452,8 @@ def deploy_mmar(
         max_bytes: the most bytes the extracted MMAR may hold.
         allow_byoc: whether the site's policy lets custom code run.
         policy_file: where the policy came from, for a refusal.
+        trusted_packages: the policy's ``trusted_packages`` (``code_refusal``).
+        allow_expressions: the policy's ``allow_expressions``; None: as ``allow_byoc``.
 
     Returns:
         The deployed MMAR's folder.
@@ -396,7 +495,13 @@ def deploy_mmar(
         def verify(tree: Path) -> None:
             # The extracted tree, before it replaces anything: the same checks as start and the
             # worker make (code by path anywhere in the configs; paths that stay in the MMAR).
-            refusal = code_refusal(tree, allow_byoc, policy_file)
+            refusal = code_refusal(
+                tree,
+                allow_byoc,
+                policy_file,
+                trusted_packages=trusted_packages,
+                allow_expressions=allow_expressions,
+            )
             if refusal:
                 raise DeployError(refusal)
             _check_environment(tree)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.admin_defs import Topic
+from engine.components import DEFAULT_TRUSTED_PACKAGES
 from engine.config import ConfigError, load_json
 from engine.fileio import atomic_write
 
@@ -19,9 +21,11 @@ __all__ = [
     "COMMANDS",
     "READ_ONLY_COMMANDS",
     "AuditLog",
+    "LivePolicy",
     "SitePolicy",
     "command_of",
     "load_site_policy",
+    "policy_source",
     "write_default_policy",
 ]
 
@@ -58,7 +62,22 @@ _TOPIC_COMMANDS = {
 }
 
 _KEYS_HELP = {
-    "allow_byoc": "true lets MMARs with code under custom/ be deployed and run",
+    "allow_byoc": (
+        "true lets MMARs with their own code be deployed and run: files under custom/, and "
+        "components that name code by path outside trusted_packages"
+    ),
+    "trusted_packages": (
+        "installed top-level packages (default torch, monai, ignite, numpy) whose classes a "
+        'component may name by "path" without allow_byoc; a package the MMAR\'s custom/ '
+        "would shadow, and the entry points that run code (torch.hub, torch.load, numpy.load, "
+        "monai.bundle, anything named eval, exec, run_*, subprocess, ...), still count as the "
+        "MMAR's code"
+    ),
+    "allow_expressions": (
+        "true lets config expressions run (Python in config strings: lambda ..., a MONAI "
+        'bundle\'s "$..."; "@name" references and "%file#key" macros are not code); false '
+        "refuses an MMAR holding one; left out: as allow_byoc"
+    ),
     "allowed_commands": f"admin commands the federation may send: {', '.join(COMMANDS)}",
     "read_only": (
         "true allows only check_status, sys_info and shell, whatever allowed_commands says"
@@ -88,6 +107,11 @@ def command_of(topic: str) -> str:
         raise KeyError(f"{topic!r} is not an admin request topic") from None
 
 
+def policy_source(path: Path | None) -> str:
+    """How a refusal names the policy file: ``startup/site_policy.json``, or the defaults."""
+    return _where(path)
+
+
 def _where(path: Path | None) -> str:
     if path is None:
         return "defaults; no startup/site_policy.json"
@@ -101,7 +125,11 @@ class SitePolicy:
     """What the federation may do on this site (``startup/site_policy.json``).
 
     Attributes:
-        allow_byoc: whether MMARs with code under ``custom/`` may be deployed.
+        allow_byoc: whether MMARs with their own code (``custom/``, code by path) may run.
+        trusted_packages: installed top-level packages a component may name by path without
+            ``allow_byoc`` (``engine.components.own_code`` says what still counts as code).
+        allow_expressions: whether config expressions may run; None (left out): as
+            ``allow_byoc`` (``expressions_allowed`` is the answer).
         allowed_commands: admin commands the federation may send (``COMMANDS`` names).
         read_only: when true only check_status, sys_info and shell run.
         max_deploy_bytes: the most bytes a deployed MMAR may hold once extracted.
@@ -113,6 +141,8 @@ class SitePolicy:
     """
 
     allow_byoc: bool = False
+    trusted_packages: tuple[str, ...] = DEFAULT_TRUSTED_PACKAGES
+    allow_expressions: bool | None = None
     allowed_commands: frozenset[str] = field(default_factory=lambda: frozenset(COMMANDS))
     read_only: bool = False
     max_deploy_bytes: int = DEFAULT_MAX_DEPLOY_BYTES
@@ -120,6 +150,16 @@ class SitePolicy:
     shell_max_output: int = 65536
     env_shown: tuple[str, ...] = ()
     path: Path | None = None
+
+    def current(self) -> SitePolicy:
+        """This policy (a ``LivePolicy`` answers with the file's policy now): code that reads
+        several keys takes one snapshot."""
+        return self
+
+    @property
+    def expressions_allowed(self) -> bool:
+        """Whether config expressions may run: ``allow_expressions``, else ``allow_byoc``."""
+        return self.allow_byoc if self.allow_expressions is None else self.allow_expressions
 
     def refusal(self, topic: str) -> str | None:
         """Returns None when a request of ``topic`` may run, else why not (rule and file).
@@ -137,9 +177,14 @@ class SitePolicy:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        """The policy as the JSON object its file holds."""
+        """The policy as the JSON object its file holds (``allow_expressions`` only when set)."""
+        expressions = (
+            {} if self.allow_expressions is None else {"allow_expressions": self.allow_expressions}
+        )
         return {
             "allow_byoc": self.allow_byoc,
+            "trusted_packages": list(self.trusted_packages),
+            **expressions,
             "allowed_commands": [c for c in COMMANDS if c in self.allowed_commands],
             "read_only": self.read_only,
             "max_deploy_bytes": self.max_deploy_bytes,
@@ -217,9 +262,19 @@ def load_site_policy(path: Path) -> SitePolicy:
                 "expected a variable name or a prefix ending in * (PROXY_*), got "
                 + json.dumps(name),
             )
+    expressions = data.get("allow_expressions")
+    if expressions is not None and not isinstance(expressions, bool):
+        raise ConfigError(
+            path,
+            "allow_expressions",
+            "expected true or false (or leave it out: as allow_byoc), got "
+            + json.dumps(expressions),
+        )
     return SitePolicy(
         env_shown=tuple(env_shown),
         allow_byoc=_get(path, data, "allow_byoc", bool, defaults.allow_byoc),
+        trusted_packages=_trusted_packages(path, data),
+        allow_expressions=expressions,
         allowed_commands=frozenset(commands),
         read_only=_get(path, data, "read_only", bool, defaults.read_only),
         max_deploy_bytes=max_bytes,
@@ -227,6 +282,45 @@ def load_site_policy(path: Path) -> SitePolicy:
         shell_max_output=max_output,
         path=path,
     )
+
+
+# Names a site cannot trust as a library: the standard library (os.system, subprocess, ...) and
+# this program's own packages (its components are named by "name").
+_UNTRUSTABLE = frozenset(getattr(sys, "stdlib_module_names", ())) | {
+    "builtins",
+    "os",
+    "sys",
+    "subprocess",
+    "engine",
+    "fltui",
+    "protos",
+}
+
+
+def _trusted_packages(path: Path, data: dict[str, Any]) -> tuple[str, ...]:
+    names = data.get("trusted_packages", list(DEFAULT_TRUSTED_PACKAGES))
+    if not isinstance(names, list):
+        raise ConfigError(
+            path,
+            "trusted_packages",
+            f"expected a list of top-level package names, got {json.dumps(names)}",
+        )
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(
+                path,
+                f"trusted_packages[{i}]",
+                'expected a top-level package name such as "monai" (letters, digits, _; no '
+                f"dots), got {json.dumps(name)}",
+            )
+        if name in _UNTRUSTABLE or name.startswith("_"):
+            raise ConfigError(
+                path,
+                f"trusted_packages[{i}]",
+                f"{name!r} cannot be trusted: it is Python's standard library, private, or "
+                "fltui itself, and naming it by path would run any code",
+            )
+    return tuple(dict.fromkeys(names))
 
 
 def write_default_policy(path: Path, *, overwrite: bool = False) -> None:
@@ -245,6 +339,75 @@ def write_default_policy(path: Path, *, overwrite: bool = False) -> None:
     doc = {"_help": _KEYS_HELP, **SitePolicy().to_dict()}
     text = (json.dumps(doc, indent=2) + "\n").encode()
     atomic_write(path, lambda f: f.write(text))
+
+
+class LivePolicy:
+    """``startup/site_policy.json`` as it is now: an edit takes effect without restarting the site.
+
+    Reads as a SitePolicy (``policy.allow_byoc``, ``policy.refusal(topic)``, ...); each use
+    looks at the file (one ``stat``) and reads it again when it changed. A file that has become
+    unusable fails closed: ``refusal`` refuses every request, naming the file's problem, and
+    every other attribute raises the ConfigError, so no deploy or start goes ahead under a
+    policy the site did not write.
+
+    Args:
+        path: the policy file (it may not exist: then the defaults).
+
+    Raises:
+        ConfigError: at construction, when the file is unusable (a site does not start on a
+            broken policy).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._file = Path(path)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, ...] | None = None
+        self._policy: SitePolicy | None = None
+        self._error: ConfigError | None = None
+        self.current()
+
+    def _read_stamp(self) -> tuple[int, ...]:
+        try:
+            st = self._file.stat()
+        except FileNotFoundError:
+            return ()
+        except OSError:
+            return (-1,)
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def current(self) -> SitePolicy:
+        """The policy in the file now.
+
+        Raises:
+            ConfigError: the file is unusable (unreadable, not JSON, a bad key or value).
+        """
+        with self._lock:
+            stamp = self._read_stamp()
+            if stamp != self._stamp or (self._policy is None and self._error is None):
+                try:
+                    self._policy, self._error = load_site_policy(self._file), None
+                except ConfigError as exc:
+                    self._policy, self._error = None, exc
+                self._stamp = stamp
+            if self._error is not None:
+                raise self._error
+            assert self._policy is not None
+            return self._policy
+
+    def refusal(self, topic: str) -> str | None:
+        """As ``SitePolicy.refusal``; a file that has become unusable refuses everything."""
+        try:
+            policy = self.current()
+        except ConfigError as exc:
+            return (
+                f"refused by site policy ({_where(self._file)}): the policy cannot be used: {exc}"
+            )
+        return policy.refusal(topic)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.current(), name)
 
 
 class AuditLog:

@@ -12,6 +12,7 @@ from typing import Any
 from engine.client.data_processors import build_client_state_processors, build_processors
 from engine.client.fed_client import FederatedClient
 from engine.config import (
+    LOCAL_ENVIRONMENT_FILE,
     ClientKitConfig,
     ConfigError,
     MMARClientConfig,
@@ -19,10 +20,11 @@ from engine.config import (
     load_client_kit,
     load_environment,
     load_mmar_client_config,
+    local_environment_file,
 )
 from engine.events import EventBus, MetricsReported, ProgressUpdated
 from engine.privacy import build_privacy
-from engine.site.deploy import code_refusal
+from engine.site.deploy import policy_refusal
 from engine.site.paths import SitePaths, find_deployed_mmar
 from engine.site.policy import load_site_policy
 from engine.training import build_fitter
@@ -45,9 +47,10 @@ def check_mmar(mmar: Path) -> None:
         ConfigError: naming the file, the key and what is expected.
     """
     config = load_mmar_client_config(mmar)
-    # environment.json and config_train.json's form too (a TensorFlow one is refused here,
+    # environment.json (with the site's own local/environment.json over it, for an MMAR in a
+    # site workspace) and config_train.json's form too (a TensorFlow one is refused here,
     # before a worker starts); building the torch components is the worker's.
-    load_train_config(mmar, load_environment(mmar))
+    load_train_config(mmar, load_environment(mmar, local_environment_file(mmar)))
     if config.privacy is not None and config.privacy.name is not None:
         build_privacy(config.privacy)
     build_processors([s for s in config.pre_processors if s.name is not None])
@@ -73,9 +76,20 @@ class SiteEngine:
         # The site policy before anything of the MMAR is built: its own code is imported only
         # where allow_byoc says so (the worker also gates every import: set_code_policy).
         self.policy = load_site_policy(self.paths.startup / "site_policy.json")
-        refusal = code_refusal(self.mmar, self.policy.allow_byoc, self.policy.path)
+        refusal = policy_refusal(self.mmar, self.policy)
         if refusal:
             raise ConfigError(self.mmar, "", refusal)
+        # The site's own variables (its data, its datalist) over the MMAR's: one MMAR for every
+        # site. The fitter finds the same file (engine.config.local_environment_file).
+        local = self.paths.root / LOCAL_ENVIRONMENT_FILE
+        self.environment = load_environment(self.mmar, local)
+        if self.environment.local_names:
+            log.info(
+                "%s: %s sets %s over the MMAR's config/environment.json",
+                self.site,
+                local,
+                ", ".join(self.environment.local_names),
+            )
         self.mmar_config: MMARClientConfig = load_mmar_client_config(self.mmar)
         custom = [self.mmar / "custom"]
         self.privacy = build_privacy(self.mmar_config.privacy, custom)

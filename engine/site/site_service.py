@@ -19,10 +19,10 @@ from engine.config import (
 )
 from engine.events import EventBus, FederationFinished, SiteConfigured
 from engine.site.admin_interface import AdminError, ClientAdminInterface
-from engine.site.deploy import code_refusal
+from engine.site.deploy import policy_refusal
 from engine.site.executor import ProcessExecutor, ThreadExecutor
 from engine.site.paths import SitePaths, find_deployed_mmar
-from engine.site.policy import AuditLog, load_site_policy
+from engine.site.policy import AuditLog, LivePolicy
 from engine.site.processors import request_processors
 from engine.site.site_engine import check_mmar
 from engine.status import ClientStatus
@@ -51,7 +51,9 @@ class SiteService:
         self.bus = bus
         self.kit = load_client_kit(self.paths.kit)
         self.site = self.kit.client_name
-        self.policy = load_site_policy(self.paths.startup / "site_policy.json")
+        # Read afresh at each use (deploy, start, every request): an edit of the policy takes
+        # effect without restarting the site; a broken edit refuses everything.
+        self.policy = LivePolicy(self.paths.startup / "site_policy.json")
         self.audit = AuditLog(self.paths.logs / "audit.jsonl")
         server = self.kit.servers[0]
         ssl = {
@@ -139,7 +141,7 @@ class SiteService:
         number = None
         if auto_start:
             number, mmar = find_deployed_mmar(self.paths.root, self.site, run_number)
-            refusal = code_refusal(mmar, self.policy.allow_byoc, self.policy.path)
+            refusal = policy_refusal(mmar, self.policy.current())
             if refusal:
                 raise ConfigError(mmar, "", refusal)
             # Config mistakes are found here, with file and key, before anything starts.

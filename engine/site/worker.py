@@ -24,7 +24,7 @@ from engine.components import set_code_policy
 from engine.events import EventBus, EventLogHandler
 from engine.procs import watch_parent
 from engine.site.paths import read_token_file
-from engine.site.policy import load_site_policy
+from engine.site.policy import load_site_policy, policy_source
 from engine.site.site_engine import SiteEngine
 from engine.status import ClientStatus
 
@@ -84,7 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One site's MMAR runs in this process: its policy gates every import a component would make
     # (engine.components.own_code), whichever config or builder the component came through.
     policy = load_site_policy(args.workspace / "startup" / "site_policy.json")
-    set_code_policy(policy.allow_byoc, str(policy.path or "defaults"))
+    set_code_policy(
+        policy.allow_byoc,
+        policy_source(policy.path),
+        trusted=policy.trusted_packages,
+        allow_expressions=policy.expressions_allowed,
+    )
     engine = SiteEngine(args.workspace, bus, int(info["run_number"]))
     if world > 1:
         engine.distributed(rank, world)

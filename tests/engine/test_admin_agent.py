@@ -104,7 +104,7 @@ def test_bad_deploys_are_refused_and_nothing_is_written(
     outside.mkdir(parents=True)
     service = _start_service(root / "fed")
     try:
-        service.interface.policy = replace(service.policy, max_deploy_bytes=2 << 20)
+        service.interface.policy = replace(service.policy.current(), max_deploy_bytes=2 << 20)
         data, names, words = _bad_zip(kind, outside)
         before = _tree(tmp_path)
         _refused(service, _request(Topic.DEPLOY, data, run_number="7"), words)
@@ -139,7 +139,9 @@ def test_unknown_topic_and_policy_refusals_are_replied_and_audited(service) -> N
     _refused(service, _request("train.self_destruct"), "train.self_destruct")
     from dataclasses import replace
 
-    service.interface.policy = replace(service.policy, allowed_commands=frozenset({"check_status"}))
+    service.interface.policy = replace(
+        service.policy.current(), allowed_commands=frozenset({"check_status"})
+    )
     service.agent.app_ctx = service.interface
     _refused(service, _request(Topic.SHELL, "pwd"), "shell")
     ok = service.agent.process(_request(Topic.CHECK_STATUS))
