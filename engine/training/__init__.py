@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.config import load_environment
+from engine.config import load_environment, local_environment_file
 from engine.training.clara_config import ClaraConfig
-from engine.training.config import load_train_config
+from engine.training.config import is_bundle, load_train_config
 from engine.training.errors import TrainConfigError, TrainingAborted
 
 if TYPE_CHECKING:
@@ -21,13 +21,6 @@ __all__ = [
     "demo_mmar_path",
     "is_bundle",
 ]
-
-
-def is_bundle(mmar_root: str | Path) -> bool:
-    """Whether the MMAR is (or carries at its root) a MONAI bundle: ``configs/train.json``
-    (or ``.yaml`` / ``.yml``); cheap, nothing is imported."""
-    root = Path(mmar_root)
-    return any((root / "configs" / f"train{ext}").is_file() for ext in (".json", ".yaml", ".yml"))
 
 
 def demo_mmar_path() -> Path:
@@ -93,7 +86,7 @@ def build_fitter(
     if isinstance(config, ClaraConfig):
         from engine.training import clara_monai  # deferred: MONAI, only for this form
 
-        environment = config.environment or load_environment(root)
+        environment = config.environment or load_environment(root, local_environment_file(root))
         return clara_monai.build_clara_trainer(  # type: ignore[return-value]
             config,
             site_name=site_name,

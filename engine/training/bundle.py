@@ -40,10 +40,10 @@ import torch
 from torch import nn
 
 import engine.components
-from engine.config import load_environment
+from engine.config import load_environment, local_environment_file
 from engine.config.environment import MMAREnvironment
 from engine.fileio import save_json_atomic
-from engine.training import is_bundle
+from engine.training.config import is_bundle
 from engine.training.errors import TrainConfigError, TrainingAborted
 from engine.training.fitter import EVAL_METRICS, EpochCallback, ProgressCallback, pick_device
 from engine.training.weights import BestModel, checked_tensors, load_weights, to_numpy
@@ -170,7 +170,7 @@ def build_bundle_trainer(
                 f"{INSTALL_HINT}",
             )
     if environment is None:
-        environment = load_environment(root)
+        environment = load_environment(root, local_environment_file(root))
 
     raw = _read_configs(files)
     _check_expressions(raw, root)

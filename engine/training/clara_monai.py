@@ -95,7 +95,7 @@ def _lookup(name: str, section_key: str) -> tuple[Any, list[str], str]:
         module = importlib.import_module(module_name)
         obj = getattr(module, name, None)
         if obj is not None and callable(obj) and not name.startswith("_"):
-            return obj, [], ""
+            return obj, [], module_name
         known += [n for n in dir(module) if not n.startswith("_")]
     return None, known, " and ".join(where) or "nowhere"
 
@@ -104,10 +104,14 @@ def _resolve(spec: ComponentSpec) -> Callable[..., Any]:
     section_key = _section_key(spec.key)
     if spec.path is None:
         # MONAI's names first: SupervisedTrainer here is MONAI's engine, not the Clara 3.1
-        # TensorFlow trainer that config_fed_client.json refuses by the same name.
-        found, _, _ = _lookup(str(spec.name), section_key)
+        # TensorFlow trainer that config_fed_client.json refuses by the same name. The name
+        # becomes its full path, judged as any path is (trusted package, the deny-list of
+        # entry points that run code, the site policy) before it is imported.
+        found, _, where = _lookup(str(spec.name), section_key)
         if found is not None:
-            return found  # type: ignore[no-any-return]
+            spec = ComponentSpec(
+                name=None, path=f"{where}.{spec.name}", args=spec.args, key=spec.key, file=spec.file
+            )
 
     def fallback(name: str) -> tuple[Any, list[str], str]:
         return _lookup(name, section_key)

@@ -38,6 +38,7 @@ __all__ = [
     "ComponentSpec",
     "TrainConfig",
     "TrainConfigProblems",
+    "is_bundle",
     "load_train_config",
     "parse_train_config",
     "read_train_config",
@@ -87,6 +88,13 @@ class TrainConfig:
     metric: str
     validation_batch_size: int
     environment: MMAREnvironment | None = None
+
+
+def is_bundle(mmar_root: str | Path) -> bool:
+    """Whether the MMAR is (or carries at its root) a MONAI bundle: ``configs/train.json``
+    (or ``.yaml`` / ``.yml``); cheap, nothing is imported."""
+    root = Path(mmar_root)
+    return any((root / "configs" / f"train{ext}").is_file() for ext in (".json", ".yaml", ".yml"))
 
 
 def load_train_config(

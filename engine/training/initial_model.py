@@ -13,11 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.config import load_environment
+from engine.config import load_environment, local_environment_file
 from engine.fileio import save_npz_atomic
-from engine.training import is_bundle
 from engine.training.clara_config import ClaraConfig
-from engine.training.config import TRAIN_CONFIG, load_train_config
+from engine.training.config import TRAIN_CONFIG, is_bundle, load_train_config
 from engine.training.errors import TrainConfigError
 from engine.training.weights import to_numpy
 
@@ -31,7 +30,7 @@ def initial_weights(mmar: str | Path) -> dict[str, np.ndarray]:
         TrainConfigError: the config or the checkpoint is unusable (naming which).
     """
     root = Path(mmar).resolve()
-    environment = load_environment(root)
+    environment = load_environment(root, local_environment_file(root))
     pretrained = environment.variables.get("PRETRAIN_WEIGHTS_FILE")
     if pretrained:
         return _checkpoint(Path(pretrained), environment.path)

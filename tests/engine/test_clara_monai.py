@@ -253,3 +253,28 @@ def test_two_sites_train_the_clara_form_over_loopback(
         assert engine.fitter.n_iter == 4  # steps_aggregation of config_fed_client.json
         assert (engine.mmar / "models" / "best_model.pt").is_file()
     assert threading.active_count() < 50
+
+
+def test_the_worker_gate_refuses_a_lambda_and_allows_trusted_paths(
+    mmar: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in a training worker under a policy without BYOC or expressions (deploy refuses the
+    same MMAR earlier; this is the gate behind it)."""
+    from engine import components
+
+    monkeypatch.setattr(components, "_code_policy", None)  # restored after the test
+    components.set_code_policy(False, "startup/site_policy.json", allow_expressions=False)
+    with pytest.raises(ConfigError) as caught:
+        build_fitter(mmar, site_name="site-1", device="cpu")
+    message = str(caught.value)
+    assert "validate.metrics[0].args.output_transform" in message
+    assert "allow_expressions" in message and "config_train.json" in message
+    # without the lambda, and with the network named by its installed path, it builds
+    _edit(mmar, lambda c: c["validate"]["metrics"][0]["args"].pop("output_transform"))
+    _edit(mmar, lambda c: c["train"]["model"].update(name=None, path="monai.networks.nets.UNet"))
+    _edit(mmar, lambda c: c["train"]["model"].pop("name"))
+    assert type(build_fitter(mmar, site_name="site-1", device="cpu").model).__name__ == "UNet"
+    # a name that resolves to an entry point that runs code is judged as its path is
+    _edit(mmar, lambda c: c["train"]["dataset"].update(name="load_decathlon_datalist"))
+    with pytest.raises(ConfigError, match=r"refused by site policy.*load_decathlon_datalist"):
+        build_fitter(mmar, site_name="site-1", device="cpu")
