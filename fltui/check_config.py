@@ -37,7 +37,7 @@ from engine.site.deploy import policy_refusal
 from engine.site.paths import SitePaths
 from engine.site.policy import load_site_policy
 from engine.training.components import check_component
-from engine.training.config import TRAIN_CONFIG, read_train_config
+from engine.training.config import TRAIN_CONFIG, is_bundle, read_train_config
 
 __all__ = ["Report", "check_path", "main"]
 
@@ -82,8 +82,8 @@ def check_path(path: Path) -> Report:
         _check_workspace(path, report)
     elif (path / "fed_client.json").is_file():
         _check_kit(path / "fed_client.json", report)
-    elif (path / "config").is_dir():
-        _check_mmar(path, report)
+    elif (path / "config").is_dir() or is_bundle(path):
+        _check_mmar(path, report)  # an MMAR, or a MONAI bundle deployed as it is
     elif path.name == "config" and any((path / name).is_file() for name in _MMAR_FILES):
         _check_mmar(path.parent, report)  # an MMAR's config/ folder: its MMAR
     elif (path / "config_fed_server.json").is_file():
@@ -193,7 +193,7 @@ def _check_mmar(mmar: Path, report: Report) -> None:
     config_dir = mmar / "config"
     fed_client = config_dir / "config_fed_client.json"
     fed_server = config_dir / "config_fed_server.json"
-    if not fed_client.is_file() and not fed_server.is_file():
+    if not fed_client.is_file() and not fed_server.is_file() and not is_bundle(mmar):
         report.add(
             [
                 ConfigError(
@@ -285,6 +285,12 @@ def _workspace_policy(mmar: Path) -> Path | None:
 
 
 def _check_train(mmar: Path, report: Report) -> None:
+    if is_bundle(mmar):
+        from engine.training.bundle import bundle_problems  # deferred: torch and MONAI
+
+        report.checked += [f for f in (mmar / "configs").glob("*.json")]
+        report.add(bundle_problems(mmar))
+        return
     file = mmar / TRAIN_CONFIG
     report.checked.append(file)
     specs, problems = read_train_config(mmar)

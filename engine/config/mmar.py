@@ -99,9 +99,14 @@ class MMARClientConfig:
 
 def _parse_mmar_client(mmar_root: Path, sink: list[ConfigError]) -> MMARClientConfig:
     path = mmar_root / "config" / "config_fed_client.json"
-    r = _Reader(path, load_json(path), problems=sink)
+    bare_bundle = not path.exists() and any(
+        (mmar_root / "configs" / f"train{ext}").is_file() for ext in (".json", ".yaml", ".yml")
+    )
+    # A MONAI bundle deployed as it is has no config_fed_client.json: the defaults, and the
+    # task of the startup kit's server (task_name "").
+    r = _Reader(path, {} if bare_bundle else load_json(path), problems=sink)
     r.only(("format_version", "servers", "client"), " (a Clara 3.1 config_fed_client.json)")
-    servers = _servers(r, need_target=False, mmar=True)
+    servers = [] if bare_bundle else _servers(r, need_target=False, mmar=True)
     c = r.sub("client", {})
     c.only(_MMAR_CLIENT_KEYS)
     privacy_raw = c.get("privacy", dict, {})

@@ -18,7 +18,7 @@ from engine.admin_defs import Message, MsgHeader, Topic, new_message
 from engine.config import ConfigError
 from engine.events import AdminRequestHandled, CrossSiteValidated, Event, RunChanged
 from engine.site.deploy import DeployError, deploy_mmar, policy_refusal
-from engine.site.paths import SitePaths, check_run_number, latest_run
+from engine.site.paths import SitePaths, check_run_number, holds_mmar, latest_run
 from engine.site.policy import AuditLog, SitePolicy
 from engine.site.site_engine import check_mmar
 from engine.status import ClientStatus
@@ -174,6 +174,7 @@ class ClientAdminInterface:
                 policy_file=policy.path,
                 trusted_packages=policy.trusted_packages,
                 allow_expressions=policy.expressions_allowed,
+                check=check_mmar,
             )
         (self._run_dir(number) / "fl_app.txt").write_text(app + "\n")
         log.info("%s: deployed %s as %s", self.client_name, app, path)
@@ -203,7 +204,7 @@ class ClientAdminInterface:
         if self.executor.is_running():
             raise AdminError(f"{self.client_name} is still busy (run {self.run_number})")
         mmar = self._mmar(number)
-        if not (mmar / "config").is_dir():
+        if not holds_mmar(mmar):
             raise AdminError(f"run {number} is not deployed on {self.client_name}: deploy first")
         # The policy first: nothing of the MMAR's own code is imported before it says yes.
         refusal = policy_refusal(mmar, self.policy)

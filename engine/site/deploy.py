@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from engine.components import DEFAULT_TRUSTED_PACKAGES, code_at, expression_in_config, shorten
-from engine.config import environment_problems
+from engine.config import ConfigError, environment_problems
 from engine.site.paths import SitePaths, check_run_number
 from engine.site.policy import LivePolicy, SitePolicy, policy_source
 
@@ -146,6 +146,8 @@ def policy_refusal(mmar: Path, policy: SitePolicy | LivePolicy) -> str | None:
 
 # The folders an MMAR keeps its configs in: Clara's config/ and a MONAI bundle's configs/.
 _CONFIG_DIRS = ("config", "configs")
+#: A MONAI bundle's training config, which makes a zip an MMAR on its own.
+BUNDLE_TRAIN = frozenset({"configs/train.json", "configs/train.yaml", "configs/train.yml"})
 _CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 # In a YAML config (read as text: no YAML parser is needed to refuse): a value that is an
 # expression, and a bundle component's _target_.
@@ -411,7 +413,7 @@ def _mmar_members(infos: list[zipfile.ZipInfo]) -> list[tuple[zipfile.ZipInfo, s
         if norm and norm.split("/")[0] != _MAC_JUNK and norm.rsplit("/", 1)[-1] != ".DS_Store":
             members.append((info, norm))
     names = {rel for info, rel in members if not info.is_dir()}
-    if REQUIRED_CONFIGS[0] in names or REQUIRED_CONFIGS[1] in names:
+    if REQUIRED_CONFIGS[0] in names or REQUIRED_CONFIGS[1] in names or names & BUNDLE_TRAIN:
         return members
     tops = {rel.split("/")[0] for _, rel in members}
     if len(tops) == 1:
@@ -433,6 +435,7 @@ def deploy_mmar(
     policy_file: object = None,
     trusted_packages: Iterable[str] = DEFAULT_TRUSTED_PACKAGES,
     allow_expressions: bool | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Deploys an MMAR zip to ``<workspace>/run_<N>/mmar_<site>``.
 
@@ -474,14 +477,20 @@ def deploy_mmar(
         infos = _check(zf, max_bytes, 10_000)
         members = _mmar_members(infos)
         by_name = {rel: info for info, rel in members if not info.is_dir()}
-        missing = [c for c in REQUIRED_CONFIGS if c not in by_name]
+        bundle = sorted(BUNDLE_TRAIN & set(by_name))
+        required = [*bundle[:1], *REQUIRED_CONFIGS[:1]] if bundle else list(REQUIRED_CONFIGS)
+        if bundle and REQUIRED_CONFIGS[0] not in by_name:
+            required = bundle[:1]  # a MONAI bundle deployed as it is
+        missing = [c for c in required if c not in by_name]
         if missing:
             raise DeployError(
                 f"the MMAR lacks {' and '.join(missing)} (an MMAR needs "
-                f"{' and '.join(REQUIRED_CONFIGS)}, at the top of the zip or under one folder)"
+                f"{' and '.join(REQUIRED_CONFIGS)}, or is a MONAI bundle with "
+                "configs/train.json; at the top of the zip or under one folder)"
             )
-        for config in REQUIRED_CONFIGS:
-            _check_config(zf, by_name[config], config)
+        for config in required:
+            if config.endswith(".json"):
+                _check_config(zf, by_name[config], config)
         custom = sorted(rel for rel, i in by_name.items() if is_custom_code(rel, i.file_size))
         if custom and not allow_byoc:
             shown = ", ".join(custom[:5]) + (
@@ -505,6 +514,13 @@ def deploy_mmar(
             if refusal:
                 raise DeployError(refusal)
             _check_environment(tree)
+            if check is not None:
+                # What start would find (forms, components, MONAI installed): refused now, with
+                # the reason, rather than at start.
+                try:
+                    check(tree)
+                except ConfigError as exc:
+                    raise DeployError(f"the MMAR cannot run on this site: {exc}") from None
 
         dest = SitePaths(Path(workspace)).mmar(run_number, site)
         _extract(zf, members, dest, max_bytes, verify)

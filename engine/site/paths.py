@@ -10,12 +10,14 @@ from typing import Any
 
 from engine.config import ConfigError
 from engine.fileio import atomic_write
+from engine.training.config import is_bundle
 
 __all__ = [
     "TOKEN_FILE",
     "SitePaths",
     "check_run_number",
     "find_deployed_mmar",
+    "holds_mmar",
     "latest_run",
     "read_token_file",
     "write_token_file",
@@ -52,8 +54,14 @@ class SitePaths:
 
     def deployed_mmars(self, site: str = "") -> list[Path]:
         """Every deployed ``run_<N>/mmar_<site>`` (any site's where ``site`` is ""), sorted."""
-        found = sorted(p for p in self.root.glob("run_*/mmar_*") if (p / "config").is_dir())
+        found = sorted(p for p in self.root.glob("run_*/mmar_*") if holds_mmar(p))
         return [p for p in found if p.name == f"mmar_{site}"] if site else found
+
+
+def holds_mmar(folder: Path) -> bool:
+    """Whether a folder holds a deployed MMAR: Clara's ``config/``, or a MONAI bundle's
+    ``configs/train.json`` (a bundle deployed as it is)."""
+    return (folder / "config").is_dir() or is_bundle(folder)
 
 
 def check_run_number(value: Any, *, parse: bool = False) -> int:
@@ -89,7 +97,7 @@ def find_deployed_mmar(
     paths = SitePaths(workspace)
     if run_number is not None:
         mmar = paths.mmar(run_number, site)
-        if not (mmar / "config").is_dir():
+        if not holds_mmar(mmar):
             raise ConfigError(
                 mmar, "", f"run {run_number} has no deployed MMAR for {site} (deploy first)"
             )
@@ -109,7 +117,7 @@ def latest_run(workspace: Path, site: str) -> int | None:
     numbers = [
         int(m.group(1))
         for p in Path(workspace).glob("run_*")
-        if (m := re.fullmatch(r"run_([0-9]+)", p.name)) and (p / f"mmar_{site}" / "config").is_dir()
+        if (m := re.fullmatch(r"run_([0-9]+)", p.name)) and holds_mmar(p / f"mmar_{site}")
     ]
     return max(numbers) if numbers else None
 

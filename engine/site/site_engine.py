@@ -15,6 +15,7 @@ from engine.config import (
     LOCAL_ENVIRONMENT_FILE,
     ClientKitConfig,
     ConfigError,
+    ConfigProblems,
     MMARClientConfig,
     ServerEndpoint,
     load_client_kit,
@@ -28,7 +29,7 @@ from engine.site.deploy import policy_refusal
 from engine.site.paths import SitePaths, find_deployed_mmar
 from engine.site.policy import load_site_policy
 from engine.training import build_fitter
-from engine.training.config import load_train_config
+from engine.training.config import bundle_layout_problems, is_bundle, load_train_config
 
 PROGRESS_PERIOD = 0.5  # seconds between two ProgressUpdated events of a site
 
@@ -50,7 +51,13 @@ def check_mmar(mmar: Path) -> None:
     # environment.json (with the site's own local/environment.json over it, for an MMAR in a
     # site workspace) and config_train.json's form too (a TensorFlow one is refused here,
     # before a worker starts); building the torch components is the worker's.
-    load_train_config(mmar, load_environment(mmar, local_environment_file(mmar)))
+    environment = load_environment(mmar, local_environment_file(mmar))
+    if is_bundle(mmar):
+        problems = bundle_layout_problems(mmar)
+        if problems:
+            raise problems[0] if len(problems) == 1 else ConfigProblems(problems)
+    else:
+        load_train_config(mmar, environment)
     if config.privacy is not None and config.privacy.name is not None:
         build_privacy(config.privacy)
     build_processors([s for s in config.pre_processors if s.name is not None])
@@ -114,6 +121,8 @@ class SiteEngine:
     def _server_args(self) -> list[Any]:
         # The MMAR names the task; the startup kit says where its server is.
         task = self.mmar_config.task_name
+        if not task and len(self.kit.servers) == 1:
+            task = self.kit.servers[0].name  # an MMAR that names none (a bare MONAI bundle)
         for server in self.kit.servers:
             if server.name == task:
                 # The MMAR's service.options go to gRPC too; the kit's win for the same option.

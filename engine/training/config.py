@@ -38,6 +38,7 @@ __all__ = [
     "ComponentSpec",
     "TrainConfig",
     "TrainConfigProblems",
+    "bundle_layout_problems",
     "is_bundle",
     "load_train_config",
     "parse_train_config",
@@ -95,6 +96,65 @@ def is_bundle(mmar_root: str | Path) -> bool:
     (or ``.yaml`` / ``.yml``); cheap, nothing is imported."""
     root = Path(mmar_root)
     return any((root / "configs" / f"train{ext}").is_file() for ext in (".json", ".yaml", ".yml"))
+
+
+def bundle_layout_problems(mmar_root: str | Path) -> list[ConfigError]:
+    """What a bundle at the MMAR's root lacks to train here, found from its files alone (no
+    torch, nothing evaluated): MONAI installed, ``train.trainer``, ``validate.evaluator``
+    (in train.json or evaluate.json) and ``network_def``. YAML bundles are read by MONAI in
+    the training worker."""
+    root = Path(mmar_root)
+    files = [root / "configs" / f"{stem}.json" for stem in ("train", "evaluate")]
+    train = next(
+        (
+            root / "configs" / f"train{ext}"
+            for ext in (".json", ".yaml", ".yml")
+            if (root / "configs" / f"train{ext}").is_file()
+        ),
+        files[0],
+    )
+    try:
+        require_monai(train, None)
+    except TrainConfigError as exc:
+        return [exc]
+    if train.suffix != ".json":
+        return []
+    data: dict[str, Any] = {}
+    for file in files:
+        if not file.is_file():
+            continue
+        try:
+            loaded = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return [TrainConfigError(file, None, f"cannot be read as JSON: {exc}")]
+        if not isinstance(loaded, dict):
+            return [TrainConfigError(file, None, "expected a JSON object at the top")]
+        data.update(loaded)
+
+    def has(key: str) -> bool:
+        if key in data:  # MONAI's flat "train#trainer" form
+            return True
+        node: Any = data
+        for part in key.split("#"):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    problems: list[ConfigError] = []
+    for key, what in (
+        ("train#trainer", "a SupervisedTrainer that trains the network"),
+        ("validate#evaluator", "a SupervisedEvaluator with a key metric (train or evaluate.json)"),
+    ):
+        if not has(key):
+            problems.append(
+                TrainConfigError(train, key, f"missing: a bundle trained here needs {what}")
+            )
+    if not (has("network_def") or has("network")):
+        problems.append(
+            TrainConfigError(train, "network_def", "missing: the network (MONAI's bundle layout)")
+        )
+    return problems
 
 
 def load_train_config(

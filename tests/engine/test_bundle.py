@@ -296,3 +296,65 @@ def test_every_expression_meets_the_site_policy_gate_before_monai_reads_the_bund
     build(root)
     keys = {key for key, _, _ in shown}
     assert {"network", "train#handlers#1#output_transform", "initialize#0"} <= keys
+
+
+def test_two_sites_train_a_bundle_over_loopback_one_of_them_bare(tmp_path: Path) -> None:
+    """2 sites, 2 rounds through MonaiAlgo over a real server: site1's MMAR carries the bundle
+    beside config/config_fed_client.json, site2's is the bundle deployed as it is (defaults,
+    the kit's task). Bundles are $-expressions: these sites' policy allows them."""
+    import shutil
+
+    from engine.config import load_server_config
+    from engine.events import EventBus, RoundCompleted
+    from engine.server import FederatedServer
+    from engine.site.site_engine import SiteEngine
+    from engine.training.initial_model import initial_weights
+    from tests.conftest import Recorder
+    from tests.engine.test_clara_federation import FIXTURES, _run, _site
+
+    template = make_bundle(tmp_path / "template")
+    (template / "config").mkdir()
+    for name in ("config_fed_client.json", "config_fed_server.json"):
+        shutil.copy(FIXTURES / "mmar" / "config" / name, template / "config" / name)
+    config = load_server_config(template / "config" / "config_fed_server.json")
+    server = FederatedServer(config, tmp_path / "server", initial_weights(template), long_poll=0.5)
+    server.start()
+    try:
+        recorders, engines = [], []
+        for name in ("client1", "client2"):
+            root = _site(tmp_path, name, server.port, template)
+            (root / "startup" / "site_policy.json").write_text(
+                json.dumps({"allow_expressions": True})
+            )
+            if name == "client2":
+                shutil.rmtree(root / "run_1" / f"mmar_{name}" / "config")
+            bus = EventBus()
+            recorders.append(Recorder(bus))
+            engines.append(SiteEngine(root, bus))
+        assert _run(engines) == {"client1": "completed", "client2": "completed"}
+        assert server.finished and len(server.history) == 2
+        assert [type(e.fitter).__name__ for e in engines] == ["BundleTrainer", "BundleTrainer"]
+        assert engines[0].fitter.n_iter == 4  # steps_aggregation of config_fed_client.json
+        assert engines[1].fitter.n_iter == 2  # a bare bundle: one epoch of 2 batches
+        for rec in recorders:
+            rounds = rec.of(RoundCompleted)
+            assert [r.round for r in rounds] == [1, 2]
+            assert all(r.key_metric and r.key_metric in r.metrics for r in rounds)
+    finally:
+        server.stop(grace=0)
+
+
+def test_a_bundle_without_its_trainer_is_refused_at_deploy_and_by_check_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.config import ConfigError
+    from engine.site.site_engine import check_mmar
+    from fltui.check_config import main as check_config
+
+    config = train_config()
+    del config["train"]["trainer"]
+    root = make_bundle(tmp_path / "b", config=config)
+    with pytest.raises(ConfigError, match=r"train#trainer"):
+        check_mmar(root)
+    assert check_config([str(root)]) == 1
+    assert "train#trainer" in capsys.readouterr().out

@@ -81,19 +81,19 @@ def _set_model(folder: Path, model: dict[str, Any]) -> None:
 
 
 def _with_expression(folder: Path) -> None:
-    """A Clara-form metric with its output_transform lambda, beside the demo's config."""
-    path = folder / "config" / "config_train.json"
-    data = json.loads(path.read_text())
-    data["train"] = {
-        "metrics": [
-            {
-                "name": "Accuracy",
-                "log_label": "train_acc",
-                "args": {"output_transform": OUTPUT_TRANSFORM},
-            }
-        ]
-    }
-    path.write_text(json.dumps(data))
+    """Clara's PyTorch form (the segmentation MMAR's), its train metric with an
+    output_transform lambda: a config that is otherwise fine to deploy."""
+    seg = Path(__file__).resolve().parents[2] / "engine" / "training" / "seg_mmar" / "config"
+    data = json.loads((seg / "config_train.json").read_text())
+    data["train"]["metrics"] = [
+        {
+            "name": "Accuracy",
+            "log_label": "train_acc",
+            "args": {"output_transform": OUTPUT_TRANSFORM},
+        }
+    ]
+    (folder / "config" / "config_train.json").write_text(json.dumps(data))
+    shutil.copy(seg / "environment.json", folder / "config" / "environment.json")
 
 
 def _deploy(svc: SiteService, folder: Path, run: str = "3") -> tuple[bool, str]:
