@@ -278,3 +278,33 @@ def test_the_worker_gate_refuses_a_lambda_and_allows_trusted_paths(
     _edit(mmar, lambda c: c["train"]["dataset"].update(name="load_decathlon_datalist"))
     with pytest.raises(ConfigError, match=r"refused by site policy.*load_decathlon_datalist"):
         build_fitter(mmar, site_name="site-1", device="cpu")
+
+
+def test_a_site_without_monai_refuses_a_monai_mmar_at_deploy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Told at deploy, by name, what to install; nothing is left deployed."""
+    import importlib.util
+
+    from engine.demo import prepare_workspace
+    from engine.site.site_service import SiteService
+    from tests.security.test_trusted_packages import _deploy
+
+    prepare_workspace(tmp_path / "ws", num_sites=1, num_rounds=1)
+    svc = SiteService(tmp_path / "ws" / "site-1", EventBus(), executor="thread")
+    try:
+        mmar = Path(shutil.copytree(SEG_MMAR, tmp_path / "seg"))
+        real = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util,
+            "find_spec",
+            lambda name, *a: None if name == "monai" else real(name, *a),
+        )
+        ok, text = _deploy(svc, mmar, "2")
+        assert not ok and "pip install 'fltui[monai]'" in text and "config_train.json" in text
+        assert not (tmp_path / "ws" / "site-1" / "run_2" / "mmar_site-1").exists()
+        monkeypatch.undo()
+        ok, text = _deploy(svc, mmar, "2")
+        assert ok, text
+    finally:
+        svc.interface.close()
