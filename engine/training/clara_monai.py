@@ -16,6 +16,7 @@ removed are translated (``_translate``), each with one notice in the run's log.
 from __future__ import annotations
 
 import builtins
+import contextvars
 import importlib
 import inspect
 import logging
@@ -257,10 +258,48 @@ def _with_expressions(spec: ComponentSpec) -> ComponentSpec:
     return ComponentSpec(name=spec.name, path=spec.path, args=args, key=spec.key, file=spec.file)
 
 
+# Arguments of MONAI's handlers and transforms that name a folder they write into
+# (CheckpointSaver, TensorBoardStatsHandler, MetricsSaver, SaveImaged, CSVSaver, ...).
+_WRITTEN_DIRS = ("save_dir", "log_dir", "output_dir")
+_WRITE_ROOTS: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar(
+    "write_roots", default=()
+)
+
+
+def _confined(spec: ComponentSpec) -> ComponentSpec:
+    """The component with its written folders under the MMAR (relative ones resolved against
+    it, not the worker's working folder); a folder outside the MMAR is refused: a deployed MMAR
+    writes only inside itself, whatever its components are."""
+    if spec.file is None or not any(k in spec.args for k in _WRITTEN_DIRS):
+        return spec
+    mmar = spec.file.parent.parent.resolve()
+    # The MMAR, and the checkpoint and evaluation folders the site's environment names (its
+    # own local/environment.json may put them elsewhere; the MMAR's cannot).
+    roots = [mmar, *(p.resolve() for p in _WRITE_ROOTS.get())]
+    args = dict(spec.args)
+    for key in _WRITTEN_DIRS:
+        value = args.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise TrainConfigError(spec.file, f"{spec.key}.args.{key}", "expected a folder")
+        folder = Path(value) if Path(value).is_absolute() else mmar / value
+        resolved = folder.resolve()
+        if not any(resolved == root or root in resolved.parents for root in roots):
+            raise TrainConfigError(
+                spec.file,
+                f"{spec.key}.args.{key}",
+                f"{value!r} is outside the MMAR ({resolved}); a deployed MMAR writes only "
+                'inside its own folder (e.g. "{MMAR_CKPT_DIR}" or "eval/...")',
+            )
+        args[key] = str(resolved)
+    return ComponentSpec(name=spec.name, path=spec.path, args=args, key=spec.key, file=spec.file)
+
+
 def _build(part: Part, *leading: Any, **injected: Any) -> Any:
     """Builds one component: its args, then what the form injects (only where it takes them)."""
     factory, spec = _factory(part.spec)
-    spec = _with_expressions(spec)
+    spec = _confined(_with_expressions(spec))
     try:
         params = inspect.signature(factory).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -467,6 +506,8 @@ def build_clara_trainer(
     require_monai(config.file, "train")
     from monai.utils import set_determinism  # deferred: MONAI is an extra
 
+    _WRITE_ROOTS.set((ckpt_dir, eval_dir))
+
     train, validate = config.train, config.validate
     if config.seed is not None:
         set_determinism(seed=config.seed)
@@ -598,6 +639,10 @@ def _handler(
             injected[key] = {n: objects[n] for n in names if objects.get(n) is not None}
     if name in ("StatsHandler", "TensorBoardStatsHandler") and "output_transform" not in args:
         injected["output_transform"] = _pick("loss")
+    if name == "TensorBoardStatsHandler":
+        # MONAI's default ./runs is the worker's working folder: the MMAR's eval/ instead
+        mmar = (part.spec.file or Path("config/x")).parent.parent
+        args.setdefault("log_dir", str(mmar / "eval" / "tensorboard"))
     if name == "CheckpointSaver":
         args.setdefault("save_dir", str(ckpt_dir))
         injected.setdefault("save_dict", {"model": objects["model"]})

@@ -308,3 +308,23 @@ def test_a_site_without_monai_refuses_a_monai_mmar_at_deploy(
         assert ok, text
     finally:
         svc.interface.close()
+
+
+def test_handlers_write_only_inside_the_mmar(mmar: Path, tmp_path: Path) -> None:
+    saver = {
+        "name": "CheckpointSaver",
+        "rank": 0,
+        "args": {"save_dir": "{MMAR_CKPT_DIR}", "save_dict": ["model"], "save_final": True},
+    }
+    board = {"name": "TensorBoardStatsHandler", "args": {}}
+    _edit(mmar, lambda c: c["train"]["handlers"].extend([saver, board]))
+    fitter = build_fitter(mmar, site_name="site-1", device="cpu")
+    fitter.train()
+    assert list((mmar / "models").glob("*final*.pt")), list((mmar / "models").iterdir())
+    assert list((mmar / "eval" / "tensorboard").iterdir())  # not ./runs of the working folder
+    for outside in (str(tmp_path / "elsewhere"), "../../elsewhere"):
+        _edit(mmar, lambda c, o=outside: c["train"]["handlers"][-2]["args"].update(save_dir=o))
+        where = r"train\.handlers\[3\]\.args\.save_dir.*outside"
+        with pytest.raises(TrainConfigError, match=where):
+            build_fitter(mmar, site_name="site-1", device="cpu")
+    assert not (tmp_path / "elsewhere").exists()
