@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import load_server_config
+from engine.config import ConfigError, load_server_config
 from engine.events import Event, EventBus, LogRecord, event_from_dict
 from engine.fileio import load_npz, save_json_atomic, tail_text
 from engine.provision import (
@@ -30,11 +30,26 @@ from engine.tls import ROLE_ADMIN, ROLE_SERVER, ROLE_SITE
 from engine.training import demo_mmar_path
 from engine.training.initial_model import write_initial_model
 
-__all__ = ["DemoFederation", "DemoResult", "prepare_workspace"]
+__all__ = [
+    "TASKS",
+    "DemoFederation",
+    "DemoResult",
+    "mmar_task_name",
+    "prepare_workspace",
+    "task_mmar",
+]
 
 log = logging.getLogger("engine.demo")
 
 TASK = "demo_federation"
+#: The demo's tasks: the MMAR each deploys to every site, unchanged.
+TASKS = ("classification", "segmentation")
+#: Each segmentation site's synthetic volumes (MONAI's generators): small enough that a round
+#: takes seconds on two CPU cores, and a different seed per site so that the sites differ.
+SEGMENTATION_DATA = {"n_train": 8, "n_validation": 4, "size": 32, "dims": 3}
+#: A segmentation site's own settings (``<site>/local/environment.json``): the one MMAR reads
+#: each site's data from the site's ``local/data/`` (relative to ``local/``).
+SEGMENTATION_ENVIRONMENT = {"DATA_ROOT": "data", "DATASET_JSON": "data/datalist.json"}
 PEER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 ADMIN = "admin@demo"
 # The demo's server listens on loopback: its certificate is valid for both spellings.
@@ -45,6 +60,35 @@ def _site_names(num_sites: int) -> list[str]:
     return [f"site-{i}" for i in range(1, num_sites + 1)]
 
 
+def task_mmar(task: str) -> Path:
+    """The bundled MMAR of one of the demo's ``TASKS``."""
+    if task not in TASKS:
+        raise ValueError(f"unknown demo task {task!r} (tasks: {', '.join(TASKS)})")
+    demo = demo_mmar_path()
+    return demo if task == "classification" else demo.parent / "seg_mmar"
+
+
+def mmar_task_name(mmar: Path) -> str:
+    """The federation's task an MMAR trains for: ``servers[0].name`` of its
+    ``config/config_fed_client.json`` (what its sites ask the server for).
+
+    Raises:
+        ConfigError: the MMAR is no folder, or the file is missing or names no task.
+    """
+    if not mmar.is_dir():
+        raise ConfigError(mmar, "", "not a folder: give the MMAR's folder")
+    path = mmar / "config" / "config_fed_client.json"
+    if not path.is_file():
+        raise ConfigError(path, "", "file not found: an MMAR for federated training has one")
+    try:
+        name = json.loads(path.read_text())["servers"][0]["name"]
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ConfigError(path, "servers[0].name", f"expected the task's name ({exc})") from exc
+    if not isinstance(name, str) or not name:
+        raise ConfigError(path, "servers[0].name", "expected the task's name (a string)")
+    return name
+
+
 def prepare_workspace(
     root: Path,
     num_sites: int = 3,
@@ -52,18 +96,39 @@ def prepare_workspace(
     heartbeat_interval: float = 5.0,
     torch_in_subprocess: bool = False,
     secure: bool = False,
+    task: str = "classification",
+    mmar: Path | None = None,
 ) -> None:
     """Lays out a demo federation under ``root``: ``server/`` and ``site-1/`` … ``site-N/``.
 
     Each site gets a startup kit (server port filled in by ``DemoFederation`` once the server
-    listens), the demo MMAR offered in ``transfer/`` and deployed as run 1. With
-    ``torch_in_subprocess`` the initial model is built by a child process, so that this one
-    (the console's) never imports torch. With ``secure`` the demo is provisioned as a real
-    federation would be: a certificate authority in ``ca/``, certificates for the server
-    (localhost, 127.0.0.1), each site and the admin, and mutual TLS on every connection.
+    listens), the MMAR offered in ``transfer/`` and deployed as run 1, unchanged: the bundled
+    MMAR of ``task`` (``TASKS``), or ``mmar``. The federation's task name is the MMAR's
+    (``servers[0].name`` of its ``config_fed_client.json``); the server's other settings come
+    from the MMAR's ``config_fed_server.json``, else from the classification demo's.
+
+    The ``segmentation`` task makes each site's synthetic NIfTI volumes and datalist at first
+    run, in ``<site>/local/data/`` (a different seed per site; kept for later runs), with a
+    ``<site>/local/environment.json`` that points the MMAR's ``DATA_ROOT`` and
+    ``DATASET_JSON`` there. The initial model is the MMAR's own (its checkpoint, else its model
+    component built alone): the server needs no data.
+
+    With ``torch_in_subprocess`` the initial model and the data are made by a child process,
+    so that this one (the console's) never imports torch. With ``secure`` the demo is
+    provisioned as a real federation would be: a certificate authority in ``ca/``, certificates
+    for the server (localhost, 127.0.0.1), each site and the admin, and mutual TLS on every
+    connection.
+
+    Raises:
+        ConfigError: ``mmar`` is unusable, or the workspace holds a demo of another MMAR.
+        ValueError: an unknown ``task``.
     """
+    source = Path(mmar).resolve() if mmar is not None else task_mmar(task)
+    task_name = mmar_task_name(source)
+    mmar_name = source.name
     server_dir = root / "server"
     names = _site_names(num_sites)
+    _check_same_mmar(root, names, mmar_name)
     # The demo is plaintext unless asked: a server is secure by default otherwise.
     server_tls: dict[str, Any] = {"secure_train": False}
     client_tls: dict[str, Any] = {"secure_train": False}
@@ -74,7 +139,7 @@ def prepare_workspace(
         "format_version": 1,
         "servers": [
             {
-                "name": TASK,
+                "name": task_name,
                 "service": {"target": "127.0.0.1:0"},
                 "min_num_clients": num_sites,
                 "max_num_clients": num_sites + 8,
@@ -87,25 +152,28 @@ def prepare_workspace(
         ],
         "aggregator": {"name": "ModelAggregator", "args": {"exclude_vars": "dummy"}},
     }
-    # The rest of the server's settings come from the demo MMAR's Clara 3.1 config_fed_server.json.
-    clara = json.loads((demo_mmar_path() / "config" / "config_fed_server.json").read_text())
-    config = {**clara, **config, "servers": [{**clara["servers"][0], **config["servers"][0]}]}
+    # The rest of the server's settings come from the MMAR's Clara 3.1 config_fed_server.json
+    # (the classification demo's where the MMAR has none).
+    server_file = source / "config" / "config_fed_server.json"
+    if not server_file.is_file():
+        server_file = demo_mmar_path() / "config" / "config_fed_server.json"
+    try:
+        clara = json.loads(server_file.read_text())
+        clara_server = clara["servers"][0]
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ConfigError(
+            server_file, "servers[0]", f"expected the server's settings ({exc})"
+        ) from exc
+    config = {**clara, **config, "servers": [{**clara_server, **config["servers"][0]}]}
     save_json_atomic(server_dir / "config_fed_server.json", config)
-    demo = demo_mmar_path()
     if not (server_dir / "models" / "initial_model.npz").exists():
-        # The federation starts from the demo model's seeded initialisation.
+        # The federation starts from the MMAR's own initial model (no data needed).
         scratch = server_dir / "mmar"
         if not scratch.exists():
-            shutil.copytree(demo, scratch)
-        out = server_dir / "models" / "initial_model.npz"
-        if torch_in_subprocess:
-            subprocess.run(
-                [sys.executable, "-m", "engine.training.initial_model", str(scratch), str(out)],
-                check=True,
-                stdin=subprocess.DEVNULL,
-            )
-        else:
-            write_initial_model(scratch, out)
+            shutil.copytree(source, scratch)
+        _make_initial_model(
+            scratch, server_dir / "models" / "initial_model.npz", torch_in_subprocess
+        )
     admin = root / "admin"
     save_json_atomic(
         admin / "startup" / "fed_admin.json",
@@ -117,15 +185,17 @@ def prepare_workspace(
             }
         },
     )
-    if not (admin / "transfer" / "demo_mmar").exists():
-        shutil.copytree(demo, admin / "transfer" / "demo_mmar")
+    if not (admin / "transfer" / mmar_name).exists():
+        shutil.copytree(source, admin / "transfer" / mmar_name)
     for name in names:
         paths = SitePaths(root / name)
         save_json_atomic(
             paths.kit,
             {
                 "format_version": 1,
-                "servers": [{"name": TASK, "service": {"target": "127.0.0.1:0", "options": []}}],
+                "servers": [
+                    {"name": task_name, "service": {"target": "127.0.0.1:0", "options": []}}
+                ],
                 "client": {
                     "client_name": name,
                     "retry_timeout": 30,
@@ -134,13 +204,84 @@ def prepare_workspace(
                 },
             },
         )
-        offered = paths.transfer / "demo_mmar"
+        offered = paths.transfer / mmar_name
         if not offered.exists():
-            shutil.copytree(demo, offered)
+            shutil.copytree(source, offered)
         deployed = paths.mmar(1, name)
         if not deployed.exists():
-            shutil.copytree(demo, deployed)
-            (deployed.parent / "fl_app.txt").write_text("demo_mmar\n")
+            shutil.copytree(source, deployed)
+            (deployed.parent / "fl_app.txt").write_text(f"{mmar_name}\n")
+    if task == "segmentation":
+        _segmentation_sites(root, names, torch_in_subprocess)
+
+
+def _check_same_mmar(root: Path, names: list[str], mmar_name: str) -> None:
+    """A demo workspace keeps its MMAR: a second run with another would mix two models."""
+    for name in names:
+        app = SitePaths(root / name).mmar(1, name).parent / "fl_app.txt"
+        if app.is_file():
+            deployed = app.read_text().strip()
+            if deployed and deployed != mmar_name:
+                raise ConfigError(
+                    app,
+                    "",
+                    f"this demo workspace runs the MMAR {deployed!r}, not {mmar_name!r}: "
+                    "give another --workspace (or none, for a fresh one)",
+                )
+
+
+def _make_initial_model(mmar: Path, out: Path, in_subprocess: bool) -> None:
+    if not in_subprocess:
+        write_initial_model(mmar, out)
+        return
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.training.initial_model", str(mmar), str(out)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        # The child's last line is the TrainConfigError's (file, key, problem): say that.
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ConfigError(mmar, "", f"no initial model: {last.split('Error: ', 1)[-1]}")
+
+
+# Run in a child process where this one must not import torch (the console's demo service).
+_DATA_CODE = (
+    "import json, sys\n"
+    "from engine.training.segmentation import write_segmentation_data\n"
+    "for folder, seed in json.loads(sys.argv[1]):\n"
+    "    write_segmentation_data(folder, seed=seed, **json.loads(sys.argv[2]))\n"
+)
+
+
+def _segmentation_sites(root: Path, names: list[str], in_subprocess: bool) -> None:
+    """Each site's own data in ``<site>/local/data/`` and its ``local/environment.json``."""
+    missing: list[tuple[str, int]] = []
+    for seed, name in enumerate(names, start=1):
+        local = root / name / "local"
+        if not (local / "environment.json").exists():  # the site's own file: never overwritten
+            save_json_atomic(local / "environment.json", SEGMENTATION_ENVIRONMENT)
+        if not (local / "data" / "datalist.json").is_file():
+            missing.append((str(local / "data"), seed))
+    if not missing:
+        return  # made at first run, kept since
+    log.info("making synthetic segmentation data for %d site(s)", len(missing))
+    if in_subprocess:
+        env = {**os.environ, **PEER_ENV}
+        subprocess.run(
+            [sys.executable, "-c", _DATA_CODE, json.dumps(missing), json.dumps(SEGMENTATION_DATA)],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        return
+    from engine.training.segmentation import (  # deferred: MONAI and nibabel, only for this task
+        write_segmentation_data,
+    )
+
+    for folder, seed in missing:
+        write_segmentation_data(Path(folder), seed=seed, **SEGMENTATION_DATA)  # type: ignore[arg-type]
 
 
 def _provision_demo(root: Path, sites: list[str]) -> None:
@@ -200,6 +341,8 @@ class DemoFederation:
         num_rounds: rounds of FedAvg.
         secure: provision certificates into the workspace and run every connection (training,
             admin agent, admin console) over mutual TLS.
+        task: one of ``TASKS``: the bundled MMAR and, for ``segmentation``, each site's data.
+        mmar: federate this MMAR instead of the task's (see ``prepare_workspace``).
     """
 
     def __init__(
@@ -211,6 +354,8 @@ class DemoFederation:
         torch_in_subprocess: bool = False,
         site_1_stays: bool = False,
         secure: bool = False,
+        task: str = "classification",
+        mmar: Path | None = None,
     ) -> None:
         if num_sites < 1:
             raise ValueError(f"the demo needs at least one site, got {num_sites}")
@@ -220,6 +365,9 @@ class DemoFederation:
         self.num_rounds = num_rounds
         self.torch_in_subprocess = torch_in_subprocess
         self.secure = secure
+        task_mmar(task)  # an unknown task fails here, not once the federation is laid out
+        self.task = task
+        self.mmar = Path(mmar) if mmar is not None else None
         # Under a console, site-1 stays up after its training (abort, then start again).
         self.site_1_stays = site_1_stays
         self.peers: dict[str, subprocess.Popen[bytes]] = {}
@@ -236,6 +384,8 @@ class DemoFederation:
             self.num_rounds,
             torch_in_subprocess=self.torch_in_subprocess,
             secure=self.secure,
+            task=self.task,
+            mmar=self.mmar,
         )
         server_dir = self.root / "server"
         detach_server_logs = attach_workspace_logs(server_dir, self.bus, "server")

@@ -131,6 +131,8 @@ def create_app(
     demo_sites: int = 3,
     demo_rounds: int = 5,
     demo_secure: bool = False,
+    demo_task: str = "classification",
+    demo_mmar: Path | None = None,
     gpu_sampler: object = None,
     bridge: SiteBridge | None = None,
     clock: Callable[[], float] = time.time,
@@ -141,6 +143,8 @@ def create_app(
         workspace: the site workspace (or the demo's root); default the current folder.
         demo: run the demo federation (in ``workspace``), as a service in a child process.
         demo_secure: the demo with provisioned certificates and mutual TLS.
+        demo_task: the demo's task ("classification", "segmentation"); demo_mmar: an MMAR to
+            federate instead of the task's.
         theme: a theme file's stem ("dark", "light", "high_contrast").
         gpu_sampler: the GPU sampler to run (default: NVML's, which says why when there is none).
         bridge: use this bridge instead of building one (tests).
@@ -151,7 +155,14 @@ def create_app(
 
     def demo_bridge(path: Path = root) -> SiteBridge:
         # The demo runs as a service in a child process: this console only draws it.
-        return RemoteBridge.demo(path, sites=demo_sites, rounds=demo_rounds, secure=demo_secure)
+        return RemoteBridge.demo(
+            path,
+            sites=demo_sites,
+            rounds=demo_rounds,
+            secure=demo_secure,
+            task=demo_task,
+            mmar=demo_mmar,
+        )
 
     if bridge is None:
         if demo:

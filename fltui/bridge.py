@@ -264,7 +264,13 @@ class RemoteBridge(SiteBridge):
 
     @classmethod
     def demo(
-        cls, root: Path, sites: int = 3, rounds: int = 5, secure: bool = False
+        cls,
+        root: Path,
+        sites: int = 3,
+        rounds: int = 5,
+        secure: bool = False,
+        task: str = "classification",
+        mmar: Path | None = None,
     ) -> RemoteBridge:
         """The demo federation as a service in a child process, which this console owns."""
         command = [
@@ -281,6 +287,8 @@ class RemoteBridge(SiteBridge):
             "--rounds",
             str(rounds),
             *(["--secure"] if secure else []),
+            *("--task", task),
+            *(["--mmar", str(mmar)] if mmar is not None else []),
         ]
         return cls(root, "site-1", launch=command)
 

@@ -103,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="provision certificates into the demo workspace and use mutual TLS everywhere",
     )
+    demo.add_argument(
+        "--task",
+        choices=("classification", "segmentation"),
+        default="classification",
+        help="classification (default): the built-in model on synthetic data; segmentation: a "
+        "MONAI 3D UNet (Clara's PyTorch MMAR form) on synthetic NIfTI volumes made per site",
+    )
+    demo.add_argument(
+        "--mmar",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="federate this MMAR instead (deployed to every site unchanged; its "
+        "servers[0].name is the task)",
+    )
     # The console starts the demo this way: a service with a control socket, site-1 staying up.
     demo.add_argument("--service", action="store_true", help=argparse.SUPPRESS)
     ctl = sub.add_parser(
@@ -246,6 +261,8 @@ def _run_console(args: argparse.Namespace) -> int:
             demo_sites=args.sites,
             demo_rounds=args.rounds,
             demo_secure=args.secure,
+            demo_task=args.task,
+            demo_mmar=args.mmar.resolve() if args.mmar is not None else None,
         )
     else:
         from engine.site.lock import ServiceError  # deferred: not for --help or --no-ui
@@ -350,6 +367,8 @@ def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
         torch_in_subprocess=args.service,
         site_1_stays=args.service,
         secure=args.secure,
+        task=args.task,
+        mmar=args.mmar.resolve() if args.mmar is not None else None,
     )
     host = None
     if args.service:
