@@ -65,12 +65,14 @@ async def _play(
     root = work / f"{scenario.number:02d}-{scenario.slug}"
     fed = Federation(
         root,
-        initial_model,
+        # The demo model's start is made once for every scenario; another task's by its own.
+        initial_model if scenario.task == "classification" else None,
         sites=scenario.sites,
         rounds=scenario.rounds,
         heartbeat_interval=scenario.heartbeat_interval,
         retry_timeout=scenario.retry_timeout,
         policy=scenario.policy,
+        task=scenario.task,
     )
     page = Page(scenario.number, scenario.slug, scenario.title, scenario.intro)
     clock = FixedClock()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import load_server_config
-from engine.demo import _set_admin_port, _set_port, prepare_workspace
+from engine.demo import _set_admin_port, _set_port, prepare_workspace, task_mmar
 from engine.events import (
     ConnectionChanged,
     Event,
@@ -60,6 +60,7 @@ class Federation:
         heartbeat_interval: float = 1.0,
         retry_timeout: float = 30.0,
         policy: dict[str, Any] | None = None,
+        task: str = "classification",
     ) -> None:
         self.root = root
         self.names = [f"site-{i}" for i in range(1, sites + 1)]
@@ -73,7 +74,9 @@ class Federation:
             num_rounds=rounds,
             heartbeat_interval=heartbeat_interval,
             torch_in_subprocess=True,  # the console's process never imports torch
+            task=task,
         )
+        offered = task_mmar(task).name
         config_path = root / "server" / "config_fed_server.json"
         config = json.loads(config_path.read_text())
         # A paused peer must not be dropped while the runbook waits on this site.
@@ -84,7 +87,7 @@ class Federation:
             # The MMAR's retry_timeout wins over the kit's for training: set both.
             for path in (
                 paths.kit,
-                paths.transfer / "demo_mmar" / "config" / "config_fed_client.json",
+                paths.transfer / offered / "config" / "config_fed_client.json",
                 paths.mmar(1, name) / "config" / "config_fed_client.json",
             ):
                 data = json.loads(path.read_text())
