@@ -513,7 +513,7 @@ def build_clara_trainer(
         set_determinism(seed=config.seed)
     amp = config.amp
     if amp and device.type != "cuda":
-        log.warning("%s: amp is true, but this site trains on %s: amp is off", config.file, device)
+        log.info("%s: amp is true, but this site trains on %s: amp is off", config.file, device)
         amp = False
     network = _build(train["model"]).to(device)
     if not isinstance(network, torch.nn.Module):

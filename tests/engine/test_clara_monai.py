@@ -42,7 +42,8 @@ def clara_mmar(root: Path, *, seed: int = 1, old_monai: bool = True) -> Path:
     train["dataloader"]["args"]["batch_size"] = 2
     train["lr_scheduler"] = {"name": "StepLR", "args": {"step_size": 1, "gamma": 0.9}}
     if old_monai:
-        # as written for MONAI 0.5: AsDiscreted(n_classes, to_onehot=True), lambdas
+        # as written for MONAI 0.5: dimensions, AsDiscreted(n_classes, to_onehot=True), lambdas
+        train["model"]["args"]["dimensions"] = train["model"]["args"].pop("spatial_dims")
         train["post_transforms"][1]["args"] = {
             "keys": ["pred", "label"],
             "argmax": [True, False],
