@@ -29,6 +29,7 @@ class BufferPool:
         self._free: dict[tuple[str, tuple[int, ...]], list[np.ndarray]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
+        self._closed = False
         self.reused = 0
 
     @property
@@ -50,6 +51,8 @@ class BufferPool:
     def give(self, arrays: Iterable[np.ndarray]) -> None:
         """Returns arrays nobody uses any more (views and read-only arrays are not kept)."""
         with self._lock:
+            if self._closed:
+                return
             for array in arrays:
                 if array.base is not None or not array.flags.writeable or array.nbytes < 4096:
                     continue
@@ -60,5 +63,12 @@ class BufferPool:
 
     def clear(self) -> None:
         with self._lock:
+            self._free.clear()
+            self._bytes = 0
+
+    def close(self) -> None:
+        """Frees what the pool holds and keeps nothing given from now on (no round is left)."""
+        with self._lock:
+            self._closed = True
             self._free.clear()
             self._bytes = 0

@@ -111,9 +111,7 @@ class FederatedServer:
         self.workspace = Path(workspace)
         self.bus = bus or EventBus()
         self.long_poll = long_poll
-        self.global_model: dict[str, np.ndarray] = {
-            k: np.array(v, order="C") for k, v in initial_model.items()
-        }
+        self.global_model: dict[str, np.ndarray] = {k: _held(v) for k, v in initial_model.items()}
         bad = non_finite_variables(self.global_model)
         if bad:
             # Every site's model would be NaN from the first pull, and every contribution refused.
@@ -429,7 +427,11 @@ class FederatedServer:
         if saved is None:
             return
         if saved.model is not None:
-            self.global_model = {k: np.array(v, order="C") for k, v in saved.model.items()}
+            # Loaded here for the server alone: its arrays are the server's to recycle.
+            self.global_model = {
+                k: v if v.flags.c_contiguous else np.array(v, order="C")
+                for k, v in saved.model.items()
+            }
         self.current_round = saved.model_round
         self.history = saved.history
         for entry in saved.history:
@@ -785,6 +787,9 @@ class FederatedServer:
             self._retire(old)
             self.current_round = next_round
             self.finished = self.current_round >= self.config.num_rounds
+            if self.finished:
+                # No upload will take these again: the memory goes back now, not at exit.
+                self._pool.close()
             self.history.append(entry)
             self._round = self._new_round()
             self._cond.notify_all()
@@ -984,6 +989,22 @@ class FederatedServer:
     def load_saved_model(workspace: Path) -> dict[str, np.ndarray] | None:
         """The last saved global model of a server workspace, if any."""
         return persistence.load_saved_model(workspace)
+
+
+def _held(value: Any) -> np.ndarray:
+    """The server's read-only view of a caller's model array, without a copy of the model.
+
+    The server never writes a global model's arrays (each round's model is new memory), and a
+    view is never recycled by the buffer pool (``BufferPool.give`` keeps no views), so the
+    caller's arrays stay as they were. Only an array that is not C-contiguous, or not in native
+    byte order, is copied (the wire and the pool want those).
+    """
+    array = np.asarray(value)
+    if not array.flags.c_contiguous or not array.dtype.isnative:
+        array = np.array(array, order="C", dtype=array.dtype.newbyteorder("="))
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 def metrics_struct(metrics: Mapping[str, float]) -> Struct:
