@@ -302,13 +302,26 @@ class Fitter:
 
     # -- weights ----------------------------------------------------------------------------
 
-    def get_weights(self) -> dict[str, np.ndarray]:
-        """A CPU numpy copy of every variable, in ``state_dict`` order.
+    def get_weights(self, *, copy: bool = True) -> dict[str, np.ndarray]:
+        """Every variable as a numpy array, in ``state_dict`` order.
 
-        bfloat16 tensors (which numpy lacks) come back as float32.
+        Args:
+            copy: True: a CPU copy of every variable (bfloat16, which numpy lacks, as
+                float32). False: for a CPU tensor of a dtype numpy has, a view of the model's
+                own memory (no copy of a model that may be most of the machine's memory); the
+                others are copied as with True. A view changes with the model: read it and
+                drop it before the next :meth:`train` or :meth:`set_weights`.
         """
         with self._lock:
-            return to_numpy(self._model.state_dict())
+            state = self._model.state_dict()  # detached tensors sharing the model's memory
+            if copy:
+                return to_numpy(state)
+            return {
+                name: t.numpy()
+                if t.device.type == "cpu" and t.dtype != torch.bfloat16
+                else to_numpy({name: t})[name]
+                for name, t in state.items()
+            }
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Load some or all variables into the model.
