@@ -621,8 +621,17 @@ def decode_model_streams(
     header_type: type[H],
     expected: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
     max_total_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+    on_header: Callable[[Any], None] | None = None,
 ) -> Iterator[tuple[Any, dict[str, np.ndarray]] | bool]:
     """Decodes a stream of one or more models.
+
+    Args:
+        frames: the messages as received.
+        header_type: ``pb.CurrentModel`` or ``pb.Contribution``.
+        expected: as for :class:`ModelAssembler`.
+        max_total_bytes: as for :class:`ModelAssembler`.
+        on_header: called with each model's header message as it arrives, before its payload
+            (what a receiver can let go of before a model-sized buffer fills).
 
     Yields:
         ``(header, params)`` for each complete model, and the ``more_models_available`` flag as a
@@ -635,8 +644,11 @@ def decode_model_streams(
     for frame in it:
         field, buf, pos, end = _parse_frame(frame)
         if field == _F_HEADER:
+            header = _parse_message(header_type, buf, pos, end)
+            if on_header is not None:
+                on_header(header)
             assembler = ModelAssembler(header_type, expected, max_total_bytes)
-            assembler.on_header(_parse_message(header_type, buf, pos, end))
+            assembler.on_header(header)
             params = receive_model(assembler, it)
             yield assembler.header, params
         elif field == _F_DONE:
@@ -650,8 +662,10 @@ def decode_model_stream(
     header_type: type[H],
     expected: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
     max_total_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+    on_header: Callable[[Any], None] | None = None,
 ) -> tuple[Any, dict[str, np.ndarray]]:
-    """Decodes a stream that carries exactly one model.
+    """Decodes a stream that carries exactly one model (``on_header``: as for
+    :func:`decode_model_streams`).
 
     Returns:
         the header message (its ``data`` cleared) and the tensors in stream order.
@@ -660,7 +674,7 @@ def decode_model_stream(
         SerdeError: the frames do not add up, or there is not exactly one model.
     """
     models = []
-    for item in decode_model_streams(frames, header_type, expected, max_total_bytes):
+    for item in decode_model_streams(frames, header_type, expected, max_total_bytes, on_header):
         if isinstance(item, bool):
             raise SerdeError("unexpected 'done' frame in a single-model stream")
         models.append(item)

@@ -527,6 +527,8 @@ class Communicator:
         task_name: str,
         token: str,
         app_ctx: Mapping[str, Any] | None = None,
+        *,
+        on_header: Callable[[pb.CurrentModel], None] | None = None,
     ) -> RemoteModel:
         """The current global model (waits while the server has none for this site).
 
@@ -535,6 +537,8 @@ class Communicator:
             task_name: the server's task.
             token: this site's session token.
             app_ctx: what the client-state and post-processors see (round, site, ...).
+            on_header: called with the model's header (its meta: round, finished) as soon as
+                it arrives, before the payload (once per attempt).
 
         Returns:
             the model, already through the post-processors (each sees a DataContext whose
@@ -548,7 +552,9 @@ class Communicator:
             timed = _Timed(frames)
             try:
                 with self._abortable(frames, "GetModel"):
-                    header, params = serde.decode_model_stream(timed, pb.CurrentModel)
+                    header, params = serde.decode_model_stream(
+                        timed, pb.CurrentModel, on_header=on_header
+                    )
             except serde.SerdeError as exc:
                 frames.cancel()
                 raise FLCommunicationError(

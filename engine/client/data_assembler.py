@@ -53,8 +53,11 @@ class DataAssembler:
         if model_data is None:
             # Δ, then what may leave (NaN/Inf refused, privacy), then the pre-processors below
             n_iter = model_manager.num_local_iterations()
-            diff = model_manager.model_diff(task_name, "delta_w")
-            model = model_manager.outgoing(diff, "delta_w", n_iter)
+            # Δ in the received global model's own memory: this round's contribution is the
+            # one use of it (no model-sized allocation; privacy then makes what is sent).
+            model = model_manager.outgoing(
+                model_manager.model_diff(task_name, "delta_w", consume=True), "delta_w", n_iter
+            )
         else:
             if n_iter is None:
                 n_iter = model_manager.num_local_iterations()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -318,7 +319,11 @@ class FederatedClientBase:
         """Fetches the server's current model for ``task_name`` (waits for the next round)."""
         return self._with_token(
             lambda token: self.communicator.getModel(
-                self.servers, task_name, token, self.app_context
+                self.servers,
+                task_name,
+                token,
+                self.app_context,
+                on_header=lambda header: self._settle_pending(task_name, header.meta),
             )
         )
 
@@ -332,7 +337,12 @@ class FederatedClientBase:
         for task_name in self.servers:
             self.remote_models[task_name] = self._receive(task_name)
         self.check_progress(self.remote_models)
-        return self.model_manager.assign_current_model(self.remote_models)
+        changed = self.model_manager.assign_current_model(self.remote_models)
+        # The model manager holds the received arrays now, as the baseline of Δ (the round's
+        # contribution computes Δ in them): only the meta stays here, not a second reference.
+        for task_name, remote in self.remote_models.items():
+            self.remote_models[task_name] = dataclasses.replace(remote, params={})
+        return changed
 
     def _receive(self, task_name: str) -> RemoteModel:
         """``task_name``'s global model, through the post-processors (the communicator runs
@@ -348,13 +358,11 @@ class FederatedClientBase:
         computed from, only when it restarted before aggregating that round: the contribution
         is then sent again (same id, same bytes) instead of training the round again.
         """
+        self._settle_pending(task_name, remote.meta)
         pending = self._pending.get(task_name)
         if pending is None:
             return
         rnd = int(remote.meta.current_round)
-        if rnd > pending.round or remote.meta.finished:
-            del self._pending[task_name]  # aggregated
-            return
         if rnd == pending.round and self.model_manager.is_current_global(task_name, remote.params):
             self.lost_contributions[task_name] = pending
             return
@@ -366,6 +374,14 @@ class FederatedClientBase:
             rnd + 1,
             pending.round + 1,
         )
+
+    def _settle_pending(self, task_name: str, meta: pb.ModelMetaData) -> None:
+        """Forgets a sent contribution once the server's model is of a later round (or the
+        last): it was aggregated. Called as soon as a model's header arrives, so the kept
+        contribution is not held beside the incoming model."""
+        pending = self._pending.get(task_name)
+        if pending is not None and (int(meta.current_round) > pending.round or meta.finished):
+            del self._pending[task_name]
 
     def check_progress(self, remote_models: Mapping[str, RemoteModel]) -> None:
         """Updates round and end-of-training state from the received models' meta."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,6 +25,72 @@ class ModelDiffError(ValueError):
     """Δ cannot be shared: it holds NaN or Inf, or does not match the global model."""
 
 
+_FINITE_BLOCK = 1 << 16  # elements checked or compared at once: no model-sized temporary
+
+
+@dataclass
+class _Baseline:
+    """The global model Δ is computed from (the shared variables, as received).
+
+    Attributes:
+        arrays: the received arrays themselves (set_weights copied them into the model), or
+            None once this round's contribution computed Δ in them (``model_diff(consume=True)``).
+        specs: each variable's dtype and shape, in the server's order.
+        digest: a SHA-256 of the arrays, taken before Δ consumed them: ``is_current_global``
+            still recognises the model after that.
+    """
+
+    arrays: dict[str, np.ndarray] | None
+    specs: dict[str, tuple[np.dtype, tuple[int, ...]]] = field(default_factory=dict)
+    digest: bytes = b""
+
+
+def _digest(specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]], params: Mapping) -> bytes:
+    """SHA-256 over names, dtypes, shapes and bytes of ``params``, in the order of ``specs``."""
+    h = hashlib.sha256()
+    for name in specs:
+        value = np.asarray(params[name])
+        if not value.flags.c_contiguous:
+            value = value.copy(order="C")
+        h.update(f"{name}\0{value.dtype.str}\0{value.shape}\0".encode())
+        h.update(memoryview(value.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
+    return h.digest()
+
+
+def _all_finite(value: np.ndarray) -> bool:
+    """NaN/Inf screen, block by block: min and max surface both without a bool temporary."""
+    if value.dtype.kind == "c":
+        return bool(np.isfinite(value).all())
+    flat = value.reshape(-1)
+    for start in range(0, flat.size, _FINITE_BLOCK):
+        block = flat[start : start + _FINITE_BLOCK]
+        if not (np.isfinite(block.min()) and np.isfinite(block.max())):
+            return False
+    return True
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """``np.array_equal``, block by block: no model-sized bool temporary."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return False
+    if not (a.flags.c_contiguous and b.flags.c_contiguous):
+        return bool(np.array_equal(a, b))
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    return all(
+        np.array_equal(fa[i : i + _FINITE_BLOCK], fb[i : i + _FINITE_BLOCK])
+        for i in range(0, fa.size, _FINITE_BLOCK)
+    )
+
+
+def _takes_copy(get_weights: Any) -> bool:
+    """Whether a reader-writer's ``get_weights`` offers views (``copy=False``, the fitter's)."""
+    try:
+        return "copy" in inspect.signature(get_weights).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class ClientModelManager:
     """Client-side model manager, living on the site's machine.
 
@@ -31,8 +100,16 @@ class ClientModelManager:
             the server).
         privacy: a PrivacyProtocol applied to Δ before it leaves, or None.
         model_reader_writer: object with ``get_weights()`` / ``set_weights()``; default: the fitter.
+            ``set_weights`` copies the values into the model and keeps no reference to the
+            arrays: the received global model's arrays are the baseline of Δ, not a copy of
+            them. A ``get_weights`` that takes ``copy`` (the fitter's) is asked for views
+            (``copy=False``) where the values are only read, never kept.
         model_validator: object with ``validate(weights)``; default: the fitter.
         visualizer: unused hook of the lineage.
+
+    Memory: nothing here copies a whole model it does not send. The received global model is
+    the baseline of Δ as it is; the round's contribution computes Δ in it
+    (``model_diff(consume=True)``), reading the local model through views.
     """
 
     def __init__(
@@ -51,7 +128,7 @@ class ClientModelManager:
         self.model_validator = model_validator
         self.visualizer = visualizer
         self.fitter: Any = None
-        self._global: dict[str, dict[str, np.ndarray]] = {}
+        self._global: dict[str, _Baseline] = {}
         self._meta: dict[str, pb.ModelMetaData] = {}
         self.last_privacy: dict[str, Any] | None = None
 
@@ -99,7 +176,8 @@ class ClientModelManager:
         changed = False
         for task_name, remote in remote_models.items():
             shared = {k: v for k, v in remote.params.items() if not self.is_excluded(k)}
-            local = self._rw().get_weights()
+            # Views where the reader-writer offers them: only read here, before set_weights.
+            local = self._local_weights(views=True)
             for name, value in shared.items():
                 if name not in local:
                     raise ValueError(
@@ -110,10 +188,14 @@ class ClientModelManager:
                         f"variable {name!r}: global shape {tuple(value.shape)} differs from local "
                         f"{tuple(local[name].shape)}"
                     )
+            changed = changed or any(not _equal(local[k], v) for k, v in shared.items())
+            del local
             self._rw().set_weights(shared)
-            changed = changed or any(not np.array_equal(local[k], v) for k, v in shared.items())
-            # Keep our own copy as the baseline of Δ: the fitter trains the loaded arrays.
-            self._global[task_name] = {k: np.array(v, copy=True) for k, v in shared.items()}
+            # The received arrays are the baseline of Δ as they are: set_weights copied them.
+            self._global[task_name] = _Baseline(
+                arrays=shared,
+                specs={k: (np.asarray(v).dtype, tuple(np.shape(v))) for k, v in shared.items()},
+            )
             self._meta[task_name] = remote.meta
         return changed
 
@@ -126,10 +208,18 @@ class ClientModelManager:
         if base is None:
             return False
         shared = {k: v for k, v in params.items() if not self.is_excluded(k)}
-        if shared.keys() != base.keys():
+        if shared.keys() != base.specs.keys():
             return False
+        if base.arrays is None:  # Δ was computed in them: their digest says
+            if any(
+                (np.asarray(v).dtype, tuple(np.shape(v))) != base.specs[k]
+                for k, v in shared.items()
+            ):
+                return False
+            return _digest(base.specs, shared) == base.digest
+        arrays = base.arrays
         return all(
-            np.asarray(v).dtype == base[k].dtype and np.array_equal(v, base[k])
+            np.asarray(v).dtype == arrays[k].dtype and _equal(v, arrays[k])
             for k, v in shared.items()
         )
 
@@ -139,9 +229,18 @@ class ClientModelManager:
 
     def model_vars(self, task_name: str) -> list[str]:
         """Variables shared with ``task_name``'s server (the global model's, minus excluded)."""
-        return list(self._global.get(task_name, {}))
+        base = self._global.get(task_name)
+        return list(base.specs) if base is not None else []
 
     # ------------------------------------------------------------------ local model
+
+    def _local_weights(self, views: bool) -> dict[str, np.ndarray]:
+        """The local weights: views of the model's memory when ``views`` and the reader-writer
+        offers them (read them, never keep them), else its copy."""
+        rw = self._rw()
+        if views and _takes_copy(rw.get_weights):
+            return dict(rw.get_weights(copy=False))
+        return dict(rw.get_weights())
 
     def get_current_model_data(
         self, local_model_params: Mapping[str, np.ndarray] | None = None
@@ -172,28 +271,52 @@ class ClientModelManager:
             self.model_diff(task_name, type_str), type_str, self.num_local_iterations()
         )
 
-    def model_diff(self, task_name: str, type_str: str = "delta_w") -> dict[str, np.ndarray]:
-        """Δ = local − global over the shared variables ("weights": the local weights), before
-        any privacy: integer Δ wrapped into the variable's dtype, bool variables left out."""
+    def model_diff(
+        self, task_name: str, type_str: str = "delta_w", *, consume: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Δ = local − global over the shared variables ("weights": a copy of the local
+        weights), before any privacy: integer Δ wrapped into the variable's dtype, bool
+        variables left out.
+
+        Args:
+            task_name: the server.
+            type_str: "delta_w" or "weights".
+            consume: compute Δ in the received global model's own arrays instead of new ones
+                (the round's contribution: no model-sized allocation). The model is still
+                recognised by ``is_current_global`` (by its digest), but Δ from it cannot be
+                computed again: a later call raises RuntimeError until the next global model.
+        """
         base = self._global.get(task_name)
         if base is None:
             raise RuntimeError(f"no global model from {task_name!r} yet")
-        local = self._rw().get_weights()
+        if type_str not in ("delta_w", "weights"):
+            raise ValueError(f"type_str must be 'delta_w' or 'weights', got {type_str!r}")
+        if type_str == "weights":
+            local = self._local_weights(views=False)  # what leaves must not change with training
+            return {name: np.asarray(local[name]) for name in base.specs}
+        if base.arrays is None:
+            raise RuntimeError(
+                f"Δ from {task_name!r}'s global model was already computed in it (this "
+                "round's contribution); pull the next global model first"
+            )
+        local = self._local_weights(views=True)
+        arrays = base.arrays
+        if consume:
+            base.digest = _digest(base.specs, arrays)
+            base.arrays = None  # from here on (even if this fails) they are no baseline
         out: dict[str, np.ndarray] = {}
-        for name, g in base.items():
+        for name, g in arrays.items():
             value = np.asarray(local[name])
-            if type_str == "delta_w":
-                if g.dtype.kind == "b":
-                    continue  # a bool variable has no difference to average: it stays local
-                if g.dtype.kind in "iu":
-                    # Integer Δ in a wide signed type, then wrapped into the variable's own
-                    # dtype for the wire; the server reads it back as signed.
-                    value = (value.astype(np.int64) - g.astype(np.int64)).astype(g.dtype)
-                else:
-                    value = (value - g).astype(g.dtype, copy=False)
-            elif type_str != "weights":
-                raise ValueError(f"type_str must be 'delta_w' or 'weights', got {type_str!r}")
-            out[name] = value
+            if g.dtype.kind == "b":
+                continue  # a bool variable has no difference to average: it stays local
+            if g.dtype.kind in "iu":
+                # Integer Δ in a wide signed type, then wrapped into the variable's own dtype
+                # for the wire; the server reads it back as signed. (Counters: small.)
+                out[name] = (value.astype(np.int64) - g.astype(np.int64)).astype(g.dtype)
+                continue
+            target = g if consume and g.flags.writeable else np.empty(g.shape, g.dtype)
+            np.subtract(value, g, out=target, casting="same_kind")
+            out[name] = target
         return out
 
     def prepare_model_data(
@@ -232,7 +355,7 @@ class ClientModelManager:
         """The last steps before anything leaves: NaN/Inf refused, then privacy on a Δ (with
         ``total_steps`` as T); ``last_privacy`` says what the protocol did."""
         for name, value in out.items():
-            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            if value.dtype.kind in "fc" and not _all_finite(value):
                 raise ModelDiffError(
                     f"variable {name!r}: the local model holds NaN or Inf; the update is not shared"
                 )

@@ -200,10 +200,10 @@ def test_privacy_protocol_from_the_mmar_is_applied_to_the_delta(tmp_path: Path) 
 
     phase_at_read: list[str] = []
 
-    def spy(task_name: str, type_str: str = "delta_w") -> dict[str, np.ndarray]:
+    def spy(task_name: str, type_str: str = "delta_w", **kwargs: Any) -> dict[str, np.ndarray]:
         seen.update(manager.get_current_model_data())
         phase_at_read.append(rec.of(PhaseChanged)[-1].phase)
-        return original(task_name, type_str)
+        return original(task_name, type_str, **kwargs)
 
     manager.model_diff = spy  # type: ignore[method-assign]
     try:
