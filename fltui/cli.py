@@ -448,6 +448,7 @@ def _run_server(args: argparse.Namespace, bus: object, printer: object) -> int:
             initial = load_npz(model_path)
         # Certificate problems (missing, readable key, expired) are ConfigErrors from here.
         server = FederatedServer(config, root, initial, bus)  # type: ignore[arg-type]
+        del initial  # the server keeps it (a view, no copy): no second whole model here
     except ConfigError as exc:
         return _config_error(printer, exc)
     detach = attach_workspace_logs(root, bus, "server")  # type: ignore[arg-type]

@@ -86,17 +86,20 @@ def load_weights(module: torch.nn.Module, weights: Mapping[str, np.ndarray]) -> 
 
 
 class BestModel:
-    """The best local model by a key metric: in memory, and in ``<ckpt_dir>/best_model.pt``.
+    """The best local model by a key metric, kept in ``<ckpt_dir>/best_model.pt``.
 
     Only a model that local training made is offered (:meth:`offer`); a global model just
-    received is measured by its caller, never offered.
+    received is measured by its caller, never offered. The best model lives on disk, not in
+    memory (a second whole model in the training process for the few times it is read): it is
+    saved from the model's own tensors, without a copy on a CPU site, and read back when
+    asked for. Only when the file cannot be written is it kept in memory instead.
     """
 
     def __init__(self, ckpt_dir: Path, higher_is_better: bool) -> None:
         self.path = ckpt_dir / BEST_MODEL_NAME
         self.higher_is_better = higher_is_better
         self.metric: float | None = None
-        self._weights: dict[str, np.ndarray] | None = None
+        self._kept: dict[str, np.ndarray] | None = None  # only when the file could not be written
 
     def offer(self, value: float, state: Mapping[str, torch.Tensor]) -> bool:
         """Keeps ``state`` when ``value`` beats the best so far; True when it did."""
@@ -106,25 +109,30 @@ class BestModel:
         if best is not None and (value <= best if self.higher_is_better else value >= best):
             return False
         self.metric = value
-        self._weights = to_numpy(state)
-        self._save(state)
-        return True
-
-    def weights(self) -> dict[str, np.ndarray] | None:
-        """A copy of the best weights; before any offer, those an earlier run saved, or None."""
-        if self._weights is None and self.path.is_file():
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-            self._weights = to_numpy(state)
-        if self._weights is None:
-            return None
-        return {name: array.copy() for name, array in self._weights.items()}
-
-    def _save(self, state: Mapping[str, torch.Tensor]) -> None:
-        tensors = {name: t.detach().to("cpu", copy=True) for name, t in state.items()}
+        # CPU tensors are saved as they are (no copy); GPU ones come over once.
+        tensors = {name: t.detach().cpu() for name, t in state.items()}
         try:
             # Readers see the old file or the new one, never half of one, even after a crash.
             atomic_write(self.path, lambda fh: torch.save(tensors, fh))
+            self._kept = None
         except OSError as exc:
-            # Training goes on (the weights are kept in memory); the operator sees why the file
+            # Training goes on with the best model in memory; the operator sees why the file
             # is stale.
             log.warning("could not save the best model to %s: %s", self.path, exc)
+            self._kept = to_numpy(tensors)
+        return True
+
+    def weights(self) -> dict[str, np.ndarray] | None:
+        """The best weights (fresh arrays); before any offer, those an earlier run saved, or
+        None."""
+        if self._kept is not None:
+            return {name: array.copy() for name, array in self._kept.items()}
+        if not self.path.is_file():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        # The loaded tensors are this call's own: their memory becomes the arrays (bfloat16,
+        # which numpy lacks, as float32).
+        return {
+            name: (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+            for name, t in state.items()
+        }
