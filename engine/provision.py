@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from engine import he
 from engine.config import SITE_NAME, ConfigError, load_json
 from engine.fileio import atomic_write, save_json_atomic
 from engine.site.policy import write_default_policy
@@ -127,6 +128,8 @@ class Project:
     admins: tuple[Participant, ...]
     valid_days: int = 365
     ca_valid_days: int = 3650
+    #: ``"homomorphic_encryption"``: the CKKS parameters of the federation's TenSEAL context.
+    homomorphic_encryption: he.CKKSParams | None = None
 
 
 @dataclass
@@ -261,6 +264,12 @@ def load_project(path: Path) -> Project:
         raise _fail(path, "server.max_num_clients", "expected >= server.min_num_clients")
     if settings.get("start_round", 0) >= settings.get("num_rounds", 5):
         raise _fail(path, "server.start_round", "expected < server.num_rounds")
+    he_params = None
+    if data.get("homomorphic_encryption") not in (None, False):
+        try:
+            he_params = he.CKKSParams.from_project(data["homomorphic_encryption"])
+        except he.HEError as exc:
+            raise _fail(path, "homomorphic_encryption", str(exc)) from None
     sites = _participants(path, data, "fl_clients", "client_name", required=True, sites=True)
     admins = _participants(path, data, "admin_clients", "email", required=False)
     return Project(
@@ -277,6 +286,7 @@ def load_project(path: Path) -> Project:
         admins=admins,
         valid_days=_int(path, data.get("valid_days"), "valid_days", 1, 3650, default=365),
         ca_valid_days=_int(path, data.get("ca_valid_days"), "ca_valid_days", 1, 7300, 3650),
+        homomorphic_encryption=he_params,
     )
 
 
@@ -603,6 +613,16 @@ def provision(project: Project, out: Path) -> ProvisionResult:
             _write_site(project, ca, site, tmp / "sites" / site.name)
         for admin in project.admins:
             _write_admin(project, ca, admin, tmp / "admins" / admin.name)
+        if project.homomorphic_encryption is not None:
+            # One context per federation: every site the secret key (0600), the server none.
+            try:
+                private, public = he.make_contexts(project.homomorphic_encryption)
+            except he.HEError as exc:
+                raise ConfigError(project.path, "homomorphic_encryption", str(exc)) from None
+            he.write_context(tmp / "server" / "startup" / he.SERVER_CONTEXT, public, secret=False)
+            for site in project.sites:
+                startup = tmp / "sites" / site.name / "startup"
+                he.write_context(startup / he.CLIENT_CONTEXT, private, secret=True)
         # Folders are made with the process's umask, which may be loose: set every mode, so no
         # other user can swap a rootCA.pem or a key. The authority's folder is the owner's only.
         for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
@@ -635,6 +655,11 @@ def describe(result: ProvisionResult, project: Project) -> str:
     ]
     lines += [f"  site {name:<17} {path}/" for name, path in result.sites.items()]
     lines += [f"  admin {name:<16} {path}/" for name, path in result.admins.items()]
+    if project.homomorphic_encryption is not None:
+        lines.append(
+            f"  homomorphic encryption  each site: startup/{he.CLIENT_CONTEXT} (the secret key, "
+            f"0600); the server: startup/{he.SERVER_CONTEXT} (public, no secret key)"
+        )
     lines.append(
         f"certificates valid for {project.valid_days} days; give each site its folder "
         "(keep the .key files private: mode 0600)"

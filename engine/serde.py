@@ -34,7 +34,9 @@ from protos import federated_pb2 as pb
 
 __all__ = [
     "CHUNK_BYTES",
+    "CKKS",
     "DEFAULT_MAX_MODEL_BYTES",
+    "CiphertextArray",
     "ModelAssembler",
     "SerdeError",
     "TensorSpec",
@@ -82,6 +84,20 @@ ALLOWED_DTYPES = frozenset(
     }
 )
 
+CKKS = "ckks"
+"""The wire dtype of a ciphertext tensor (homomorphic encryption, ``engine.he``): its payload is
+opaque bytes (shape ``[n bytes]``), encrypted and serialized by the sender. A receiver takes one
+only when it says so (``ModelAssembler(ciphertexts=True)``); it must be one-dimensional, non-empty,
+and, where the receiver expects the variable, stand for a float variable or a ciphertext."""
+
+
+class CiphertextArray(np.ndarray):
+    """The bytes of one ciphertext tensor (uint8, 1-D) that go on the wire with dtype ``"ckks"``.
+
+    A view class: ``arr.view(CiphertextArray)`` tags received bytes without copying them.
+    """
+
+
 _F_HEADER, _F_CHUNK, _F_END, _F_DONE, _F_BATCH = 1, 2, 3, 4, 5
 _WT_VARINT, _WT_I64, _WT_LEN, _WT_I32 = 0, 1, 2, 5
 
@@ -112,6 +128,8 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
+        if self.dtype == CKKS:
+            return math.prod(self.shape)
         # Python ints: np.prod in int64 wraps around on hostile shapes such as [2**62, 4].
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
@@ -120,6 +138,10 @@ class TensorSpec:
 
 
 def _as_wire_array(name: str, value: Any) -> np.ndarray:
+    if isinstance(value, CiphertextArray):
+        if value.ndim != 1 or not value.size or value.dtype != np.uint8:
+            raise SerdeError("a ciphertext tensor must be non-empty, 1-D bytes", name)
+        return value if value.flags.c_contiguous else value.copy()
     arr = np.asarray(value)
     name_ = arr.dtype.name
     if name_ not in ALLOWED_DTYPES:
@@ -135,6 +157,11 @@ def _as_wire_array(name: str, value: Any) -> np.ndarray:
 def _check_spec(name: str, dtype: str, shape: Iterable[int]) -> TensorSpec:
     if not name:
         raise SerdeError("a tensor has an empty name")
+    if dtype == CKKS:
+        dims = tuple(int(d) for d in shape)
+        if len(dims) != 1 or dims[0] <= 0:
+            raise SerdeError(f"a ciphertext must be 1-D non-empty bytes, got shape {dims}", name)
+        return TensorSpec(name, dtype, dims)
     if dtype not in ALLOWED_DTYPES:
         raise SerdeError(f"unknown dtype {dtype!r} (allowed: {sorted(ALLOWED_DTYPES)})", name)
     dims = tuple(int(d) for d in shape)
@@ -163,10 +190,14 @@ def proto_to_ndarray(msg: pb.NDArray, name: str = "") -> np.ndarray:
     return np.frombuffer(msg.data, dtype=spec.dtype).reshape(spec.shape).copy()
 
 
+def _wire_dtype(arr: np.ndarray) -> str:
+    return CKKS if isinstance(arr, CiphertextArray) else arr.dtype.name
+
+
 def specs_of(params: Mapping[str, Any]) -> list[TensorSpec]:
     """The specs of a dict of tensors, in its order."""
     return [
-        TensorSpec(name, arr.dtype.name, tuple(arr.shape))
+        TensorSpec(name, _wire_dtype(arr), tuple(arr.shape))
         for name, arr in ((n, _as_wire_array(n, v)) for n, v in params.items())
     ]
 
@@ -315,7 +346,7 @@ def _frame_pieces(
     data = header.data  # type: ignore[attr-defined]
     del data.params[:]
     for name, arr in arrays:
-        data.params.add(name=name, array=pb.NDArray(dtype=arr.dtype.name, shape=arr.shape))
+        data.params.add(name=name, array=pb.NDArray(dtype=_wire_dtype(arr), shape=arr.shape))
     yield (_encode_message_frame(_F_HEADER, header),)
     total = chunks = 0
     for index, (_, arr) in enumerate(arrays):
@@ -401,6 +432,9 @@ class ModelAssembler:
         max_total_bytes: a header announcing more payload than this is refused.
         allocate: makes the buffer for one tensor (default ``np.empty``); a receiver that gets
             the same shapes every round can hand out buffers whose memory is already committed.
+        ciphertexts: whether ciphertext tensors (dtype ``"ckks"``) are taken. None (the
+            default): only when nothing is ``expected`` (a site receiving a global model);
+            a receiver that expects a model says it. Refused otherwise, with the reason.
     """
 
     def __init__(
@@ -409,7 +443,9 @@ class ModelAssembler:
         expected: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
         max_total_bytes: int = DEFAULT_MAX_MODEL_BYTES,
         allocate: Callable[[TensorSpec], np.ndarray] | None = None,
+        ciphertexts: bool | None = None,
     ) -> None:
+        self._ciphertexts = expected is None if ciphertexts is None else ciphertexts
         self._allocate = allocate or (lambda s: np.empty(s.shape, dtype=s.dtype))
         self._header_type = header_type
         self._expected = expected
@@ -447,11 +483,30 @@ class ModelAssembler:
                 raise SerdeError(
                     "inline payload in a stream header (payload must be chunked)", spec.name
                 )
+            if spec.dtype == CKKS and not self._ciphertexts:
+                raise SerdeError(
+                    "is encrypted (homomorphic encryption), but this receiver does not run "
+                    "homomorphic encryption: the federation is not provisioned for it",
+                    spec.name,
+                )
             if self._expected is not None:
                 want = self._expected.get(spec.name)
                 if want is None:
                     raise SerdeError("is not a variable of this model", spec.name)
-                if (spec.dtype, spec.shape) != (want[0], tuple(want[1])):
+                if spec.dtype == CKKS:
+                    if want[0] != CKKS and not want[0].startswith("float"):
+                        raise SerdeError(
+                            f"is encrypted, but the model's variable is {want[0]} (only float "
+                            "variables are encrypted)",
+                            spec.name,
+                        )
+                elif want[0] == CKKS:
+                    raise SerdeError(
+                        f"arrived in plaintext ({spec.dtype}) where the global model holds a "
+                        "ciphertext: every site of this federation encrypts the same variables",
+                        spec.name,
+                    )
+                elif (spec.dtype, spec.shape) != (want[0], tuple(want[1])):
                     raise SerdeError(
                         f"dtype {spec.dtype} shape {spec.shape} does not match the model's "
                         f"dtype {want[0]} shape {tuple(want[1])}",
@@ -468,6 +523,9 @@ class ModelAssembler:
         # np.empty maps pages lazily: memory is committed as payload arrives, not up front.
         self._buffers = []
         for s in specs:
+            if s.dtype == CKKS:  # opaque bytes: never a pooled float buffer
+                self._buffers.append(np.empty(s.shape, np.uint8).view(CiphertextArray))
+                continue
             try:
                 self._buffers.append(self._allocate(s))
             except (MemoryError, ValueError) as exc:
@@ -622,6 +680,7 @@ def decode_model_streams(
     expected: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
     max_total_bytes: int = DEFAULT_MAX_MODEL_BYTES,
     on_header: Callable[[Any], None] | None = None,
+    ciphertexts: bool | None = None,
 ) -> Iterator[tuple[Any, dict[str, np.ndarray]] | bool]:
     """Decodes a stream of one or more models.
 
@@ -647,7 +706,9 @@ def decode_model_streams(
             header = _parse_message(header_type, buf, pos, end)
             if on_header is not None:
                 on_header(header)
-            assembler = ModelAssembler(header_type, expected, max_total_bytes)
+            assembler = ModelAssembler(
+                header_type, expected, max_total_bytes, ciphertexts=ciphertexts
+            )
             assembler.on_header(header)
             params = receive_model(assembler, it)
             yield assembler.header, params
@@ -663,6 +724,7 @@ def decode_model_stream(
     expected: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
     max_total_bytes: int = DEFAULT_MAX_MODEL_BYTES,
     on_header: Callable[[Any], None] | None = None,
+    ciphertexts: bool | None = None,
 ) -> tuple[Any, dict[str, np.ndarray]]:
     """Decodes a stream that carries exactly one model (``on_header``: as for
     :func:`decode_model_streams`).
@@ -674,7 +736,9 @@ def decode_model_stream(
         SerdeError: the frames do not add up, or there is not exactly one model.
     """
     models = []
-    for item in decode_model_streams(frames, header_type, expected, max_total_bytes, on_header):
+    for item in decode_model_streams(
+        frames, header_type, expected, max_total_bytes, on_header, ciphertexts
+    ):
         if isinstance(item, bool):
             raise SerdeError("unexpected 'done' frame in a single-model stream")
         models.append(item)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine import clara_compat
+from engine import clara_compat, he
 from engine.client.fl_context import FLContext
 from engine.components import build_component
 from engine.config import ComponentSpec, ConfigError
@@ -23,6 +25,8 @@ __all__ = [
     "DataDeCompressor",
     "DataProcessor",
     "IteratorNumberGenerator",
+    "ModelDecryptor",
+    "ModelEncryptor",
     "build_client_state_processors",
     "build_processors",
 ]
@@ -102,11 +106,154 @@ class DataDeCompressor(DataCompressor):
             raise ValueError(f"DataDeCompressor takes no arguments, got {sorted(args)}")
 
 
+def _find_context(file: str, startups: list[Path]) -> Path:
+    path = Path(file).expanduser()
+    if path.is_absolute():
+        return path
+    for folder in startups:
+        if (folder / path).is_file():
+            return folder / path
+    tried = ", ".join(str(f / path) for f in startups) or str(path)
+    raise he.HEError(
+        f"no HE context {file!r} for this site (looked for {tried}); homomorphic encryption "
+        f"needs the {he.CLIENT_CONTEXT} of this site's startup kit (fltui provision with "
+        '"homomorphic_encryption" in the project file)'
+    )
+
+
+class _HEProcessor(DataProcessor):
+    def __init__(self, tenseal_context_file: str, context: Any = None) -> None:
+        he.tenseal()  # a site asked for HE without TenSEAL is told which extra to install
+        self.tenseal_context_file = tenseal_context_file
+        self._startups = [*(context or {}).get("startup_dirs", []), Path.cwd() / "startup"]
+        self._ctx: Any = None
+        self.seconds = 0.0
+
+    @property
+    def context_path(self) -> Path:
+        return _find_context(self.tenseal_context_file, self._startups)
+
+    def tenseal_context(self) -> Any:
+        """The site's context (with the secret key), loaded and checked on first use."""
+        if self._ctx is None:
+            self._ctx = he.load_context(self.context_path, "site")
+        return self._ctx
+
+
+class ModelEncryptor(_HEProcessor):
+    """Clara's ModelEncryptor (pre-processor; NVFlare's HEModelEncryptor): Δ leaves encrypted.
+
+    Runs after privacy. Each float variable chosen by ``encrypt_layers`` (None or True: all;
+    a list of names; or a regex string) is multiplied by ``n_iter`` (``weigh_by_local_iter``)
+    and encrypted with CKKS into one ciphertext tensor; the server adds ciphertexts and
+    multiplies by 1/Σn_iter without the secret key. Other variables travel in the clear.
+
+    Args:
+        tenseal_context_file: the site's context with the secret key (relative: looked up in
+            the site's ``startup/``).
+        encrypt_layers: which variables to encrypt.
+        weigh_by_local_iter: multiply by ``n_iter`` before encryption (the server cannot).
+    """
+
+    def __init__(
+        self,
+        tenseal_context_file: str = he.CLIENT_CONTEXT,
+        encrypt_layers: Any = None,
+        weigh_by_local_iter: bool = True,
+        aggregation_weights: Any = None,
+        context: Any = None,
+    ) -> None:
+        if aggregation_weights:
+            raise ValueError(
+                "aggregation_weights belong to the server's aggregator here, not the encryptor"
+            )
+        names = isinstance(encrypt_layers, list) and all(isinstance(x, str) for x in encrypt_layers)
+        if not (encrypt_layers is None or isinstance(encrypt_layers, (bool, str)) or names):
+            raise ValueError(
+                f"encrypt_layers: expected true, a list of variable names or a regex, "
+                f"got {encrypt_layers!r}"
+            )
+        if isinstance(encrypt_layers, str):
+            try:
+                re.compile(encrypt_layers)
+            except re.error as exc:
+                raise ValueError(f"encrypt_layers: not a regex ({exc})") from None
+        super().__init__(tenseal_context_file, context)
+        self.encrypt_layers = encrypt_layers
+        self.weigh_by_local_iter = bool(weigh_by_local_iter)
+        self.bytes_before = self.bytes_after = 0
+
+    def selected(self, name: str, value: np.ndarray) -> bool:
+        if value.dtype.kind != "f" or value.size == 0:
+            return False
+        layers = self.encrypt_layers
+        if layers is None or layers is True:
+            return True
+        if layers is False:
+            return False
+        if isinstance(layers, str):
+            return re.search(layers, name) is not None
+        return name in layers
+
+    def process(self, data_ctx: DataContext, app_ctx: dict[str, Any]) -> None:
+        ctx = self.tenseal_context()
+        header = data_ctx.header
+        n_iter = int(getattr(header, "n_iter", 0) or data_ctx.fl_ctx.get_prop("n_iter", 1) or 1)
+        factor = float(max(1, n_iter)) if self.weigh_by_local_iter else 1.0
+        t0 = time.perf_counter()
+        before = after = 0
+        out: dict[str, np.ndarray] = {}
+        for name, value in data_ctx.model.items():
+            arr = np.asarray(value)
+            if self.selected(name, arr):
+                out[name] = he.encrypt(ctx, arr, factor)
+                before += arr.nbytes
+                after += out[name].nbytes
+            else:
+                out[name] = value
+        self.seconds = time.perf_counter() - t0
+        self.bytes_before, self.bytes_after = before, after
+        data_ctx.model = out
+        data_ctx.fl_ctx.set_prop("he_encrypt_seconds", self.seconds)
+        if isinstance(header, pb.Contribution):
+            # What the server needs to know: the weight is inside the ciphertext already.
+            header.meta_data.update(
+                {"he": he.CKKS, "he_weighted": self.weigh_by_local_iter, "he_bytes": after}
+            )
+
+
+class ModelDecryptor(_HEProcessor):
+    """Clara's ModelDecryptor (post-processor; NVFlare's HEModelDecryptor): the encrypted
+    global model is decrypted with the site's secret key before anything uses it.
+
+    Args:
+        tenseal_context_file: as for ModelEncryptor.
+    """
+
+    def __init__(self, tenseal_context_file: str = he.CLIENT_CONTEXT, context: Any = None) -> None:
+        super().__init__(tenseal_context_file, context)
+
+    def process(self, data_ctx: DataContext, app_ctx: dict[str, Any]) -> None:
+        if not any(he.is_ciphertext(v) for v in data_ctx.model.values()):
+            self.seconds = 0.0  # the first round's model (plaintext initial weights)
+            return
+        ctx = self.tenseal_context()
+        t0 = time.perf_counter()
+        data_ctx.model = {
+            name: he.decrypt(ctx, v) if he.is_ciphertext(v) else v
+            for name, v in data_ctx.model.items()
+        }
+        self.seconds = time.perf_counter() - t0
+        data_ctx.fl_ctx.set_prop("he_decrypt_seconds", self.seconds)
+
+
 DATA_PROCESSORS: dict[str, type] = {
     "IteratorNumberGenerator": IteratorNumberGenerator,
     "BestMetricGenerator": BestMetricGenerator,
     "DataCompressor": DataCompressor,
     "DataDeCompressor": DataDeCompressor,
+    "ModelEncryptor": ModelEncryptor,
+    "ModelDecryptor": ModelDecryptor,
 }
 
 
@@ -119,8 +266,19 @@ def build_processors(
     (``fed_learn.components.data_processor``): those paths are made to mean ours first.
     """
     clara_compat.install()
+    # An MMAR deployed at a site lies in <workspace>/run_<N>/mmar_<site>/: the HE processors
+    # find the site's context in <workspace>/startup/ (engine.site.paths' layout).
+    startups = [Path(p).parent.parent.parent / "startup" for p in search_paths or []]
     return [
-        build_component(s, DATA_PROCESSORS, "data processor", None, search_paths) for s in specs
+        build_component(
+            s,
+            DATA_PROCESSORS,
+            "data processor",
+            None,
+            search_paths,
+            context={"startup_dirs": startups},
+        )
+        for s in specs
     ]
 
 

@@ -25,12 +25,8 @@ TENSORFLOW_ONLY: dict[str, str] = {
     "FedTrainer": "the torch fitter built from config/config_train.json",
 }
 #: Clara components that have no implementation here (yet): refused by name, never ignored.
-NOT_IMPLEMENTED: dict[str, str] = {
-    "ModelEncryptor": "homomorphic encryption is not implemented here; remove it from the list "
-    "(updates travel over TLS, and a privacy protocol can protect them)",
-    "ModelDecryptor": "homomorphic encryption is not implemented here; remove it from the list "
-    "(models travel over TLS)",
-}
+#: (ModelEncryptor / ModelDecryptor are built in now: engine.client.data_processors, engine.he.)
+NOT_IMPLEMENTED: dict[str, str] = {}
 
 
 # Module prefixes of TensorFlow (and Clara's TF training package): a "path" there cannot run.

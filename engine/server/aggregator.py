@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["FedAvgAccumulator", "Screening", "non_finite_variables", "peak_of"]
+from engine import he
+
+__all__ = ["FedAvgAccumulator", "HEAccumulator", "Screening", "non_finite_variables", "peak_of"]
 
 SCREEN_BLOCK = 1 << 16
 """Elements screened at once: a block and its scratch stay in cache, and no model-sized
@@ -299,3 +301,129 @@ def _round_into(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     rounded = np.rint(values)
     out = np.clip(rounded, info.min, top).astype(dtype)
     return np.where(rounded > top, dtype.type(info.max), out)
+
+
+class HEAccumulator:
+    """FedAvg over ciphertexts (CKKS), as contributions arrive, without the secret key.
+
+    Encrypted variables (``engine.serde.CiphertextArray``) arrive as Δ·n_iter, weighted by
+    the site before encryption: the server adds them (times the site's aggregation weight when
+    it is not 1), and multiplies the sum once by the plaintext scalar 1/Σw when the round
+    closes; the new global value is ``global + mean``, a ciphertext (the global model of the
+    first round is plaintext: ciphertext + plaintext needs only the public context). Variables
+    a site left in the clear are averaged here in plaintext as FedAvg does (and added to the
+    ciphertext where other sites encrypted them).
+
+    The interface is FedAvgAccumulator's (``screen``, ``add``, ``apply``, ``holds``,
+    ``storage``); ``add`` takes one more argument, the factor for the ciphertexts.
+
+    Args:
+        context: the federation's public TenSEAL context (no secret key).
+        exclude_vars: as for FedAvgAccumulator.
+    """
+
+    def __init__(self, context: object, exclude_vars: str | None = None) -> None:
+        self._ctx = context
+        self._exclude = re.compile(exclude_vars) if exclude_vars else None
+        self._enc: dict[str, object] = {}  # name -> CKKS vector: Σ ct·factor
+        self._plain: dict[str, np.ndarray] = {}  # name -> Σ Δ·w (float64)
+        self._weights: dict[str, float] = {}
+        self._parsed: dict[int, object] = {}
+        self.contributors: list[str] = []
+        self.encrypt_seconds = 0.0
+
+    def excluded(self, name: str) -> bool:
+        return bool(self._exclude and self._exclude.search(name))
+
+    def screen(self, delta: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> Screening:
+        """Plaintext float variables must be finite; a ciphertext must be readable with the
+        public context and hold as many values as the variable it stands for."""
+        result = Screening()
+        for name, value in delta.items():
+            if self.excluded(name) or name not in base:
+                continue
+            if he.is_ciphertext(value):
+                current = base[name]
+                size = (
+                    int(np.prod(he.plain_spec(current)[1], dtype=np.int64))
+                    if he.is_ciphertext(current)
+                    else int(current.size)
+                )
+                try:
+                    vec, _, shape = he.vector(self._ctx, value)
+                except he.HEError as exc:
+                    result.variable, result.problem = name, str(exc)
+                    return result
+                if int(np.prod(shape, dtype=np.int64)) != size:
+                    result.variable = name
+                    result.problem = f"a ciphertext of shape {shape} ({size} values expected)"
+                    return result
+                self._parsed[id(value)] = vec
+            elif value.dtype.kind in "fc" and peak_of(value) is None:
+                result.variable, result.problem = name, describe_non_finite(value)
+                return result
+        return result
+
+    def add(
+        self, site: str, delta: Mapping[str, np.ndarray], weight: float, ct_factor: float = 1.0
+    ) -> None:
+        """Folds in ``Δ``: plaintext variables times ``weight``, ciphertexts (already Δ·n_iter)
+        times ``ct_factor``; ``weight`` counts in Σw either way."""
+        for name, value in delta.items():
+            if self.excluded(name) or weight <= 0 or value.dtype.kind == "b":
+                continue
+            if he.is_ciphertext(value):
+                vec = self._parsed.pop(id(value), None) or he.vector(self._ctx, value)[0]
+                if ct_factor != 1.0:
+                    vec = vec * ct_factor  # type: ignore[operator]
+                acc = self._enc.get(name)
+                self._enc[name] = vec if acc is None else acc + vec  # type: ignore[operator]
+            else:
+                plain = FedAvgAccumulator._signed(value).astype(np.float64) * weight
+                acc_p = self._plain.get(name)
+                self._plain[name] = plain if acc_p is None else acc_p + plain
+            self._weights[name] = self._weights.get(name, 0.0) + weight
+        self.contributors.append(site)
+
+    def holds(self, array: np.ndarray) -> bool:
+        return False  # received buffers are never the sum's storage
+
+    def storage(self) -> list[np.ndarray]:
+        return []
+
+    def apply(self, global_model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The new global model: encrypted where any site encrypted, else plaintext FedAvg."""
+        new: dict[str, np.ndarray] = {}
+        for name, current in global_model.items():
+            total = self._weights.get(name, 0.0)
+            enc, plain = self._enc.pop(name, None), self._plain.pop(name, None)
+            if total <= 0 or (enc is None and plain is None):
+                new[name] = current
+                continue
+            if enc is None:
+                assert plain is not None
+                if he.is_ciphertext(current):
+                    vec, dtype, shape = he.vector(self._ctx, current)
+                    vec = vec + (plain / total).reshape(-1)  # type: ignore[operator]
+                    new[name] = he.pack_vector(vec, dtype, shape)
+                else:
+                    value = current + (plain / total).reshape(current.shape)
+                    new[name] = (
+                        _round_into(value, current.dtype)
+                        if current.dtype.kind in "iu"
+                        else value.astype(current.dtype)
+                    )
+                continue
+            mean = enc * (1.0 / total)  # type: ignore[operator]
+            if plain is not None:
+                mean = mean + (plain / total).reshape(-1)
+            if he.is_ciphertext(current):
+                vec, dtype, shape = he.vector(self._ctx, current)
+                mean = vec + mean  # type: ignore[operator]
+            else:
+                dtype, shape = current.dtype.name, tuple(current.shape)
+                mean = mean + current.reshape(-1).astype(np.float64)
+            new[name] = he.pack_vector(mean, dtype, shape)
+        self._enc.clear()
+        self._plain.clear()
+        return new

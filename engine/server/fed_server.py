@@ -16,8 +16,8 @@ import numpy as np
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
-from engine import serde
-from engine.config import ServerConfig
+from engine import he, serde
+from engine.config import ConfigError, ServerConfig
 from engine.events import (
     ContributionRefused,
     EventBus,
@@ -34,6 +34,7 @@ from engine.server.admin_console import AdminConsoleService
 from engine.server.aggregator import (
     PEAK_OFFENDER,
     FedAvgAccumulator,
+    HEAccumulator,
     non_finite_variables,
 )
 from engine.server.auth import (
@@ -132,6 +133,8 @@ class FederatedServer:
         self.best_models = self.cross_site.best_models
         self.cross_val_results = self.cross_site.results
         self._fold_lock = threading.Lock()
+        # Homomorphic encryption: the federation's public context, when provisioned with one.
+        self.he_context = load_server_he_context(self.workspace)
         if resume:
             self._restore()
         self._round = self._new_round()
@@ -320,6 +323,9 @@ class FederatedServer:
     # ------------------------------------------------------------------ helpers
 
     def _new_round(self) -> Round:
+        if self.he_context is not None:
+            acc = HEAccumulator(self.he_context, self.config.exclude_vars)
+            return Round(self.current_round, acc)  # type: ignore[arg-type]
         return Round(self.current_round, FedAvgAccumulator(self.config.exclude_vars))
 
     def _meta(self) -> pb.ModelMetaData:
@@ -405,8 +411,33 @@ class FederatedServer:
         except serde.SerdeError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {exc}")
 
-    def _expected(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        return {k: (v.dtype.name, tuple(v.shape)) for k, v in self.global_model.items()}
+    def _expected(self, plain: bool = False) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Each variable's (dtype, shape) on the wire; ``plain``: what a ciphertext holds."""
+        out: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for k, v in self.global_model.items():
+            if he.is_ciphertext(v):
+                out[k] = he.plain_spec(v)[:2] if plain else (serde.CKKS, tuple(v.shape))
+            else:
+                out[k] = (v.dtype.name, tuple(v.shape))
+        return out
+
+    def _he_problem(self, header: pb.Contribution) -> str | None:
+        """A contribution that does not match the federation's encryption, in words."""
+        encrypted = any(p.array.dtype == serde.CKKS for p in header.data.params)
+        if self.he_context is not None and not encrypted:
+            return (
+                "this federation aggregates encrypted updates (homomorphic encryption) and this "
+                "contribution is plaintext: list ModelEncryptor in the site's pre_processors "
+                f"(and ModelDecryptor in its post_processors), with its startup/{he.CLIENT_CONTEXT}"
+            )
+        if self.he_context is None and encrypted:
+            return (
+                "this contribution is encrypted (homomorphic encryption), but this server was "
+                f"not provisioned for it (no startup/{he.SERVER_CONTEXT}): remove ModelEncryptor "
+                "from the site's pre_processors, or provision the federation with "
+                '"homomorphic_encryption"'
+            )
+        return None
 
     def _save_state(
         self, current_round: int | None = None, history: list[dict[str, Any]] | None = None
@@ -593,7 +624,11 @@ class FederatedServer:
                     grpc.StatusCode.ABORTED, f"an upload from {site.name} is being received"
                 )
             # The weight is the site's own claim: bounded before a byte of payload is read.
-            problem = rnd_state.refused_ids.get(cid) or self._n_iter_problem(header.n_iter)
+            problem = (
+                rnd_state.refused_ids.get(cid)
+                or self._n_iter_problem(header.n_iter)
+                or self._he_problem(header)
+            )
             if problem is None:
                 rnd_state.receiving[cid] = site.name
                 expected = self._expected()
@@ -608,7 +643,10 @@ class FederatedServer:
             # At most a few uploads are received at once: each holds a model-sized buffer.
             with self._receive_slots:
                 assembler = serde.ModelAssembler(
-                    pb.Contribution, expected, allocate=self._pool.take
+                    pb.Contribution,
+                    expected,
+                    allocate=self._pool.take,
+                    ciphertexts=self.he_context is not None,
                 )
                 assembler.on_header(header)
                 try:
@@ -627,7 +665,11 @@ class FederatedServer:
                 self._pool.give(delta.values())
                 refusal = f"variable {screening.variable!r} holds {screening.problem}"
             else:
-                self._fold(rnd_state, site.name, cid, delta, header.n_iter, screening.peaks)
+                flag = header.meta_data.fields.get("he_weighted")
+                weighted = flag is not None and flag.bool_value
+                self._fold(
+                    rnd_state, site.name, cid, delta, header.n_iter, screening.peaks, weighted
+                )
         finally:
             if base:
                 self._release(base)  # the upload failed before its screen
@@ -671,10 +713,17 @@ class FederatedServer:
         delta: dict[str, np.ndarray],
         n_iter: int,
         peaks: dict[str, float],
+        he_weighted: bool = False,
     ) -> None:
-        """Folds a screened contribution into its round (refused if the round closed meanwhile)."""
+        """Folds a screened contribution into its round (refused if the round closed meanwhile).
+
+        ``he_weighted``: the site multiplied its ciphertexts by ``n_iter`` before encryption."""
         by_n_iter = n_iter if self.config.weigh_by_local_iter else 1
-        weight = float(by_n_iter) * self.config.aggregation_weights.get(site, 1.0)
+        site_weight = self.config.aggregation_weights.get(site, 1.0)
+        weight = float(by_n_iter) * site_weight
+        # Ciphertexts hold Δ·n_iter when the site weighed them (the server cannot: CKKS costs a
+        # level per multiplication); the server's own factor is the rest of the weight.
+        ct_factor = site_weight if he_weighted else weight
         # Checking the round and folding in one critical section: a round cannot close
         # between the two, and a site cannot be counted twice.
         with self._cond, self._fold_lock:
@@ -684,7 +733,10 @@ class FederatedServer:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"Contrib: round {rnd_state.number} closed while the contribution was received",
                 )
-            rnd_state.accumulator.add(site, delta, weight)
+            if isinstance(rnd_state.accumulator, HEAccumulator):
+                rnd_state.accumulator.add(site, delta, weight, ct_factor)
+            else:
+                rnd_state.accumulator.add(site, delta, weight)
             # What was added (not taken over as the running mean) is free for the next upload.
             self._pool.give(a for a in delta.values() if not rnd_state.accumulator.holds(a))
             rnd_state.contributions[site] = cid
@@ -935,7 +987,8 @@ class FederatedServer:
         self, frames: Iterator[bytes | memoryview], context: grpc.ServicerContext
     ) -> pb.FederatedSummary:
         header, site = self._contribution_header(frames, context)
-        assembler = serde.ModelAssembler(pb.Contribution, self._expected())
+        # A best local model is plaintext weights (decrypted at the site), whatever the rounds send.
+        assembler = serde.ModelAssembler(pb.Contribution, self._expected(plain=True))
         assembler.on_header(header)
         params = serde.receive_model(assembler, frames)
         self.cross_site.put_best(site.name, params)
@@ -989,6 +1042,32 @@ class FederatedServer:
     def load_saved_model(workspace: Path) -> dict[str, np.ndarray] | None:
         """The last saved global model of a server workspace, if any."""
         return persistence.load_saved_model(workspace)
+
+
+def load_server_he_context(workspace: Path) -> Any:
+    """The public HE context of a server workspace (``startup/server_context.tenseal``), or None.
+
+    Raises:
+        ConfigError: the workspace holds a secret key (a site's ``client_context.tenseal``, or
+            a server context with one), or a context that cannot be read.
+    """
+    startup = Path(workspace) / "startup"
+    secret = startup / he.CLIENT_CONTEXT
+    if secret.exists():
+        raise ConfigError(
+            secret,
+            "",
+            "a site's HE context with the federation's secret key is in the server's workspace; "
+            "the server must never hold it: remove it (the server needs only "
+            f"{he.SERVER_CONTEXT})",
+        )
+    path = startup / he.SERVER_CONTEXT
+    if not path.exists():
+        return None
+    try:
+        return he.load_context(path, "server")
+    except he.HEError as exc:
+        raise ConfigError(path, "", str(exc).removeprefix(f"{path}: ")) from None
 
 
 def _held(value: Any) -> np.ndarray:

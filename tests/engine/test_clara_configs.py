@@ -159,11 +159,6 @@ def test_tensorflow_components_are_refused_naming_each_and_its_replacement() -> 
     lines = str(err.value).splitlines()
     path = mmar / "config" / "config_fed_client.json"
     assert lines == [
-        f"{path}: client.pre_processors[2].name: ModelEncryptor: homomorphic encryption is not "
-        "implemented here; remove it from the list (updates travel over TLS, and a privacy "
-        "protocol can protect them)",
-        f"{path}: client.post_processors[1].name: ModelDecryptor: homomorphic encryption is not "
-        "implemented here; remove it from the list (models travel over TLS)",
         f"{path}: client.model_reader_writer.name: TFModelReaderWriter is a TensorFlow-only "
         "component of Clara; use PTModelReaderWriter (the torch fitter reads and writes the "
         "model's state_dict) instead",
@@ -172,7 +167,7 @@ def test_tensorflow_components_are_refused_naming_each_and_its_replacement() -> 
         "validation_data) instead",
     ]
     # the first problem is also the error's own file and key
-    assert (err.value.path, err.value.key) == (path, "client.pre_processors[2].name")
+    assert (err.value.path, err.value.key) == (path, "client.model_reader_writer.name")
 
 
 def test_a_tensorflow_training_config_is_refused_before_torch_builds_anything() -> None:
@@ -362,7 +357,6 @@ def test_check_config_prints_every_problem_with_file_key_and_expectation(
     # every line: file, key, what is expected
     assert all(len(line.split(": ")) >= 3 for line in problems)
     expected_keys = {
-        "client.pre_processors[2].name",
         "client.model_reader_writer.name",
         "model_saver.name",
         "servers[0].ssl_cert",
