@@ -345,18 +345,22 @@ def _parse(
 
 # Sections of a Clara 3.1 (TensorFlow) config_train.json and what replaces each here.
 _CLARA_TF_REPLACEMENTS = {
-    "model": "model: a torch.nn.Module (a built-in such as MLP, a torch.nn class, or your own "
-    "under custom/)",
-    "loss": "loss: a torch.nn loss (e.g. CrossEntropyLoss)",
+    "model": "model: a torch.nn.Module (a MONAI network such as UNet in Clara's PyTorch form, "
+    "or MLP / a torch.nn class / your own under custom/ in the torch form)",
+    "loss": "loss: a MONAI or torch.nn loss (e.g. DiceLoss, CrossEntropyLoss)",
     "optimizer": "optimizer: a torch.optim optimizer (e.g. SGD, Adam)",
-    "image_pipeline": "train_data / validation_data: a torch Dataset (e.g. DatalistDataset "
-    'with "data_list_file_path": "{DATASET_JSON}", "data_file_base_dir": "{DATA_ROOT}")',
-    "pre_transforms": "preprocessing inside your torch Dataset (custom/)",
-    "post_transforms": "postprocessing inside your torch model or Dataset (custom/)",
-    "lr_policy": "a fixed optimizer.args.lr (the torch fitter has no learning-rate policy)",
-    "metrics": 'validation.metric ("accuracy" or "loss")',
-    "inferer": "the torch model's forward pass (validation runs it directly)",
-    "trainer": "the torch fitter (it is built from this file)",
+    "image_pipeline": "dataset + dataloader with MONAI transforms in Clara's PyTorch form "
+    "(CacheDataset with data_list_file_path), or train_data / validation_data in the torch form "
+    '(e.g. DatalistDataset with "data_list_file_path": "{DATASET_JSON}")',
+    "pre_transforms": "MONAI dictionary transforms (LoadImaged, EnsureChannelFirstd, ...) in "
+    "Clara's PyTorch form",
+    "post_transforms": "MONAI post transforms (Activationsd, AsDiscreted) in Clara's PyTorch form",
+    "lr_policy": "lr_scheduler (e.g. StepLR) with an LrScheduleHandler in Clara's PyTorch form",
+    "metrics": "MONAI metrics (e.g. MeanDice with log_label and is_key_metric) in Clara's "
+    'PyTorch form, or validation.metric ("accuracy" or "loss") in the torch form',
+    "inferer": "a MONAI inferer (SimpleInferer, SlidingWindowInferer) in Clara's PyTorch form, "
+    "or the torch model's forward pass (the torch form runs it directly)",
+    "trainer": "MONAI's SupervisedTrainer in Clara's PyTorch form",
 }
 _CLARA_TF_MARKERS = ("train", "validate", "learning_rate", "num_training_epoch_per_valid")
 
@@ -371,8 +375,9 @@ def _clara_tensorflow(top: Mapping[str, Any], file: Path) -> list[ConfigError]:
             file,
             marker,
             "a Clara 3.1 TensorFlow training config (train/validate sections); TensorFlow "
-            "trainers cannot run here. The torch fitter reads "
-            f'{_choices(_TOP_KEYS)} as {{"name"|"path", "args"}} components',
+            "trainers cannot run here. Write it in Clara's PyTorch form (the same train/validate "
+            "sections with MONAI components: README, Training with MONAI) or the torch form "
+            f'({_choices(_TOP_KEYS)} as {{"name"|"path", "args"}} components)',
         )
     ]
 

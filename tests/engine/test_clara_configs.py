@@ -178,7 +178,7 @@ def test_a_tensorflow_training_config_is_refused_before_torch_builds_anything() 
     assert "a Clara 3.1 TensorFlow training config" in text.splitlines()[0]
     for key, name, replacement in [
         ("train.model", "SegAhnet", "model: a torch.nn.Module"),
-        ("train.loss", "Dice", "loss: a torch.nn loss"),
+        ("train.loss", "Dice", "loss: a MONAI or torch.nn loss"),
         ("train.image_pipeline", "SegmentationImagePipelineWithCache", "DatalistDataset"),
         ("validate.metrics[0]", "ComputeAverageDice", "validation.metric"),
         ("validate.inferer", "TFScanWindowInferer", "forward pass"),
