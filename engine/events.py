@@ -22,6 +22,7 @@ __all__ = [
     "FederationFinished",
     "GpuSampled",
     "HeartbeatAcknowledged",
+    "HomomorphicEncryptionApplied",
     "LogRecord",
     "MetricsReported",
     "ModelTransferred",
@@ -203,6 +204,38 @@ class PrivacyApplied(Event):
         return (
             f"round {self.round} privacy {self.protocol}: shared {self.shared_values} of "
             f"{self.total_values} values in {self.seconds * 1000:.1f} ms"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class HomomorphicEncryptionApplied(Event):
+    """This site encrypted a model it sends, or decrypted one it received (CKKS).
+
+    ``direction`` is "encrypt" or "decrypt"; ``what`` names the model ("round update",
+    "global model", "best local model", "site-2's best model"); the sizes are of the
+    variables encrypted (``plain_bytes``: their plaintext, ``cipher_bytes``: the ciphertexts).
+    """
+
+    round: int
+    direction: str
+    what: str
+    scheme: str = "CKKS"
+    variables: int = 0
+    plain_bytes: int = 0
+    cipher_bytes: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        mb = 1 << 20
+        sizes = (
+            f"{self.plain_bytes / mb:.1f} MB -> {self.cipher_bytes / mb:.1f} MB"
+            if self.direction == "encrypt"
+            else f"{self.cipher_bytes / mb:.1f} MB -> {self.plain_bytes / mb:.1f} MB"
+        )
+        verb = "encrypted" if self.direction == "encrypt" else "decrypted"
+        return (
+            f"round {self.round} {self.what} {verb} ({self.scheme}): {self.variables} "
+            f"variable{'s' if self.variables != 1 else ''}, {sizes} in {self.seconds:.2f} s"
         )
 
 

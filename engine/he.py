@@ -39,6 +39,7 @@ __all__ = [
     "is_ciphertext",
     "load_context",
     "make_contexts",
+    "mark_ciphertexts",
     "plain_spec",
     "tenseal",
 ]
@@ -195,6 +196,29 @@ def _pack(dtype: str, shape: tuple[int, ...], body: bytes) -> CiphertextArray:
     raw[pos : pos + len(head)] = head
     raw[pos + len(head) :] = body
     return out.view(CiphertextArray)
+
+
+def mark_ciphertexts(model: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``model`` with each ciphertext tensor read back from a file tagged as one again.
+
+    A saved ciphertext is a plain uint8 array once loaded (an ``.npz`` keeps no view class);
+    one whose bytes begin with this format's magic is a ciphertext tensor (no copy is made).
+    Call it only on a model its writer said is encrypted: it is the file's marking that
+    makes the bytes a ciphertext, the magic only says which variables.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, value in model.items():
+        arr = np.asarray(value)
+        if (
+            arr.dtype == np.uint8
+            and arr.ndim == 1
+            and arr.size > len(MAGIC)
+            and bytes(arr[: len(MAGIC)]) == MAGIC
+        ):
+            out[name] = arr.view(CiphertextArray)
+        else:
+            out[name] = value
+    return out
 
 
 def plain_spec(value: np.ndarray) -> tuple[str, tuple[int, ...], memoryview]:

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/federated.proto\x12\x08\x66\x65\x64learn\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x01\n\rModelMetaData\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x15\n\rcurrent_round\x18\x02 \x01(\x03\x12\x12\n\nnum_rounds\x18\x03 \x01(\x03\x12\x12\n\nrun_number\x18\x04 \x01(\x03\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\"5\n\x07NDArray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"<\n\nNamedArray\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x61rray\x18\x02 \x01(\x0b\x32\x11.fedlearn.NDArray\"1\n\tModelData\x12$\n\x06params\x18\x01 \x03(\x0b\x32\x14.fedlearn.NamedArray\"\x93\x01\n\x0c\x43urrentModel\x12%\n\x04meta\x18\x01 \x01(\x0b\x32\x17.fedlearn.ModelMetaData\x12!\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x13.fedlearn.ModelData\x12*\n\tmeta_data\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05owner\x18\x04 \x01(\t\"k\n\x0b\x43lientLogin\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tclient_ip\x18\x03 \x01(\t\x12%\n\x04meta\x18\x04 \x01(\x0b\x32\x17.fedlearn.ModelMetaData\"\x84\x01\n\x0b\x43lientState\x12%\n\x04meta\x18\x01 \x01(\x0b\x32\x17.fedlearn.ModelMetaData\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12*\n\tmeta_data\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xbb\x01\n\x0c\x43ontribution\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.fedlearn.ClientState\x12\x0e\n\x06n_iter\x18\x02 \x01(\x03\x12\x0c\n\x04type\x18\x03 \x01(\t\x12!\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x13.fedlearn.ModelData\x12*\n\tmeta_data\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0f\x63ontribution_id\x18\x06 \x01(\t\"\x85\x01\n\x10\x46\x65\x64\x65ratedSummary\x12%\n\x04meta\x18\x01 \x01(\x0b\x32\x17.fedlearn.ModelMetaData\x12\x0f\n\x07\x63omment\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12*\n\tmeta_data\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\":\n\x0bTensorChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"I\n\tStreamEnd\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\x04\"5\n\x14ValidationModelsDone\x12\x1d\n\x15more_models_available\x18\x01 \x01(\x08\"\x1c\n\nFrameBatch\x12\x0e\n\x06\x66rames\x18\x01 \x03(\x0c\"\xe1\x01\n\nModelChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedlearn.CurrentModelH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.fedlearn.TensorChunkH\x00\x12\"\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.fedlearn.StreamEndH\x00\x12.\n\x04\x64one\x18\x04 \x01(\x0b\x32\x1e.fedlearn.ValidationModelsDoneH\x00\x12%\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x14.fedlearn.FrameBatchH\x00\x42\x06\n\x04part\"\xb8\x01\n\x11\x43ontributionChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedlearn.ContributionH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.fedlearn.TensorChunkH\x00\x12\"\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.fedlearn.StreamEndH\x00\x12%\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x14.fedlearn.FrameBatchH\x00\x42\x06\n\x04part\"Q\n\x10ValidationResult\x12\x13\n\x0bmodel_owner\x18\x01 \x01(\t\x12(\n\x07metrics\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"l\n\x16\x43rossValidationResults\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.fedlearn.ClientState\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.fedlearn.ValidationResult2\xce\x04\n\x11\x46\x65\x64\x65ratedTraining\x12=\n\x08Register\x12\x15.fedlearn.ClientLogin\x1a\x1a.fedlearn.FederatedSummary\x12\x39\n\x04Quit\x12\x15.fedlearn.ClientState\x1a\x1a.fedlearn.FederatedSummary\x12\x39\n\x08GetModel\x12\x15.fedlearn.ClientState\x1a\x14.fedlearn.ModelChunk0\x01\x12I\n\x0cSubmitUpdate\x12\x1b.fedlearn.ContributionChunk\x1a\x1a.fedlearn.FederatedSummary(\x01\x12>\n\tHeartbeat\x12\x15.fedlearn.ClientState\x1a\x1a.fedlearn.FederatedSummary\x12Q\n\x14SubmitBestLocalModel\x12\x1b.fedlearn.ContributionChunk\x1a\x1a.fedlearn.FederatedSummary(\x01\x12\x44\n\x13GetValidationModels\x12\x15.fedlearn.ClientState\x1a\x14.fedlearn.ModelChunk0\x01\x12`\n SubmitCrossSiteValidationResults\x12 .fedlearn.CrossValidationResults\x1a\x1a.fedlearn.FederatedSummaryb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/federated.proto\x12\x08\x66\x65\x64learn\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x01\n\rModelMetaData\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x15\n\rcurrent_round\x18\x02 \x01(\x03\x12\x12\n\nnum_rounds\x18\x03 \x01(\x03\x12\x12\n\nrun_number\x18\x04 \x01(\x03\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\"5\n\x07NDArray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"<\n\nNamedArray\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x61rray\x18\x02 \x01(\x0b\x32\x11.fedlearn.NDArray\"1\n\tModelData\x12$\n\x06params\x18\x01 \x03(\x0b\x32\x14.fedlearn.NamedArray\"\x93\x01\n\x0c\x43urrentModel\x12%\n\x04meta\x18\x01 \x01(\x0b\x32\x17.fedlearn.ModelMetaData\x12!\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x13.fedlearn.ModelData\x12*\n\tmeta_data\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05owner\x18\x04 \x01(\t\"\x97\x01\n\x0b\x43lientLogin\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tclient_ip\x18\x03 \x01(\t\x12%\n\x04meta\x18\x04 \x01(\x0b\x32\x17.fedlearn.ModelMetaData\x12*\n\tmeta_data\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x84\x01\n\x0b\x43lientState\x12%\n\x04meta\x18\x01 \x01(\x0b\x32\x17.fedlearn.ModelMetaData\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12*\n\tmeta_data\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xbb\x01\n\x0c\x43ontribution\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.fedlearn.ClientState\x12\x0e\n\x06n_iter\x18\x02 \x01(\x03\x12\x0c\n\x04type\x18\x03 \x01(\t\x12!\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x13.fedlearn.ModelData\x12*\n\tmeta_data\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0f\x63ontribution_id\x18\x06 \x01(\t\"\x85\x01\n\x10\x46\x65\x64\x65ratedSummary\x12%\n\x04meta\x18\x01 \x01(\x0b\x32\x17.fedlearn.ModelMetaData\x12\x0f\n\x07\x63omment\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12*\n\tmeta_data\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\":\n\x0bTensorChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"I\n\tStreamEnd\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\x04\"5\n\x14ValidationModelsDone\x12\x1d\n\x15more_models_available\x18\x01 \x01(\x08\"\x1c\n\nFrameBatch\x12\x0e\n\x06\x66rames\x18\x01 \x03(\x0c\"\xe1\x01\n\nModelChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedlearn.CurrentModelH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.fedlearn.TensorChunkH\x00\x12\"\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.fedlearn.StreamEndH\x00\x12.\n\x04\x64one\x18\x04 \x01(\x0b\x32\x1e.fedlearn.ValidationModelsDoneH\x00\x12%\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x14.fedlearn.FrameBatchH\x00\x42\x06\n\x04part\"\xb8\x01\n\x11\x43ontributionChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedlearn.ContributionH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.fedlearn.TensorChunkH\x00\x12\"\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.fedlearn.StreamEndH\x00\x12%\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x14.fedlearn.FrameBatchH\x00\x42\x06\n\x04part\"Q\n\x10ValidationResult\x12\x13\n\x0bmodel_owner\x18\x01 \x01(\t\x12(\n\x07metrics\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"l\n\x16\x43rossValidationResults\x12%\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x15.fedlearn.ClientState\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.fedlearn.ValidationResult2\xce\x04\n\x11\x46\x65\x64\x65ratedTraining\x12=\n\x08Register\x12\x15.fedlearn.ClientLogin\x1a\x1a.fedlearn.FederatedSummary\x12\x39\n\x04Quit\x12\x15.fedlearn.ClientState\x1a\x1a.fedlearn.FederatedSummary\x12\x39\n\x08GetModel\x12\x15.fedlearn.ClientState\x1a\x14.fedlearn.ModelChunk0\x01\x12I\n\x0cSubmitUpdate\x12\x1b.fedlearn.ContributionChunk\x1a\x1a.fedlearn.FederatedSummary(\x01\x12>\n\tHeartbeat\x12\x15.fedlearn.ClientState\x1a\x1a.fedlearn.FederatedSummary\x12Q\n\x14SubmitBestLocalModel\x12\x1b.fedlearn.ContributionChunk\x1a\x1a.fedlearn.FederatedSummary(\x01\x12\x44\n\x13GetValidationModels\x12\x15.fedlearn.ClientState\x1a\x14.fedlearn.ModelChunk0\x01\x12`\n SubmitCrossSiteValidationResults\x12 .fedlearn.CrossValidationResults\x1a\x1a.fedlearn.FederatedSummaryb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,30 +43,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELDATA']._serialized_end=423
   _globals['_CURRENTMODEL']._serialized_start=426
   _globals['_CURRENTMODEL']._serialized_end=573
-  _globals['_CLIENTLOGIN']._serialized_start=575
-  _globals['_CLIENTLOGIN']._serialized_end=682
-  _globals['_CLIENTSTATE']._serialized_start=685
-  _globals['_CLIENTSTATE']._serialized_end=817
-  _globals['_CONTRIBUTION']._serialized_start=820
-  _globals['_CONTRIBUTION']._serialized_end=1007
-  _globals['_FEDERATEDSUMMARY']._serialized_start=1010
-  _globals['_FEDERATEDSUMMARY']._serialized_end=1143
-  _globals['_TENSORCHUNK']._serialized_start=1145
-  _globals['_TENSORCHUNK']._serialized_end=1203
-  _globals['_STREAMEND']._serialized_start=1205
-  _globals['_STREAMEND']._serialized_end=1278
-  _globals['_VALIDATIONMODELSDONE']._serialized_start=1280
-  _globals['_VALIDATIONMODELSDONE']._serialized_end=1333
-  _globals['_FRAMEBATCH']._serialized_start=1335
-  _globals['_FRAMEBATCH']._serialized_end=1363
-  _globals['_MODELCHUNK']._serialized_start=1366
-  _globals['_MODELCHUNK']._serialized_end=1591
-  _globals['_CONTRIBUTIONCHUNK']._serialized_start=1594
-  _globals['_CONTRIBUTIONCHUNK']._serialized_end=1778
-  _globals['_VALIDATIONRESULT']._serialized_start=1780
-  _globals['_VALIDATIONRESULT']._serialized_end=1861
-  _globals['_CROSSVALIDATIONRESULTS']._serialized_start=1863
-  _globals['_CROSSVALIDATIONRESULTS']._serialized_end=1971
-  _globals['_FEDERATEDTRAINING']._serialized_start=1974
-  _globals['_FEDERATEDTRAINING']._serialized_end=2564
+  _globals['_CLIENTLOGIN']._serialized_start=576
+  _globals['_CLIENTLOGIN']._serialized_end=727
+  _globals['_CLIENTSTATE']._serialized_start=730
+  _globals['_CLIENTSTATE']._serialized_end=862
+  _globals['_CONTRIBUTION']._serialized_start=865
+  _globals['_CONTRIBUTION']._serialized_end=1052
+  _globals['_FEDERATEDSUMMARY']._serialized_start=1055
+  _globals['_FEDERATEDSUMMARY']._serialized_end=1188
+  _globals['_TENSORCHUNK']._serialized_start=1190
+  _globals['_TENSORCHUNK']._serialized_end=1248
+  _globals['_STREAMEND']._serialized_start=1250
+  _globals['_STREAMEND']._serialized_end=1323
+  _globals['_VALIDATIONMODELSDONE']._serialized_start=1325
+  _globals['_VALIDATIONMODELSDONE']._serialized_end=1378
+  _globals['_FRAMEBATCH']._serialized_start=1380
+  _globals['_FRAMEBATCH']._serialized_end=1408
+  _globals['_MODELCHUNK']._serialized_start=1411
+  _globals['_MODELCHUNK']._serialized_end=1636
+  _globals['_CONTRIBUTIONCHUNK']._serialized_start=1639
+  _globals['_CONTRIBUTIONCHUNK']._serialized_end=1823
+  _globals['_VALIDATIONRESULT']._serialized_start=1825
+  _globals['_VALIDATIONRESULT']._serialized_end=1906
+  _globals['_CROSSVALIDATIONRESULTS']._serialized_start=1908
+  _globals['_CROSSVALIDATIONRESULTS']._serialized_end=2016
+  _globals['_FEDERATEDTRAINING']._serialized_start=2019
+  _globals['_FEDERATEDTRAINING']._serialized_end=2609
 # @@protoc_insertion_point(module_scope)

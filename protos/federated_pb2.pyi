@@ -63,16 +63,18 @@ class CurrentModel(_message.Message):
     def __init__(self, meta: _Optional[_Union[ModelMetaData, _Mapping]] = ..., data: _Optional[_Union[ModelData, _Mapping]] = ..., meta_data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ClientLogin(_message.Message):
-    __slots__ = ("client_name", "token", "client_ip", "meta")
+    __slots__ = ("client_name", "token", "client_ip", "meta", "meta_data")
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     CLIENT_IP_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    META_DATA_FIELD_NUMBER: _ClassVar[int]
     client_name: str
     token: str
     client_ip: str
     meta: ModelMetaData
-    def __init__(self, client_name: _Optional[str] = ..., token: _Optional[str] = ..., client_ip: _Optional[str] = ..., meta: _Optional[_Union[ModelMetaData, _Mapping]] = ...) -> None: ...
+    meta_data: _struct_pb2.Struct
+    def __init__(self, client_name: _Optional[str] = ..., token: _Optional[str] = ..., client_ip: _Optional[str] = ..., meta: _Optional[_Union[ModelMetaData, _Mapping]] = ..., meta_data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ClientState(_message.Message):
     __slots__ = ("meta", "client_name", "token", "meta_data")

@@ -18,7 +18,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from engine import serde
 from engine.client.data_assembler import DataAssembler
-from engine.client.data_processors import DataContext
+from engine.client.data_processors import DataContext, he_processors
 from engine.client.fl_context import FLContext, RemoteModel
 from engine.config import COMPRESSIONS, ServerEndpoint
 from engine.events import ConnectionChanged, EventBus, ModelTransferred
@@ -484,6 +484,12 @@ class Communicator:
         except OSError:
             ip = ""
         login = pb.ClientLogin(client_name=uid, client_ip=ip, meta=pb.ModelMetaData(task=task_name))
+        # Whether this site encrypts (homomorphic encryption): a server of the other kind
+        # refuses it here, with the reason, rather than at its first upload.
+        encryptor, decryptor = he_processors(self.pre_processors, self.post_processors)
+        login.meta_data.update(
+            {"he": serde.CKKS if encryptor else "none", "he_decrypt": decryptor is not None}
+        )
         stub = self._stub(servers, task_name)
         self.bus.publish(
             ConnectionChanged(site=self.site, state="connecting", server=servers[task_name].target)

@@ -29,6 +29,8 @@ __all__ = [
     "ModelEncryptor",
     "build_client_state_processors",
     "build_processors",
+    "he_processors",
+    "missing_decryptor",
 ]
 
 
@@ -128,6 +130,7 @@ class _HEProcessor(DataProcessor):
         self._startups = [*(context or {}).get("startup_dirs", []), Path.cwd() / "startup"]
         self._ctx: Any = None
         self.seconds = 0.0
+        self.variables = 0
 
     @property
     def context_path(self) -> Path:
@@ -195,30 +198,42 @@ class ModelEncryptor(_HEProcessor):
             return re.search(layers, name) is not None
         return name in layers
 
-    def process(self, data_ctx: DataContext, app_ctx: dict[str, Any]) -> None:
+    def encrypt_model(
+        self, model: dict[str, np.ndarray], factor: float = 1.0
+    ) -> dict[str, np.ndarray]:
+        """``model`` with the chosen variables encrypted (times ``factor``); times and sizes
+        kept in ``seconds``, ``bytes_before`` and ``bytes_after``."""
         ctx = self.tenseal_context()
-        header = data_ctx.header
-        n_iter = int(getattr(header, "n_iter", 0) or data_ctx.fl_ctx.get_prop("n_iter", 1) or 1)
-        factor = float(max(1, n_iter)) if self.weigh_by_local_iter else 1.0
         t0 = time.perf_counter()
-        before = after = 0
+        before = after = count = 0
         out: dict[str, np.ndarray] = {}
-        for name, value in data_ctx.model.items():
+        for name, value in model.items():
             arr = np.asarray(value)
             if self.selected(name, arr):
                 out[name] = he.encrypt(ctx, arr, factor)
                 before += arr.nbytes
                 after += out[name].nbytes
+                count += 1
             else:
                 out[name] = value
         self.seconds = time.perf_counter() - t0
-        self.bytes_before, self.bytes_after = before, after
-        data_ctx.model = out
+        self.bytes_before, self.bytes_after, self.variables = before, after, count
+        return out
+
+    def process(self, data_ctx: DataContext, app_ctx: dict[str, Any]) -> None:
+        header = data_ctx.header
+        n_iter = int(getattr(header, "n_iter", 0) or data_ctx.fl_ctx.get_prop("n_iter", 1) or 1)
+        factor = float(max(1, n_iter)) if self.weigh_by_local_iter else 1.0
+        data_ctx.model = self.encrypt_model(data_ctx.model, factor)
         data_ctx.fl_ctx.set_prop("he_encrypt_seconds", self.seconds)
         if isinstance(header, pb.Contribution):
             # What the server needs to know: the weight is inside the ciphertext already.
             header.meta_data.update(
-                {"he": he.CKKS, "he_weighted": self.weigh_by_local_iter, "he_bytes": after}
+                {
+                    "he": he.CKKS,
+                    "he_weighted": self.weigh_by_local_iter,
+                    "he_bytes": self.bytes_after,
+                }
             )
 
 
@@ -232,19 +247,55 @@ class ModelDecryptor(_HEProcessor):
 
     def __init__(self, tenseal_context_file: str = he.CLIENT_CONTEXT, context: Any = None) -> None:
         super().__init__(tenseal_context_file, context)
+        self.bytes_before = self.bytes_after = 0
 
-    def process(self, data_ctx: DataContext, app_ctx: dict[str, Any]) -> None:
-        if not any(he.is_ciphertext(v) for v in data_ctx.model.values()):
+    def decrypt_model(self, model: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``model`` with every ciphertext decrypted (the same dict when it holds none); time
+        and sizes kept in ``seconds``, ``bytes_before`` (ciphertext) and ``bytes_after``."""
+        if not any(he.is_ciphertext(v) for v in model.values()):
             self.seconds = 0.0  # the first round's model (plaintext initial weights)
-            return
+            self.bytes_before = self.bytes_after = self.variables = 0
+            return model
         ctx = self.tenseal_context()
         t0 = time.perf_counter()
-        data_ctx.model = {
-            name: he.decrypt(ctx, v) if he.is_ciphertext(v) else v
-            for name, v in data_ctx.model.items()
-        }
+        before = after = count = 0
+        out: dict[str, np.ndarray] = {}
+        for name, value in model.items():
+            if he.is_ciphertext(value):
+                out[name] = he.decrypt(ctx, value)
+                before += value.nbytes
+                after += out[name].nbytes
+                count += 1
+            else:
+                out[name] = value
         self.seconds = time.perf_counter() - t0
-        data_ctx.fl_ctx.set_prop("he_decrypt_seconds", self.seconds)
+        self.bytes_before, self.bytes_after, self.variables = before, after, count
+        return out
+
+    def process(self, data_ctx: DataContext, app_ctx: dict[str, Any]) -> None:
+        data_ctx.model = self.decrypt_model(data_ctx.model)
+        if self.bytes_before:
+            data_ctx.fl_ctx.set_prop("he_decrypt_seconds", self.seconds)
+
+
+def he_processors(
+    pre_processors: list[Any], post_processors: list[Any]
+) -> tuple[ModelEncryptor | None, ModelDecryptor | None]:
+    """The site's ModelEncryptor (pre) and ModelDecryptor (post), where it lists them."""
+    enc = next((p for p in pre_processors if isinstance(p, ModelEncryptor)), None)
+    dec = next((p for p in post_processors if isinstance(p, ModelDecryptor)), None)
+    return enc, dec
+
+
+def missing_decryptor(what: str) -> he.HEError:
+    """The refusal for a site that got ciphertexts and has no ModelDecryptor to read them."""
+    return he.HEError(
+        f"{what} is encrypted (homomorphic encryption: this federation was provisioned with "
+        '"homomorphic_encryption"), and this site cannot decrypt it: add '
+        '{"name": "ModelDecryptor"} to the post_processors of config_fed_client.json (and '
+        '{"name": "ModelEncryptor"} to its pre_processors), with this site\'s '
+        f"startup/{he.CLIENT_CONTEXT} from its provisioned kit"
+    )
 
 
 DATA_PROCESSORS: dict[str, type] = {

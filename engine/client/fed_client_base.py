@@ -19,8 +19,10 @@ from typing import Any
 import grpc
 import numpy as np
 
+from engine import he
 from engine.client.communicator import Communicator, FLCommunicationError, RemoteModel
 from engine.client.data_assembler import DataAssembler
+from engine.client.data_processors import he_processors, missing_decryptor
 from engine.client.fl_context import FLContext
 from engine.client.model_manager import ClientModelManager
 from engine.config import ServerEndpoint
@@ -28,6 +30,7 @@ from engine.events import (
     CrossSiteValidated,
     EventBus,
     HeartbeatAcknowledged,
+    HomomorphicEncryptionApplied,
     PhaseChanged,
     SessionRenewed,
     StatusChanged,
@@ -169,6 +172,11 @@ class FederatedClientBase:
         self.cross_site_validate = cross_site_validate
         self.pre_processors = list(pre_processors or [])
         self.post_processors = list(post_processors or [])
+        # Homomorphic encryption: the same processors encrypt the best local model and decrypt
+        # the models offered for cross-site validation.
+        self.he_encryptor, self.he_decryptor = he_processors(
+            self.pre_processors, self.post_processors
+        )
         self.req_processors = list(req_processors or [])
         self.bus = bus or EventBus()
         for handler in handlers or []:
@@ -348,8 +356,38 @@ class FederatedClientBase:
         """``task_name``'s global model, through the post-processors (the communicator runs
         them), with this site's sent contribution checked against it."""
         remote = self.fetch_remote_model(task_name)
+        if any(he.is_ciphertext(v) for v in remote.params.values()):
+            # Refused before the model manager sees it: the local model stays as it was.
+            raise missing_decryptor("the server's global model")
+        finished = bool(remote.meta.finished)
+        self._he_event(
+            self.he_decryptor,
+            "decrypt",
+            "global model",
+            int(remote.meta.current_round) + (0 if finished else 1),
+        )
         self._check_pending(task_name, remote)
         return remote
+
+    def _he_event(self, processor: Any, direction: str, what: str, rnd: int) -> None:
+        """Publishes what an HE processor just did (nothing when it encrypted nothing)."""
+        if processor is None or not processor.bytes_before:
+            return
+        plain, cipher = processor.bytes_before, processor.bytes_after
+        if direction == "decrypt":
+            plain, cipher = cipher, plain
+        self.bus.publish(
+            HomomorphicEncryptionApplied(
+                site=self.client_name,
+                round=rnd,
+                direction=direction,
+                what=what,
+                variables=processor.variables,
+                plain_bytes=plain,
+                cipher_bytes=cipher,
+                seconds=processor.seconds,
+            )
+        )
 
     def _check_pending(self, task_name: str, remote: RemoteModel) -> None:
         """Keeps a sent contribution until its round is aggregated; notes it if it was lost.
@@ -406,6 +444,7 @@ class FederatedClientBase:
         header, data = DataAssembler.get_contribution_data(
             self.model_manager, task_name, state, self.pre_processors, fl_ctx, self.app_context
         )
+        self._he_event(self.he_encryptor, "encrypt", "round update", self.current_round + 1)
         if not header.contribution_id:
             header.contribution_id = f"{self.client_name}-{uuid.uuid4()}"
         pending = _Pending(round=self.current_round, header=header, data=data)
@@ -488,11 +527,23 @@ class FederatedClientBase:
     # ------------------------------------------------------------------ cross-site validation
 
     def push_best_model(self, task_name: str) -> str:
-        """Sends this site's best local model to ``task_name`` for cross-site validation."""
+        """Sends this site's best local model to ``task_name`` for cross-site validation.
+
+        In a federation with homomorphic encryption it leaves encrypted like every update
+        (the ModelEncryptor's variables, not weighted): the server stores and forwards a
+        ciphertext it cannot read, and each site decrypts it before validating it.
+        """
+        sent: dict[str, dict[str, np.ndarray]] = {}
 
         def submit(token: str) -> str:
-            state = self.communicator.get_client_state(task_name, token)
-            _, params = DataAssembler.get_best_local_model(self.model_manager, task_name, state)
+            if task_name not in sent:  # encrypted once, whatever the retries
+                state = self.communicator.get_client_state(task_name, token)
+                _, params = DataAssembler.get_best_local_model(self.model_manager, task_name, state)
+                if params and self.he_encryptor is not None:
+                    params = self.he_encryptor.encrypt_model(params)
+                    self._he_event(self.he_encryptor, "encrypt", "best local model", 0)
+                sent[task_name] = params
+            params = sent[task_name]
             return self.communicator.submit_best_local_model(
                 self.client_name, self.servers, task_name, token, disable=not params, params=params
             )
@@ -544,7 +595,18 @@ class FederatedClientBase:
                 models, more = self.get_validation_models(task_name)
                 batch: dict[str, dict[str, float]] = {}
                 for remote in models:
-                    metrics = self.model_manager.validate_model(None, remote.params)
+                    try:
+                        params = self._decrypted(remote)
+                    except he.HEError as exc:
+                        if self.he_decryptor is None:
+                            raise  # this site cannot read any model of its federation
+                        # One unreadable model (a garbled ciphertext) costs only its result.
+                        log.warning(
+                            "%s: %s's model not validated: %s", self.client_name, remote.owner, exc
+                        )
+                        continue
+                    metrics = self.model_manager.validate_model(None, params)
+                    del params
                     batch[remote.owner] = metrics
                     self.bus.publish(
                         CrossSiteValidated(
@@ -565,6 +627,22 @@ class FederatedClientBase:
                 if self.stop_event.wait(poll):
                     break
         return self.cross_site_results
+
+    def _decrypted(self, remote: RemoteModel) -> dict[str, np.ndarray]:
+        """A model offered for cross-site validation, decrypted when it is encrypted."""
+        if not any(he.is_ciphertext(v) for v in remote.params.values()):
+            return remote.params
+        what = (
+            "the server's global model"
+            if remote.owner == "server"
+            else (f"{remote.owner}'s best local model")
+        )
+        if self.he_decryptor is None:
+            raise missing_decryptor(f"{what}, offered for cross-site validation,")
+        params = self.he_decryptor.decrypt_model(remote.params)
+        remote.params.clear()  # the ciphertexts are not needed once decrypted
+        self._he_event(self.he_decryptor, "decrypt", what.removeprefix("the "), 0)
+        return params
 
     # ------------------------------------------------------------------ leaving
 

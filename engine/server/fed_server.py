@@ -439,6 +439,38 @@ class FederatedServer:
             )
         return None
 
+    def _he_registration_problem(self, request: pb.ClientLogin) -> str | None:
+        """A site whose encryption does not match the federation's, in words (None: it
+        matches, or the site is older and does not say: its first upload is checked then)."""
+        fields = request.meta_data.fields
+        if "he" not in fields:
+            return None
+        encrypts = fields["he"].string_value == serde.CKKS
+        decrypts = "he_decrypt" in fields and fields["he_decrypt"].bool_value
+        if self.he_context is not None and not (encrypts and decrypts):
+            missing = " and ".join(
+                what
+                for what, has in (
+                    ("ModelEncryptor to its pre_processors", encrypts),
+                    ("ModelDecryptor to its post_processors", decrypts),
+                )
+                if not has
+            )
+            return (
+                "this federation runs homomorphic encryption (CKKS): the server aggregates "
+                "encrypted updates and sends an encrypted global model, and this site does not "
+                f"take part in it: add {missing} in config_fed_client.json, with the site's "
+                f"startup/{he.CLIENT_CONTEXT} from its provisioned kit"
+            )
+        if self.he_context is None and encrypts:
+            return (
+                "this site encrypts its updates (homomorphic encryption), but this server was "
+                f"not provisioned for it (no startup/{he.SERVER_CONTEXT}): remove ModelEncryptor "
+                "from the site's pre_processors, or provision the federation with "
+                '"homomorphic_encryption"'
+            )
+        return None
+
     def _save_state(
         self, current_round: int | None = None, history: list[dict[str, Any]] | None = None
     ) -> None:
@@ -458,6 +490,14 @@ class FederatedServer:
         if saved is None:
             return
         if saved.model is not None:
+            if self.he_context is None and any(he.is_ciphertext(v) for v in saved.model.values()):
+                raise ConfigError(
+                    self.workspace / persistence.MODEL_FILE,
+                    "",
+                    "the saved global model is encrypted (homomorphic encryption), but this "
+                    f"server has no startup/{he.SERVER_CONTEXT}: put the federation's public "
+                    "context back, or move the saved model away to start a new federation",
+                )
             # Loaded here for the server alone: its arrays are the server's to recycle.
             self.global_model = {
                 k: v if v.flags.c_contiguous else np.array(v, order="C")
@@ -489,6 +529,10 @@ class FederatedServer:
                 f"{self.config.task_name!r}",
             )
         check_name(name)
+        problem = self._he_registration_problem(request)
+        if problem:
+            log.warning("registration of %r refused: %s", name, problem)
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
         try:
             peer = self._peer(context, ROLE_SITE)
         except Abort as exc:
@@ -987,13 +1031,48 @@ class FederatedServer:
         self, frames: Iterator[bytes | memoryview], context: grpc.ServicerContext
     ) -> pb.FederatedSummary:
         header, site = self._contribution_header(frames, context)
-        # A best local model is plaintext weights (decrypted at the site), whatever the rounds send.
-        assembler = serde.ModelAssembler(pb.Contribution, self._expected(plain=True))
+        # In a federation with homomorphic encryption a best local model travels encrypted like
+        # every update: the server stores and forwards ciphertexts it cannot read, and each
+        # site decrypts before validating. Elsewhere it is plaintext weights.
+        encrypted = self.he_context is not None
+        params_in = header.data.params
+        if encrypted and params_in and not any(p.array.dtype == serde.CKKS for p in params_in):
+            raise Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "refused: this federation runs homomorphic encryption and this best local "
+                "model is plaintext: the server never holds a site's weights in the clear "
+                "(list ModelEncryptor in the site's pre_processors: it encrypts the best "
+                "model too)",
+            )
+        assembler = serde.ModelAssembler(
+            pb.Contribution, self._expected(plain=not encrypted), ciphertexts=encrypted
+        )
         assembler.on_header(header)
         params = serde.receive_model(assembler, frames)
+        problem = self._best_ciphertext_problem(params) if encrypted else None
+        if problem:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"refused: {problem}")
         self.cross_site.put_best(site.name, params)
         comment = f"Received best model from {site.name}." if params else "not participating"
         return pb.FederatedSummary(comment=comment, meta=self._meta())
+
+    def _best_ciphertext_problem(self, params: Mapping[str, np.ndarray]) -> str | None:
+        """A ciphertext of a best local model that the public context cannot read, or that
+        does not hold the variable's dtype and shape, in words."""
+        plain = self._expected(plain=True)
+        for name, value in params.items():
+            if not he.is_ciphertext(value):
+                continue
+            try:
+                _, dtype, shape = he.vector(self.he_context, value)
+            except he.HEError as exc:
+                return f"variable {name!r}: {exc}"
+            if (dtype, shape) != plain[name]:
+                return (
+                    f"variable {name!r}: a ciphertext of {dtype} {shape}, the model's is "
+                    f"{plain[name][0]} {plain[name][1]}"
+                )
+        return None
 
     def GetValidationModels(
         self, request: pb.ClientState, context: grpc.ServicerContext

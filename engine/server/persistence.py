@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import he
 from engine.config import ConfigError, ServerConfig
 from engine.fileio import (
     load_npz,
@@ -83,14 +84,26 @@ def write_state(workspace: Path, state: Mapping[str, Any]) -> None:
 def save_model(
     workspace: Path, model: Mapping[str, np.ndarray], task: str, current_round: int
 ) -> None:
-    """Writes the global model of ``current_round`` atomically (the round in its file)."""
-    save_npz_atomic(workspace / MODEL_FILE, model, meta={"task": task, "round": current_round})
+    """Writes the global model of ``current_round`` atomically (the round in its file).
+
+    A model holding ciphertexts (homomorphic encryption) is marked so in the file's meta: its
+    ciphertexts load back as ciphertexts, not as the uint8 arrays an ``.npz`` keeps.
+    """
+    meta: dict[str, Any] = {"task": task, "round": current_round}
+    if any(he.is_ciphertext(v) for v in model.values()):
+        meta["he"] = he.CKKS
+    save_npz_atomic(workspace / MODEL_FILE, model, meta=meta)
+
+
+def _load_model(path: Path) -> dict[str, np.ndarray]:
+    model = load_npz(path)
+    return he.mark_ciphertexts(model) if read_npz_meta(path).get("he") == he.CKKS else model
 
 
 def load_saved_model(workspace: Path) -> dict[str, np.ndarray] | None:
-    """The last saved global model of a server workspace, if any."""
+    """The last saved global model of a server workspace, if any (ciphertexts as such)."""
     path = Path(workspace) / MODEL_FILE
-    return load_npz(path) if path.exists() else None
+    return _load_model(path) if path.exists() else None
 
 
 def read_resumable(
@@ -140,7 +153,7 @@ def read_resumable(
     if model_path.exists():
         try:
             meta = read_npz_meta(model_path)
-            model = load_npz(model_path)
+            model = _load_model(model_path)
         except (OSError, ValueError) as exc:
             raise ConfigError(
                 model_path, "", f"unreadable saved global model ({exc}); move it away"
@@ -181,9 +194,20 @@ def read_resumable(
 def check_same_shapes(
     ours: Mapping[str, np.ndarray], model: Mapping[str, np.ndarray], path: Path
 ) -> None:
-    """Refuses a saved model whose variables, dtypes or shapes are not those of ``ours``."""
-    mine = {k: (v.dtype.str, v.shape) for k, v in ours.items()}
-    saved = {k: (np.asarray(v).dtype.str, np.shape(v)) for k, v in model.items()}
+    """Refuses a saved model whose variables, dtypes or shapes are not those of ``ours``
+    (a ciphertext counts as the dtype and shape of the plaintext it holds)."""
+
+    def spec(v: Any) -> tuple[str, tuple[int, ...]]:
+        if he.is_ciphertext(v):
+            try:
+                dtype, shape, _ = he.plain_spec(v)
+            except he.HEError:
+                return ("ckks?", ())
+            return (np.dtype(dtype).str, shape)
+        return (np.asarray(v).dtype.str, tuple(np.shape(v)))
+
+    mine = {k: spec(v) for k, v in ours.items()}
+    saved = {k: spec(v) for k, v in model.items()}
     if mine != saved:
         differ = sorted(k for k in set(mine) | set(saved) if mine.get(k) != saved.get(k))
         raise ConfigError(

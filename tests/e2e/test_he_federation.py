@@ -63,11 +63,14 @@ def _server(kits: Path, init: dict[str, np.ndarray], **config: object) -> Federa
     return server
 
 
-def _he_client(server: FederatedServer, kits: Path, site: str, **enc: object):
+def _he_client(
+    server: FederatedServer, kits: Path, site: str, client_args: dict | None = None, **enc: object
+):
     ctx = str(kits / "sites" / site / "startup" / he.CLIENT_CONTEXT)
     return direct_client(
         server,
         site,
+        client_args=client_args or {},
         pre_processors=[ModelEncryptor(tenseal_context_file=ctx, **enc)],
         post_processors=[ModelDecryptor(tenseal_context_file=ctx)],
     )
@@ -169,15 +172,25 @@ def test_encrypt_layers_leaves_other_variables_in_the_clear(tmp_path):
         server.stop(grace=0)
 
 
-def test_mixed_federation_is_refused_with_the_reason(tmp_path):
+def test_mixed_federation_is_refused_at_registration_with_the_reason(tmp_path):
     kits = _kits(tmp_path)
     init = _model()
+    ctx = str(kits / "sites" / "site-a" / "startup" / he.CLIENT_CONTEXT)
     server = _server(kits, init, min_num_clients=2, num_rounds=1)
     try:
-        plain = direct_client(server, "site-b")
-        plain.pull_models_from_server()
+        with pytest.raises(FLCommunicationError, match="add ModelEncryptor to its pre_proc"):
+            direct_client(server, "site-b")
+        with pytest.raises(FLCommunicationError, match="does not take part in it: add ModelD"):
+            direct_client(
+                server, "site-b", pre_processors=[ModelEncryptor(tenseal_context_file=ctx)]
+            )
+        assert not server.sites  # refused before a token was handed out
+        # A site that does not say (older than the flag) is still refused at its first upload.
+        late = _he_client(server, kits, "site-a")
+        late.pull_models_from_server()
+        late.pre_processors.clear()
         with pytest.raises(FLCommunicationError, match="aggregates encrypted updates"):
-            plain.push_models_to_server({k: np.ones_like(v) for k, v in init.items()})
+            late.push_models_to_server({k: np.ones_like(v) for k, v in init.items()})
     finally:
         server.stop(grace=0)
     # the reverse: an encrypting site, a server provisioned without HE
@@ -185,12 +198,148 @@ def test_mixed_federation_is_refused_with_the_reason(tmp_path):
     server = _server(kits, init, min_num_clients=1, num_rounds=1)
     try:
         assert server.he_context is None
-        enc = _he_client(server, kits, "site-a")
-        enc.pull_models_from_server()
         with pytest.raises(FLCommunicationError, match="not provisioned for it"):
-            enc.push_models_to_server({k: np.ones_like(v) for k, v in init.items()})
+            _he_client(server, kits, "site-a")
+        direct_client(server, "site-b").pull_models_from_server()  # a plaintext site is welcome
     finally:
         server.stop(grace=0)
+
+
+class _BestFitter:
+    """A stand-in fitter: its best local weights, and a metric of any model validated."""
+
+    def __init__(self, best: dict[str, np.ndarray]) -> None:
+        self.best = best
+        self.seen: list[dict[str, np.ndarray]] = []
+
+    def best_weights(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self.best.items()}
+
+    def validate(self, checkpoint, after_training=False):
+        self.seen.append(checkpoint)
+        return {"w_sum": float(np.sum(checkpoint["w"], dtype=np.float64))}
+
+
+def _one_round(server, clients, init):
+    for c in clients:
+        c.pull_models_from_server()
+    for i, c in enumerate(clients):
+        c.push_models_to_server({k: np.full_like(v, i + 1) for k, v in init.items()}, {"n_iter": 1})
+    assert server.finished
+
+
+def test_cross_site_validation_sites_exchange_encrypted_best_models(tmp_path):
+    import threading  # deferred: only this test runs sites side by side
+
+    kits = _kits(tmp_path)
+    init = _model()
+    server = _server(kits, init, min_num_clients=2, num_rounds=1)
+    sites = SITES[:2]
+    try:
+        clients = [_he_client(server, kits, s, client_args={"cross_val_poll": 0.05}) for s in sites]
+        _one_round(server, clients, init)
+        final = clients[0].pull_models_from_server()
+        rng = np.random.default_rng(5)
+        bests = {
+            s: {k: (v + rng.standard_normal(v.shape)).astype(v.dtype) for k, v in init.items()}
+            for s in sites
+        }
+        fitters = {}
+        for c in clients:
+            fitters[c.client_name] = _BestFitter(bests[c.client_name])
+            c.model_manager.set_fitter(fitters[c.client_name])
+        results: dict[str, dict] = {}
+        threads = [
+            threading.Thread(
+                target=lambda c=c: results.update({c.client_name: c.run_cross_site_validation()})
+            )
+            for c in clients
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        # every site validated both best models and the server's, all decrypted at the site
+        for s in sites:
+            assert set(results[s]) == {*sites, "server"}
+            for owner in sites:
+                want = float(np.sum(bests[owner]["w"], dtype=np.float64))
+                assert abs(results[s][owner]["w_sum"] - want) < 1e-2
+            want = float(np.sum(final["w"], dtype=np.float64))
+            assert abs(results[s]["server"]["w_sum"] - want) < 1e-2
+            assert all(not he.is_ciphertext(v) for m in fitters[s].seen for v in m.values())
+        # the server stored and forwarded ciphertexts only: no site's weights in the clear
+        for s in sites:
+            stored = load_npz(server.workspace / "cross_site" / s / "best_model.npz")
+            assert stored["w"].dtype == np.uint8 and stored["b"].dtype == np.uint8
+            assert he.is_ciphertext(server.best_models[s]["w"])
+        assert set(server.cross_val_results_snapshot()) == set(sites)
+    finally:
+        server.stop(grace=0)
+
+
+def test_plaintext_best_model_is_refused_by_an_encrypted_federation(tmp_path):
+    kits = _kits(tmp_path)
+    init = _model()
+    server = _server(kits, init, min_num_clients=1, num_rounds=1)
+    try:
+        c = _he_client(server, kits, "site-a")
+        _one_round(server, [c], init)
+        c.model_manager.set_fitter(_BestFitter(init))
+        c.he_encryptor = None  # a site that would send its best model in the clear
+        with pytest.raises(FLCommunicationError, match="best local model is plaintext"):
+            c.push_best_model(c.task_name)
+        assert "site-a" not in server.best_models
+    finally:
+        server.stop(grace=0)
+
+
+def test_site_without_model_decryptor_is_told_what_to_add(tmp_path):
+    kits = _kits(tmp_path)
+    init = _model()
+    server = _server(kits, init, min_num_clients=1, num_rounds=2)
+    try:
+        c = _he_client(server, kits, "site-a")
+        c.pull_models_from_server()
+        c.push_models_to_server({k: np.ones_like(v) for k, v in init.items()}, {"n_iter": 1})
+        # the site loses its ModelDecryptor after registering (an older site, a config edit)
+        c.communicator.post_processors.clear()
+        c.he_decryptor = None
+        with pytest.raises(he.HEError, match=r'add \{"name": "ModelDecryptor"\} to the post_p'):
+            c.pull_models_from_server()
+    finally:
+        server.stop(grace=0)
+
+
+def test_restarted_server_reloads_its_encrypted_model_as_encrypted(tmp_path):
+    kits = _kits(tmp_path)
+    init = _model()
+    server = _server(kits, init, min_num_clients=1, num_rounds=3)
+    try:
+        c = _he_client(server, kits, "site-a")
+        c.pull_models_from_server()
+        c.push_models_to_server({k: np.ones_like(v) for k, v in init.items()}, {"n_iter": 2})
+        assert server.current_round == 1
+    finally:
+        server.stop(grace=0)
+    cfg = ServerConfig(task_name=TASK, target="127.0.0.1:0", min_num_clients=1, num_rounds=3)
+    again = FederatedServer(cfg, kits / "server", init, long_poll=0.5, resume=True)
+    again.start()
+    try:
+        assert again.current_round == 1
+        assert he.is_ciphertext(again.global_model["w"])
+        assert not he.is_ciphertext(again.global_model["steps"])
+        c = _he_client(again, kits, "site-a")
+        got = c.pull_models_from_server()
+        np.testing.assert_allclose(got["w"], init["w"] + 1, atol=CKKS_TOL)
+        c.push_models_to_server({k: np.ones_like(v) for k, v in init.items()}, {"n_iter": 2})
+        np.testing.assert_allclose(c.pull_models_from_server()["w"], init["w"] + 2, atol=CKKS_TOL)
+    finally:
+        again.stop(grace=0)
+    # the saved model is encrypted: a server without the HE context refuses to resume it
+    (kits / "server" / "startup" / he.SERVER_CONTEXT).unlink()
+    with pytest.raises(ConfigError, match="saved global model is encrypted"):
+        FederatedServer(cfg, kits / "server", init, resume=True)
 
 
 def test_server_refuses_to_start_with_a_secret_key(tmp_path):
