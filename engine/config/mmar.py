@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from engine.config.common import (
@@ -42,7 +44,33 @@ _MMAR_CLIENT_KEYS = (
     "ssl_cert",
     "ssl_root_cert",
     "compression",
+    "script",
+    "script_args",
+    "script_timeout",
 )
+
+#: Seconds the training worker waits for a script to ask for a model it has to train or
+#: evaluate (``fltui.client.receive()``), unless ``script_timeout`` says otherwise.
+DEFAULT_SCRIPT_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class ScriptSpec:
+    """A research team's own training script, run through ``fltui.client`` (the script form).
+
+    Attributes:
+        path: the script, relative to the MMAR root and under ``custom/`` (the MMAR's own code,
+            run only where the site policy's ``allow_byoc`` allows), e.g. ``custom/train.py``.
+        args: its command-line arguments (``script_args``).
+        timeout: seconds the worker waits for the script to ask for a model
+            (``script_timeout``): a script that never calls ``receive()`` fails the run.
+        file: the config that named it, for messages.
+    """
+
+    path: str
+    args: tuple[str, ...] = ()
+    timeout: float = DEFAULT_SCRIPT_TIMEOUT
+    file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +107,7 @@ class MMARClientConfig:
     ssl_root_cert: Path | None = None
     ssl_cert: Path | None = None
     ssl_private_key: Path | None = None
+    script: ScriptSpec | None = None
 
     @property
     def wire_compression(self) -> str | None:
@@ -137,7 +166,54 @@ def _parse_mmar_client(mmar_root: Path, sink: list[ConfigError]) -> MMARClientCo
         ssl_root_cert=_ssl_path(c, "ssl_root_cert", base),
         ssl_cert=_ssl_path(c, "ssl_cert", base),
         ssl_private_key=_ssl_path(c, "ssl_private_key", base),
+        script=_script(c, mmar_root),
     )
+
+
+def _script(c: _Reader, mmar_root: Path) -> ScriptSpec | None:
+    """``client.script`` / ``script_args`` / ``script_timeout``: a script under ``custom/``."""
+    raw = c.get("script", str, None)
+    if raw is None:
+        for key in ("script_args", "script_timeout"):
+            if c.data.get(key) is not None:
+                c.report(key, 'only goes with "script" (the training script it is for)')
+        return None
+    rel = PurePosixPath(raw)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in raw:
+        c.report("script", f"expected a path inside the MMAR, like custom/train.py; got {raw!r}")
+        return None
+    if len(rel.parts) < 2 or rel.parts[0] != "custom" or rel.suffix != ".py":
+        # custom/ is what the site policy's allow_byoc governs (deploy refuses it there): a
+        # script elsewhere would be the MMAR's code outside that rule.
+        c.report(
+            "script",
+            f"expected a Python file under the MMAR's custom/ folder, like custom/train.py; "
+            f"got {raw!r}",
+        )
+        return None
+    if not (mmar_root / rel).is_file():
+        c.report("script", f"{raw} is not a file of the MMAR ({mmar_root / rel} not found)")
+        return None
+    args: tuple[str, ...] = ()
+    value = c.data.get("script_args")
+    if isinstance(value, str):
+        try:
+            args = tuple(shlex.split(value))
+        except ValueError as exc:
+            c.report("script_args", f"cannot be split into arguments as a shell would: {exc}")
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        args = tuple(value)
+    elif value is not None:
+        c.report(
+            "script_args",
+            f"expected a list of strings (or one string, split as a shell would), like "
+            f'["--lr", "0.01"]; got {json.dumps(value)}',
+        )
+    timeout = c.number("script_timeout", DEFAULT_SCRIPT_TIMEOUT, 0)
+    if timeout == 0:
+        c.report("script_timeout", "expected seconds > 0")
+        timeout = DEFAULT_SCRIPT_TIMEOUT
+    return ScriptSpec(path=str(rel), args=args, timeout=float(timeout), file=c.path)
 
 
 def load_mmar_client_config(mmar_root: Path) -> MMARClientConfig:
