@@ -30,6 +30,7 @@ from engine.site.paths import SitePaths, find_deployed_mmar
 from engine.site.policy import load_site_policy
 from engine.training import build_fitter
 from engine.training.config import bundle_layout_problems, is_bundle, load_train_config
+from engine.training.script import script_model_problem
 
 PROGRESS_PERIOD = 0.5  # seconds between two ProgressUpdated events of a site
 
@@ -52,7 +53,13 @@ def check_mmar(mmar: Path) -> None:
     # site workspace) and config_train.json's form too (a TensorFlow one is refused here,
     # before a worker starts); building the torch components is the worker's.
     environment = load_environment(mmar, local_environment_file(mmar))
-    if is_bundle(mmar):
+    if config.script is not None:
+        # The research team's own script (run only where the policy allows custom/ code):
+        # no training config to parse, but a model to start from.
+        problem = script_model_problem(mmar)
+        if problem is not None:
+            raise problem
+    elif is_bundle(mmar):
         problems = bundle_layout_problems(mmar)
         if problems:
             raise problems[0] if len(problems) == 1 else ConfigProblems(problems)
@@ -160,7 +167,10 @@ class SiteEngine:
         """Builds the fitter and the client (imports torch)."""
         cfg = self.mmar_config
         device = None
-        if self.world_size > 1:
+        # A script runs its ranks itself (torchrun semantics, started by rank 0's trainer):
+        # the workers form no process group of their own for it.
+        workers_train = self.world_size > 1 and cfg.script is None
+        if workers_train:
             device = self._init_distributed()
         self.fitter = build_fitter(
             self.mmar,
@@ -170,8 +180,11 @@ class SiteEngine:
             on_progress=self._on_progress if self.rank == 0 else None,
             on_epoch_end=self._on_epoch_end if self.rank == 0 else None,
             device=device,
+            script=cfg.script,
+            round_info=self._round_info,
+            ranks=self.world_size,
         )
-        if self.world_size > 1:
+        if workers_train:
             self.fitter.enable_distributed(self.rank, self.world_size)
         kit = self.kit
         self.client = FederatedClient(
@@ -201,9 +214,24 @@ class SiteEngine:
             compression=cfg.wire_compression or kit.compression,
             bus=self.bus,
         )
-        if self.world_size > 1:
+        if workers_train:
             self.client.round_sync = self._sync_ranks
         return self.client
+
+    def _round_info(self) -> tuple[int, int]:
+        """``(current_round, total_rounds)`` of the federation, for a script's tasks."""
+        if self.client is None:
+            return 0, 0
+        return self.client.current_round, self.client.num_rounds
+
+    def _end_training(self, outcome: str) -> None:
+        """A trainer that runs a process of its own (a script) ends it with the run."""
+        close = getattr(getattr(self, "fitter", None), "close", None)
+        if close is not None:
+            try:
+                close(outcome)
+            except Exception as exc:  # the outcome stands; say why the end was untidy
+                log.warning("%s: ending the training script: %s", self.site, exc)
 
     def _init_distributed(self) -> str:
         import torch  # deferred: torch loads in the worker, not with the site's engine
@@ -248,14 +276,17 @@ class SiteEngine:
     def validate_only(self) -> str:
         """Cross-site validation on its own (the admin's ``validate``), with the best model."""
         client = self.client or self.build()
+        outcome = "failed"
         try:
             client.model_manager.set_fitter(self.fitter)
             results = client.run_cross_site_validation()
+            outcome = "completed"
         except Exception as exc:
             log.error("%s: cross-site validation failed: %s", self.site, exc)
             return "failed"
         finally:
             client.communicator.close()
+            self._end_training(outcome)
         log.info("%s: cross-site validation done: %d models", self.site, len(results))
         return "completed"
 
@@ -263,6 +294,11 @@ class SiteEngine:
         """Runs the federation to its end in this thread; returns the outcome."""
         client = self.client or self.build()
         if self.rank > 0:
+            if self.mmar_config.script is not None:
+                log.info(
+                    "%s: rank %d: the script's ranks are started by rank 0", self.site, self.rank
+                )
+                return "completed"
             return self._follow()
         log.info(
             "%s: training %s (run %d) with server %s",
@@ -271,7 +307,12 @@ class SiteEngine:
             self.run_number,
             client.servers[client.task_name].target,
         )
-        return client.admin_run(self.fitter)
+        outcome = "failed"
+        try:
+            outcome = client.admin_run(self.fitter)
+        finally:
+            self._end_training(outcome)
+        return outcome
 
     def abort(self) -> None:
         if self.client is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ from engine.training.config import is_bundle, load_train_config
 from engine.training.errors import TrainConfigError, TrainingAborted
 
 if TYPE_CHECKING:
+    from engine.config.mmar import ScriptSpec
     from engine.training.fitter import EpochCallback, Fitter, ProgressCallback
 
 __all__ = [
@@ -40,6 +42,9 @@ def build_fitter(
     on_progress: ProgressCallback | None = None,
     on_epoch_end: EpochCallback | None = None,
     device: str | None = None,
+    script: ScriptSpec | None = None,
+    round_info: Callable[[], tuple[int, int]] | None = None,
+    ranks: int = 1,
 ) -> Fitter:
     """Build the fitter for an MMAR from its ``config/config_train.json``.
 
@@ -59,6 +64,11 @@ def build_fitter(
         on_epoch_end: Called with ``(epoch, metrics)`` after each epoch of a round, e.g.
             ``{"train_loss": 0.61, "train_accuracy": 0.78}``.
         device: A torch device; default ``"cuda"`` when available, else ``"cpu"``.
+        script: ``config_fed_client.json``'s ``script`` (and its args and timeout): the MMAR
+            trains with the research team's own script through ``fltui.client`` instead
+            (``engine.training.script``; ``device`` is then the script's to choose).
+        round_info: For a script: gives ``(current_round, total_rounds)`` of the federation.
+        ranks: For a script: how many ranks it runs as (``torchrun`` semantics).
 
     Returns:
         The fitter, with a freshly initialised model (seeded from the config's ``seed``).
@@ -70,6 +80,20 @@ def build_fitter(
     from engine.training import fitter  # deferred: torch; `import engine.training` must not load it
 
     root = Path(mmar_root).resolve()
+    if script is not None:
+        from engine.training import script as script_form  # deferred: only for the script form
+
+        return script_form.build_script_trainer(  # type: ignore[return-value]
+            root,
+            script,
+            site_name=site_name,
+            local_epochs=local_epochs,
+            steps_aggregation=steps_aggregation,
+            on_progress=on_progress,
+            on_epoch_end=on_epoch_end,
+            round_info=round_info,
+            ranks=ranks,
+        )
     if is_bundle(root):
         from engine.training import bundle  # deferred: MONAI, only for bundles
 
