@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from engine import he
 from engine.client.data_processors import build_client_state_processors, build_processors
 from engine.components import missing_module, own_code
 from engine.config import (
@@ -123,6 +124,52 @@ def _check_workspace(root: Path, report: Report) -> None:
     mmars += sorted(p for p in (root / "transfer").glob("*") if (p / "config").is_dir())
     for mmar in mmars:
         _check_mmar(mmar, report)
+    _check_site_he_context(root, mmars, report)
+
+
+_HE_PROCESSORS = ("ModelEncryptor", "ModelDecryptor")
+
+
+def _he_problem(path: Path, role: str) -> ConfigError | None:
+    """The HE context at ``path`` cannot serve ``role`` ("site": needs the secret key;
+    "server": must not hold it), in words; None when it can."""
+    try:
+        he.load_context(path, role)
+    except he.HEError as exc:
+        return ConfigError(path, "", str(exc).removeprefix(f"{path}: "))
+    return None
+
+
+def _check_site_he_context(root: Path, mmars: list[Path], report: Report) -> None:
+    """A site's HE context holds the federation's secret key, owner-only; an MMAR that lists
+    ModelEncryptor or ModelDecryptor has one to use."""
+    path = root / "startup" / he.CLIENT_CONTEXT
+    if path.exists():
+        report.checked.append(path)
+        problem = _he_problem(path, "site")
+        if problem is not None:
+            report.add([problem])
+        return
+    for mmar in mmars:
+        config, _ = read_mmar_client_config(mmar)
+        if config is None:
+            continue
+        specs = [*config.pre_processors, *config.post_processors]
+        named = sorted({s.name for s in specs if s.name in _HE_PROCESSORS})
+        if named:
+            report.add(
+                [
+                    ConfigError(
+                        path,
+                        "",
+                        f"missing: {mmar.name} lists {' and '.join(named)} (homomorphic "
+                        "encryption), which needs this site's context with the federation's "
+                        "secret key: copy client_context.tenseal from the site's provisioned "
+                        'kit (fltui provision with "homomorphic_encryption")',
+                    )
+                ]
+            )
+            return
 
 
 def _check_tls_files(file: Path, config: Any, prefix: str, missing: str, report: Report) -> None:
@@ -187,6 +234,31 @@ def _check_server(path: Path, report: Report) -> None:
         'required: a server uses mutual TLS unless its config says "secure_train": false',
         report,
     )
+    _check_server_he_context(path.parent / "startup", report)
+
+
+def _check_server_he_context(startup: Path, report: Report) -> None:
+    """The server's folder holds no HE secret key: no site context, and a server context
+    without one (the server refuses to start otherwise)."""
+    secret = startup / he.CLIENT_CONTEXT
+    if secret.exists():
+        report.add(
+            [
+                ConfigError(
+                    secret,
+                    "",
+                    "a site's HE context with the federation's secret key is in the server's "
+                    "folder; the server must never hold it: remove it (the server needs only "
+                    "server_context.tenseal)",
+                )
+            ]
+        )
+    path = startup / he.SERVER_CONTEXT
+    if path.exists():
+        report.checked.append(path)
+        problem = _he_problem(path, "server")
+        if problem is not None:
+            report.add([problem])
 
 
 def _check_mmar(mmar: Path, report: Report) -> None:

@@ -368,3 +368,27 @@ def test_site_without_the_key_is_refused(tmp_path):
     )
     with pytest.raises(he.HEError, match="no secret key"):
         public.tenseal_context()
+
+
+def test_check_config_server_folder_and_site_workspace_he_contexts(tmp_path):
+    from fltui.check_config import check_path  # deferred: the console's checker, only here
+
+    kits = _kits(tmp_path)
+    assert not check_path(kits / "server").problems
+    site = kits / "sites" / "site-a"
+    assert not [p for p in check_path(site).problems if "tenseal" in str(p)]
+    # a server folder holding a secret key: a site's context, or a server context with one
+    secret = site / "startup" / he.CLIENT_CONTEXT
+    (kits / "server" / "startup" / he.SERVER_CONTEXT).write_bytes(secret.read_bytes())
+    lines = [str(p) for p in check_path(kits / "server").problems]
+    assert any("server_context.tenseal" in x and "must never hold it" in x for x in lines)
+    # a site whose context has no secret key, or is readable by others
+    public = kits / "sites" / "site-b" / "startup" / he.CLIENT_CONTEXT
+    public.write_bytes(he.tenseal().context_from(secret.read_bytes()).serialize())
+    secret.chmod(0o644)
+    assert any("chmod 600" in str(p) for p in check_path(site).problems)
+    ctx = he.tenseal().context_from(public.read_bytes())
+    ctx.make_context_public()
+    public.write_bytes(ctx.serialize())
+    lines = [str(p) for p in check_path(kits / "sites" / "site-b").problems]
+    assert any("no secret key" in x for x in lines)
