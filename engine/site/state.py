@@ -15,6 +15,7 @@ from engine.events import (
     Event,
     FederationFinished,
     HeartbeatAcknowledged,
+    HomomorphicEncryptionApplied,
     LogRecord,
     MetricsReported,
     ModelTransferred,
@@ -73,6 +74,11 @@ class SiteState:
     loss: float | None = None
     train_started: float | None = None
     transfer: str = ""
+    # Homomorphic encryption: the scheme once an update was encrypted or a model decrypted,
+    # and the last round's seconds for each.
+    he_scheme: str = ""
+    he_encrypt_s: float | None = None
+    he_decrypt_s: float | None = None
     round_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     # The metric the MMAR's config chose (RoundCompleted.key_metric): plotted, chooses best.
     key_metric: str = ""
@@ -200,6 +206,15 @@ class SiteState:
     def _on_ModelTransferred(self, e: ModelTransferred) -> set[str]:
         arrow = "↓" if e.direction == "download" else "↑"
         self.transfer = f"{arrow} {e.what} {e.nbytes / 1e6:.1f} MB {e.rate}"
+        return {"round"}
+
+    def _on_HomomorphicEncryptionApplied(self, e: HomomorphicEncryptionApplied) -> set[str]:
+        self.he_scheme = e.scheme
+        if e.what in ("round update", "global model"):  # the rounds' own, not cross-site's
+            if e.direction == "encrypt":
+                self.he_encrypt_s = e.seconds
+            else:
+                self.he_decrypt_s = e.seconds
         return {"round"}
 
     def _on_MetricsReported(self, e: MetricsReported) -> set[str]:

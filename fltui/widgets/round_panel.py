@@ -25,6 +25,7 @@ class RoundPanel(Vertical):
     an ellipsis): a round's phases and progress repaint the panel but never re-lay out the
     screen, which is what a console would otherwise spend its CPU on while a site trains. Rows
     are hidden by opacity, not visibility: Textual re-lays out the screen on a visibility change.
+    A sixth row, homomorphic encryption's, appears once in a federation that runs it.
     """
 
     DEFAULT_CSS = """
@@ -32,6 +33,7 @@ class RoundPanel(Vertical):
     RoundPanel Static { height: 1; text-wrap: nowrap; text-overflow: ellipsis; }
     RoundPanel ProgressBar { width: 1fr; height: 1; }
     RoundPanel Sparkline { height: 1; width: 100%; margin: 0 0; }
+    RoundPanel #he { display: none; }
     RoundPanel #detail.completed { color: $success; text-style: bold; }
     RoundPanel #detail.failed, RoundPanel #detail.aborted { color: $error; text-style: bold; }
     """
@@ -44,6 +46,8 @@ class RoundPanel(Vertical):
         yield Static(id="detail")
         yield Static(id="metrics")
         yield Sparkline([], id="spark")
+        # Homomorphic encryption only: shown once (a federation without it keeps five rows).
+        yield Static(id="he")
 
     def on_resize(self) -> None:
         last = getattr(self, "_last", None)
@@ -92,6 +96,11 @@ class RoundPanel(Vertical):
             detail.set_classes("")
         set_text(detail, text)
         set_text(self.query_one("#metrics", Static), self._metric_line(metric, values))
+        he = self.query_one("#he", Static)
+        he_line = _he_line(state)
+        set_text(he, he_line)
+        if he.styles.display != ("block" if he_line else "none"):
+            he.styles.display = "block" if he_line else "none"  # once per federation
         spark = self.query_one("#spark", Sparkline)
         if list(spark.data or []) != values:
             spark.data = values  # type: ignore[misc]
@@ -119,6 +128,18 @@ def _show(widget: Widget, visible: bool) -> None:
     opacity = 1.0 if visible else 0.0
     if widget.styles.opacity != opacity:
         widget.styles.opacity = opacity
+
+
+def _he_line(state: SiteState) -> str:
+    """``updates encrypted (CKKS) · encrypt 0.4 s · decrypt 0.1 s`` (empty without HE)."""
+    if not state.he_scheme:
+        return ""
+    parts = [f"updates encrypted ({state.he_scheme})"]
+    if state.he_encrypt_s is not None:
+        parts.append(f"encrypt {state.he_encrypt_s:.1f} s")
+    if state.he_decrypt_s is not None:
+        parts.append(f"decrypt {state.he_decrypt_s:.1f} s")
+    return " · ".join(parts)
 
 
 def _validation_line(results: dict[str, dict[str, float]], metric: str) -> str:

@@ -101,3 +101,33 @@ def test_project_parameters_are_checked():
         he.CKKSParams.from_project({"poly_modulus_degree": 1000})
     with pytest.raises(he.HEError, match="unknown key"):
         he.CKKSParams.from_project({"scale": 3})
+
+
+def test_he_event_summary_state_and_round_panel_line():
+    from engine.events import HomomorphicEncryptionApplied, event_from_dict  # deferred: one test
+    from engine.site.state import SiteState  # deferred: one test
+    from fltui.widgets.round_panel import _he_line  # deferred: the console's line, one test
+
+    enc = HomomorphicEncryptionApplied(
+        site="site-a",
+        round=2,
+        direction="encrypt",
+        what="round update",
+        variables=3,
+        plain_bytes=4 << 20,
+        cipher_bytes=230 << 20,
+        seconds=0.42,
+    )
+    assert enc.summary() == (
+        "round 2 round update encrypted (CKKS): 3 variables, 4.0 MB -> 230.0 MB in 0.42 s"
+    )
+    dec = HomomorphicEncryptionApplied(
+        site="site-a", round=3, direction="decrypt", what="global model", seconds=0.11
+    )
+    state = SiteState(site="site-a")
+    assert _he_line(state) == ""  # no line without HE
+    for event in (enc, event_from_dict(dec.to_dict())):  # as the worker forwards it
+        assert "round" in state.apply(event)
+    assert _he_line(state) == "updates encrypted (CKKS) · encrypt 0.4 s · decrypt 0.1 s"
+    # it survives the trip to a console (the service's snapshot)
+    assert _he_line(SiteState.from_dict(state.to_dict())) == _he_line(state)
