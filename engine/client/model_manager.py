@@ -7,6 +7,7 @@ import inspect
 import logging
 import re
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,16 @@ def _takes_copy(get_weights: Any) -> bool:
         return False
 
 
+def _takes_in_place(apply: Any) -> bool:
+    """Whether a privacy protocol's ``apply`` takes ``in_place`` (the built-ins'; the lineage's
+    ``apply(model_diff, train_ctx)`` of a BYO protocol does not, and is called as it is)."""
+    try:
+        param = inspect.signature(apply).parameters.get("in_place")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD)
+
+
 class ClientModelManager:
     """Client-side model manager, living on the site's machine.
 
@@ -109,7 +120,8 @@ class ClientModelManager:
 
     Memory: nothing here copies a whole model it does not send. The received global model is
     the baseline of Δ as it is; the round's contribution computes Δ in it
-    (``model_diff(consume=True)``), reading the local model through views.
+    (``model_diff(consume=True)``), reading the local model through views, and a privacy
+    protocol whose ``apply`` takes ``in_place`` writes its result into that Δ (``outgoing``).
     """
 
     def __init__(
@@ -131,6 +143,8 @@ class ClientModelManager:
         self._global: dict[str, _Baseline] = {}
         self._meta: dict[str, pb.ModelMetaData] = {}
         self.last_privacy: dict[str, Any] | None = None
+        # the arrays of the last Δ computed in the received model's memory (no reference kept)
+        self._own_delta: dict[str, weakref.ref[np.ndarray]] = {}
 
     # ------------------------------------------------------------------ fitter
 
@@ -267,8 +281,12 @@ class ClientModelManager:
         Raises:
             ModelDiffError: a value is NaN or Inf (it is refused, not shared).
         """
+        # Δ's arrays are new ones model_diff just made: privacy may write into them
         return self.outgoing(
-            self.model_diff(task_name, type_str), type_str, self.num_local_iterations()
+            self.model_diff(task_name, type_str),
+            type_str,
+            self.num_local_iterations(),
+            in_place=True,
         )
 
     def model_diff(
@@ -317,6 +335,8 @@ class ClientModelManager:
             target = g if consume and g.flags.writeable else np.empty(g.shape, g.dtype)
             np.subtract(value, g, out=target, casting="same_kind")
             out[name] = target
+        if consume:
+            self._own_delta = {name: weakref.ref(a) for name, a in out.items()}
         return out
 
     def prepare_model_data(
@@ -350,10 +370,31 @@ class ClientModelManager:
         return self.outgoing(out, type_str, steps)
 
     def outgoing(
-        self, out: dict[str, np.ndarray], type_str: str, total_steps: int
+        self,
+        out: dict[str, np.ndarray],
+        type_str: str,
+        total_steps: int,
+        *,
+        in_place: bool | None = None,
     ) -> dict[str, np.ndarray]:
         """The last steps before anything leaves: NaN/Inf refused, then privacy on a Δ (with
-        ``total_steps`` as T); ``last_privacy`` says what the protocol did."""
+        ``total_steps`` as T); ``last_privacy`` says what the protocol did.
+
+        Args:
+            out: variable name to array.
+            type_str: "delta_w" (privacy applies) or "weights".
+            total_steps: T.
+            in_place: whether a protocol that can (its ``apply`` takes ``in_place``; a BYO
+                protocol with the lineage's ``apply(model_diff, train_ctx)`` is called as it is)
+                may write its result into ``out``'s arrays instead of a new Δ; None (the
+                default): exactly when they are the Δ ``model_diff(consume=True)`` last computed
+                in this model manager's own memory (no model-sized result then).
+        """
+        own, self._own_delta = self._own_delta, {}
+        if in_place is None:
+            in_place = bool(out) and all(
+                name in own and own[name]() is value for name, value in out.items()
+            )
         for name, value in out.items():
             if value.dtype.kind in "fc" and not _all_finite(value):
                 raise ModelDiffError(
@@ -362,7 +403,11 @@ class ClientModelManager:
         if type_str == "delta_w" and self.privacy is not None:
             t0 = time.perf_counter()
             train_ctx = {"total_steps": total_steps}
-            out = self.privacy.apply(out, train_ctx)
+            in_place = in_place and _takes_in_place(self.privacy.apply)
+            if in_place:
+                out = self.privacy.apply(out, train_ctx, in_place=True)
+            else:
+                out = self.privacy.apply(out, train_ctx)
             shared = sum(int(np.count_nonzero(v)) for v in out.values())
             self.last_privacy = {
                 "protocol": type(self.privacy).__name__,

@@ -18,6 +18,7 @@ GPU takes, on CPU (the tests do).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import warnings
@@ -97,34 +98,65 @@ class Workspace:
 @dataclass
 class _Var:
     name: str
-    src: torch.Tensor  # 1-D contiguous view of the caller's values (never written)
-    out: torch.Tensor  # 1-D view of the result's memory
+    src: torch.Tensor  # 1-D contiguous view of the values (written only when in place)
+    out: torch.Tensor  # 1-D view of the result's memory (``src`` itself when in place)
     scalar: bool  # a 0-d variable: it passes through unchanged, but still holds one slot
     work: torch.dtype  # float64 for float64 input, float32 for the narrower floats
+    like: Any  # the contiguous array or tensor ``src`` views: a new result is made like it
+    in_place: bool = False  # the result is written into ``src``'s memory
     offset: int = 0  # its first slot in the concatenation of all variables
 
 
-class _Diff:
-    """The caller's model difference as flat views, plus the results to fill in."""
+def _overlaps(variables: list[_Var]) -> bool:
+    """Whether two variables' memory overlaps (then no result may be written into an input:
+    a write to one would change what another still has to read)."""
+    spans = sorted(
+        (v.src.data_ptr(), v.src.data_ptr() + v.src.numel() * v.src.element_size())
+        for v in variables
+        if v.src.numel()
+    )
+    return any(start < prev_stop for (_, prev_stop), (start, _) in itertools.pairwise(spans))
 
-    def __init__(self, model_diff: Mapping[str, Any], *, sort: bool, zeros: bool) -> None:
+
+class _Diff:
+    """The caller's model difference as flat views, plus the results to fill in.
+
+    ``in_place``: results are written into the inputs' own memory where it can be (a writable,
+    native-order float array or tensor; a non-contiguous or byte-swapped one is copied once and
+    that copy is the result), and integer and bool variables pass through as they are. When two
+    variables share memory, no result is written into an input (all are new). The algorithms
+    then write a slot only after their last read of it (``in_place`` on the diff says so).
+    """
+
+    def __init__(
+        self, model_diff: Mapping[str, Any], *, sort: bool, zeros: bool, in_place: bool = False
+    ) -> None:
         self.order = list(model_diff)
         self.results: dict[str, Any] = {}
         self.vars: list[_Var] = []
         devices: set[torch.device] = set()
         for name in sorted(self.order) if sort else self.order:
-            var = self._wrap(name, model_diff[name], zeros)
+            var = self._wrap(name, model_diff[name], in_place)
             if var is None:
                 continue
             devices.add(var.src.device)
-            if var.scalar:
-                var.out.copy_(var.src)
             self.vars.append(var)
         if len(devices) > 1:
             raise ValueError(
                 f"the model difference spans several devices ({sorted(map(str, devices))}); "
                 "a privacy protocol works on one"
             )
+        if in_place and _overlaps(self.vars):
+            log.debug("privacy: variables of the diff share memory; results go to new arrays")
+            for var in self.vars:
+                var.in_place = False
+        for var in self.vars:
+            if not var.in_place:
+                self._new_result(var, zeros)
+                if var.scalar:
+                    var.out.copy_(var.src)
+        #: some result is written into its input: every pass but the last only reads
+        self.in_place = any(v.in_place for v in self.vars)
         self.device = devices.pop() if devices else torch.device("cpu")
         offset = 0
         for var in self.vars:
@@ -140,47 +172,70 @@ class _Diff:
     def _largest(self) -> int:
         return max((v.src.numel() for v in self.vars), default=1)
 
-    def _wrap(self, name: str, value: Any, zeros: bool) -> _Var | None:
+    def _wrap(self, name: str, value: Any, in_place: bool) -> _Var | None:
+        keep: Any
+        like: Any
         if isinstance(value, torch.Tensor):
             t = value.detach()
             if not t.is_floating_point():
                 # Integer and bool variables (e.g. BatchNorm's step counter) are not model
-                # weights the filters are about; they pass through, as copies.
-                self.results[name] = t.clone()
+                # weights the filters are about; they pass through (as copies unless in place).
+                self.results[name] = value if in_place else t.clone()
                 return None
+            contiguous = t.is_contiguous()
             t = t.contiguous()
-            if t.device.type == "cpu":
-                out = _host_tensor(tuple(t.shape), t.dtype, zeros)
-            else:
-                out = (torch.zeros if zeros else torch.empty)(
-                    t.shape, dtype=t.dtype, device=t.device
-                )
-            self.results[name] = out
-            src, scalar = t.reshape(-1), t.dim() == 0
+            src, scalar, writable = t.reshape(-1), t.dim() == 0, True
+            keep, like = (value if contiguous else t), t
         else:
             arr = np.asarray(value)
             if arr.dtype.kind != "f":
-                self.results[name] = np.array(arr, copy=True)
+                self.results[name] = value if in_place else np.array(arr, copy=True)
                 return None
             if arr.dtype.type not in (np.float16, np.float32, np.float64):
                 raise TypeError(
                     f"variable {name!r}: dtype {arr.dtype} is not supported "
                     "(float16, float32, float64)"
                 )
+            copied = False
             if not arr.dtype.isnative:
-                arr = arr.astype(arr.dtype.newbyteorder("="))
+                arr, copied = arr.astype(arr.dtype.newbyteorder("=")), True
             if not arr.flags.c_contiguous:
-                arr = np.ascontiguousarray(arr)
+                arr, copied = np.ascontiguousarray(arr), True
             with warnings.catch_warnings():
-                # A read-only array (np.frombuffer over a received message) is fine: never written.
+                # A read-only array (np.frombuffer over a received message) is fine: it is only
+                # read, never written (in place too: its result is a new array).
                 warnings.simplefilter("ignore", UserWarning)
                 src = torch.from_numpy(arr).reshape(-1)
-            res = (np.zeros if zeros else np.empty)(arr.shape, arr.dtype)
-            self.results[name] = res
-            out = torch.from_numpy(res)
-            scalar = arr.ndim == 0
+            scalar, writable, like = arr.ndim == 0, bool(arr.flags.writeable), arr
+            keep = value if not copied and isinstance(value, np.ndarray) else arr
         work = torch.float64 if src.dtype is torch.float64 else torch.float32
-        return _Var(name, src, out.reshape(-1), scalar, work)
+        var = _Var(name, src, src, scalar, work, like, in_place=in_place and writable)
+        if var.in_place:
+            self.results[name] = keep
+        return var
+
+    def _new_result(self, var: _Var, zeros: bool) -> None:
+        """A new array (or tensor, on the input's device) for ``var``'s result."""
+        like = var.like
+        res: Any
+        if isinstance(like, torch.Tensor):
+            if like.device.type == "cpu":
+                res = _host_tensor(tuple(like.shape), like.dtype, zeros)
+            else:
+                res = (torch.zeros if zeros else torch.empty)(
+                    like.shape, dtype=like.dtype, device=like.device
+                )
+            var.out = res.reshape(-1)
+        else:
+            res = (np.zeros if zeros else np.empty)(like.shape, like.dtype)
+            var.out = torch.from_numpy(res).reshape(-1)
+        self.results[var.name] = res
+
+    def clear(self, var: _Var, lo: int, hi: int) -> None:
+        """Zeroes slots [lo, hi) of a result written in place (a new one starts as zeros);
+        a scalar passes through."""
+        if var.in_place and not var.scalar:
+            var.out[lo:hi].zero_()
 
     def chunks(self) -> Iterator[tuple[_Var, int, int]]:
         """(variable, start, stop) over every slot, in variable order."""
@@ -438,10 +493,16 @@ def _fused_pass(
     gamma: float,
     steps: float,
     ws: Workspace,
+    *,
+    write: bool = True,
 ) -> tuple[list[float], list[tuple[_Var, int, torch.Tensor, torch.Tensor]], bool] | None:
     """One pass that counts |d| under the bracket [lo, hi], keeps the values inside it (with
     their places), checks for NaN/Inf, and writes every output chunk with ``lo`` as a provisional
     cutoff: the exact cutoff lies in [lo, hi], so only the kept values can still change.
+
+    ``write=False`` (results written in place, into the values still to be read if the bracket
+    missed): the same pass without the writes; the caller then writes with ``lo``
+    (``_write_all``), which gives the very same outputs.
 
     Returns:
         (the ks-th smallest |d|, the in-bracket (var, chunk start, index, |d|) to fix up,
@@ -460,7 +521,8 @@ def _fused_pass(
         if src.dtype is var.work and steps == 1.0:
             d = src
         else:
-            own = out.dtype is var.work and not var.scalar  # a scalar's output is final
+            # a scalar's output is final; without ``write`` the output may be the input
+            own = write and out.dtype is var.work and not var.scalar
             o = out if own else ws.get("o", n, var.work, diff.device)
             if src.dtype is var.work:
                 d = torch.div(src, steps, out=o)
@@ -471,7 +533,7 @@ def _fused_pass(
         a = torch.abs(d, out=ws.get("a", n, var.work, diff.device))
         if not math.isfinite(float(torch.amax(a))):  # amax propagates NaN
             raise NonFiniteDiffError(var.name)
-        if not var.scalar:
+        if write and not var.scalar:
             _shrink_clip(var, c0, c1, lo, gamma, steps, ws, d=d)
         m = ws.get("m1", n, torch.bool, diff.device)
         if lo > -math.inf:
@@ -518,14 +580,17 @@ def percentile(
     gamma: float,
     steps: float,
     workspace: Workspace,
+    in_place: bool = False,
 ) -> dict[str, Any]:
     """PercentileProtocol's work (the algorithm is in its docstring).
 
     Small diffs: |d| into one flat buffer, exact selection, then the output pass. Large ones:
     a sampled bracket, then one fused pass over the diff (``_fused_pass``), then a sparse
-    fix-up of the ~1 % of outputs inside the bracket.
+    fix-up of the ~1 % of outputs inside the bracket. ``in_place`` (results into the inputs,
+    see ``_Diff``): the fused pass only reads, and the outputs are written in a second pass
+    with the same operations, so they are bit for bit those of a new Δ.
     """
-    diff = _Diff(model_diff, sort=False, zeros=False)
+    diff = _Diff(model_diff, sort=False, zeros=False, in_place=in_place)
     if diff.size == 0:
         return diff.result()
     k0, k1, t = _linear_ranks(diff.size, percentile)
@@ -534,7 +599,8 @@ def percentile(
         _write_all(diff, _lerp(v0, v1, t, diff.work), gamma, steps, workspace)
         return diff.result()
     lo, hi = _bracket(diff, [k0, k1], steps)
-    fused = _fused_pass(diff, [k0, k1], lo, hi, gamma, steps, workspace)
+    # in place, the pass only reads: a missed bracket or ties at lo read the input again
+    fused = _fused_pass(diff, [k0, k1], lo, hi, gamma, steps, workspace, write=not diff.in_place)
     if fused is None:
         v0, v1 = _exact_order_stats(diff, [k0, k1], steps, workspace)
         _write_all(diff, _lerp(v0, v1, t, diff.work), gamma, steps, workspace)
@@ -545,6 +611,8 @@ def percentile(
         log.debug("percentile: ties at the bracket's lower bound fell under the cutoff")
         _write_all(diff, cutoff, gamma, steps, workspace)
         return diff.result()
+    if diff.in_place:
+        _write_all(diff, lo, gamma, steps, workspace)  # the writes the pass left out
     for var, c0, idx, values in found:
         if var.scalar:
             continue
@@ -681,9 +749,15 @@ def svt(
     max_passes: int,
     generator: Callable[[torch.device], torch.Generator],
     workspace: Workspace,
+    in_place: bool = False,
 ) -> tuple[dict[str, Any], SvtStats]:
-    """SVTProtocol's work (the algorithm is in its docstring)."""
-    diff = _Diff(model_diff, sort=True, zeros=True)
+    """SVTProtocol's work (the algorithm is in its docstring).
+
+    ``in_place`` (results into the inputs, see ``_Diff``): the selection passes only read; the
+    release then goes chunk by chunk, each chunk's released values read before the chunk is
+    zeroed and they are written, so the outputs (and the draws) are those of a new Δ.
+    """
+    diff = _Diff(model_diff, sort=True, zeros=True, in_place=in_place)
     size = diff.size
     if size == 0:
         return diff.result(), SvtStats(0, 0, 0, 0, tau, 0.0)
@@ -747,12 +821,14 @@ def svt(
         c = counts[ci]
         if c == 0 or left == 0:
             pool -= c
+            diff.clear(var, lo, hi)
             continue
         draws = left if c >= pool else _binomial(left, c / pool, g, device)
         left -= draws
         pool -= c
         if draws == 0 or var.scalar:
-            continue  # a scalar spends its slot but passes through unchanged
+            diff.clear(var, lo, hi)  # a scalar spends its slot but passes through unchanged
+            continue
         acc = accepted[var.offset + lo : var.offset + hi]
         ranks = torch.randint(c, (draws,), generator=g, device=device)
         pos = _flatnonzero(acc).to(device).index_select(0, ranks)
@@ -769,6 +845,7 @@ def svt(
         x.add_(_laplace(x.numel(), lap_scale, var.work, g, device)).clamp_(-g_w, g_w)
         if steps != 1.0:
             x.mul_(steps)
+        diff.clear(var, lo, hi)  # in place: the chunk's last read was x
         if out_np is not None:
             out_np[pos.numpy()] = x.numpy().astype(out_np.dtype, copy=False)
         else:

@@ -9,7 +9,15 @@ __all__ = ["PrivacyProtocol"]
 
 
 class PrivacyProtocol(ABC):
-    """Turns a model difference into what may be shared."""
+    """Turns a model difference into what may be shared.
+
+    The lineage's call is ``apply(model_diff, train_ctx)``, and a protocol written for it (a
+    BYO protocol under ``custom/``) is called just so. A protocol whose ``apply`` also takes a
+    keyword ``in_place`` (the built-ins: ``apply(model_diff, train_ctx, *, in_place=False)``)
+    may be asked to write its result into ``model_diff``'s arrays: the model manager does so
+    when Δ is memory of its own, so that no second model-sized Δ is allocated. In place, the
+    result must be the one the protocol gives out of place (for the same random state).
+    """
 
     @abstractmethod
     def apply(self, model_diff: dict[str, Any], train_ctx: Any = None) -> dict[str, Any]:

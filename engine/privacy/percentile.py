@@ -28,9 +28,11 @@ class PercentileProtocol(PrivacyProtocol):
     The inputs stay where they are: numpy arrays give numpy arrays, torch tensors give torch
     tensors on the same device (a GPU model is filtered on the GPU), each with its dtype
     (computed in float32, or float64 for float64 input). Integer variables pass through as
-    copies. The caller's arrays are not modified. The cutoff is an exact order statistic found
-    with a sampled bracket, a counting pass and a selection inside the bracket, not a sort; work
-    buffers are kept on the instance across rounds, so an instance is not for concurrent use.
+    copies. The caller's arrays are not modified, unless ``apply(..., in_place=True)`` asks
+    for the result in them (the same values, no model-sized allocation). The cutoff is an exact
+    order statistic found with a sampled bracket, a counting pass and a selection inside the
+    bracket, not a sort; work buffers are kept on the instance across rounds, so an instance is
+    not for concurrent use.
 
     Args:
         percentile: the percentile of |d| under which entries are zeroed, in [0, 100].
@@ -47,13 +49,21 @@ class PercentileProtocol(PrivacyProtocol):
         self.gamma = check_number("gamma", gamma, low=0, low_open=True)
         self._workspace: Any = None  # engine.privacy._ops.Workspace, made on first use
 
-    def apply(self, model_diff: dict[str, Any], train_ctx: Any = None) -> dict[str, Any]:
+    def apply(
+        self, model_diff: dict[str, Any], train_ctx: Any = None, *, in_place: bool = False
+    ) -> dict[str, Any]:
         """The filtered update.
 
         Args:
             model_diff: Δ = local − global, variable name to numpy array or torch tensor.
             train_ctx: a mapping (or object) with ``total_steps``, the local steps T; None
                 (the default, as in the lineage) for T = 1.
+            in_place: write the result into ``model_diff``'s own arrays (the caller gives
+                their memory up: no model-sized result is allocated) and return them; integer
+                and bool variables pass through as they are. The result is bit for bit the
+                one a new Δ gets (False, the default: the input is left as it is). An array
+                that cannot be written (read-only, non-contiguous, byte-swapped) or that
+                shares memory with another variable gets a new result instead.
 
         Returns:
             variable name to array, the same names, types, shapes, dtypes and devices.
@@ -71,6 +81,7 @@ class PercentileProtocol(PrivacyProtocol):
             gamma=self.gamma,
             steps=total_steps(train_ctx),
             workspace=self._workspace,
+            in_place=in_place,
         )
 
     def __repr__(self) -> str:

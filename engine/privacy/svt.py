@@ -46,8 +46,9 @@ class SVTProtocol(PrivacyProtocol):
     (those draw the rest of their uniform and test exactly): the same distribution as drawing
     each ν, at a fraction of the cost. numpy arrays give numpy arrays, torch tensors give torch
     tensors on the same device and dtype; integer variables pass through as copies; the caller's
-    arrays are not modified. Work buffers are kept on the instance across rounds, so an instance
-    is not for concurrent use.
+    arrays are not modified, unless ``apply(..., in_place=True)`` asks for the result in them
+    (the same values and draws, no model-sized allocation). Work buffers are kept on the
+    instance across rounds, so an instance is not for concurrent use.
 
     Args:
         fraction: the fraction q of the values to share, in (0, 1].
@@ -96,13 +97,21 @@ class SVTProtocol(PrivacyProtocol):
             self._generators[key] = g
         return g
 
-    def apply(self, model_diff: dict[str, Any], train_ctx: Any = None) -> dict[str, Any]:
+    def apply(
+        self, model_diff: dict[str, Any], train_ctx: Any = None, *, in_place: bool = False
+    ) -> dict[str, Any]:
         """The privatized update.
 
         Args:
             model_diff: Δ = local − global, variable name to numpy array or torch tensor.
             train_ctx: a mapping (or object) with ``total_steps``, the local steps T; None
                 (the default, as in the lineage) for T = 1.
+            in_place: write the result into ``model_diff``'s own arrays (the caller gives
+                their memory up: no model-sized result is allocated) and return them; integer
+                and bool variables pass through as they are. The result is bit for bit the
+                one a new Δ gets (False, the default: the input is left as it is). An array
+                that cannot be written (read-only, non-contiguous, byte-swapped) or that
+                shares memory with another variable gets a new result instead.
 
         Returns:
             variable name to array, the same names, types, shapes, dtypes and devices.
@@ -125,6 +134,7 @@ class SVTProtocol(PrivacyProtocol):
             max_passes=self.max_passes,
             generator=self._generator,
             workspace=self._workspace,
+            in_place=in_place,
         )
         return out
 
