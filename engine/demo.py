@@ -23,6 +23,7 @@ from engine.provision import (
     site_tls_settings,
 )
 from engine.server import FederatedServer
+from engine.site.deploy import code_refusal
 from engine.site.logs import attach_workspace_logs
 from engine.site.paths import SitePaths
 from engine.site.site_service import SiteService
@@ -211,8 +212,29 @@ def prepare_workspace(
         if not deployed.exists():
             shutil.copytree(source, deployed)
             (deployed.parent / "fl_app.txt").write_text(f"{mmar_name}\n")
+    if mmar is not None:
+        _allow_the_mmars_code(root, names, source)
     if task == "segmentation":
         _segmentation_sites(root, names, torch_in_subprocess)
+
+
+def _allow_the_mmars_code(root: Path, names: list[str], mmar: Path) -> None:
+    """A researcher's MMAR with its own code (custom/, a script, config expressions) runs in the
+    demo: the demo's sites, all on this machine, allow it in their site policy, and say so. A
+    real site decides that in its own startup/site_policy.json; a demo site's existing policy
+    file is never replaced."""
+    why = code_refusal(mmar, False, None)
+    if why is None:
+        return
+    for name in names:
+        policy = SitePaths(root / name).startup / "site_policy.json"
+        if not policy.exists():
+            save_json_atomic(policy, {"allow_byoc": True})
+    log.warning(
+        "demo: the sites allow this MMAR's own code (allow_byoc in their "
+        "startup/site_policy.json), which the default policy refuses: %s",
+        why,
+    )
 
 
 def _check_same_mmar(root: Path, names: list[str], mmar_name: str) -> None:

@@ -163,3 +163,17 @@ def test_the_runbook_has_a_segmentation_scenario() -> None:
     (number,) = _only("segmentation-demo")
     scenario = next(s for s in SCENARIOS if s.number == number)
     assert scenario.task == "segmentation" and scenario.sites == 2
+
+
+def test_a_demo_of_an_mmar_with_its_own_code_lets_its_sites_run_it(tmp_path: Path) -> None:
+    """fltui demo --mmar: a researcher's MMAR with a script under custom/ runs on the demo's
+    own sites (their policy says so, and the log says why); other MMARs leave the policy be."""
+    from engine.demo import prepare_workspace
+
+    script = Path(__file__).resolve().parents[2] / "docs" / "examples" / "script_mmar"
+    prepare_workspace(tmp_path / "script", num_sites=2, num_rounds=1, mmar=script)
+    for site in ("site-1", "site-2"):
+        policy = tmp_path / "script" / site / "startup" / "site_policy.json"
+        assert json.loads(policy.read_text()) == {"allow_byoc": True}
+    prepare_workspace(tmp_path / "plain", num_sites=1, num_rounds=1)
+    assert not (tmp_path / "plain" / "site-1" / "startup" / "site_policy.json").exists()
