@@ -39,6 +39,7 @@ from engine.site.paths import SitePaths
 from engine.site.policy import load_site_policy
 from engine.training.components import check_component
 from engine.training.config import TRAIN_CONFIG, is_bundle, read_train_config
+from engine.training.script import script_model_problem
 
 __all__ = ["Report", "check_path", "main"]
 
@@ -357,6 +358,16 @@ def _workspace_policy(mmar: Path) -> Path | None:
 
 
 def _check_train(mmar: Path, report: Report) -> None:
+    client = (
+        read_mmar_client_config(mmar)[0]
+        if (mmar / "config" / "config_fed_client.json").is_file()
+        else None
+    )
+    if client is not None and client.script is not None:
+        # A research team's own script: no config_train.json, only the model to start from.
+        problem = script_model_problem(mmar)
+        report.add([problem] if problem is not None else [])
+        return
     if is_bundle(mmar):
         from engine.training.bundle import bundle_problems  # deferred: torch and MONAI
 

@@ -476,3 +476,18 @@ def test_the_client_api_imports_no_console_and_no_torch() -> None:
     ).stdout.splitlines()
     assert out[0] == "[]"
     assert "not started by a fltui site" in out[1]
+
+
+def test_check_config_knows_a_script_mmar(tmp_path: Path) -> None:
+    """No config_train.json to ask for: only the model the script's federation starts from."""
+    import shutil
+
+    from fltui.check_config import check_path
+
+    example = Path(__file__).resolve().parents[2] / "docs" / "examples" / "script_mmar"
+    assert check_path(example).problems == []
+    broken = Path(shutil.copytree(example, tmp_path / "m"))
+    for model in (broken / "models").glob("*.pt"):
+        model.unlink()
+    [problem] = check_path(broken).problems
+    assert problem.key == "PRETRAIN_WEIGHTS_FILE" and "does not exist" in str(problem)
