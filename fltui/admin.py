@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import cmd
+import contextlib
 import json
+import os
 import shlex
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import grpc
 
 from engine.config import ConfigError, load_json
-from engine.server.admin_console import COMMANDS
+from engine.server.admin_console import COMMAND_HELP, COMMANDS, SHELL_COMMANDS, did_you_mean
 from engine.site.deploy import DeployError, make_mmar_zip
 from engine.tls import (
     EXIT_REFUSED,
@@ -21,6 +26,7 @@ from engine.tls import (
     read_tls_files,
     security_failure,
 )
+from fltui.exits import EXIT_INTERRUPTED
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 
@@ -29,6 +35,8 @@ __all__ = [
     "AdminConsole",
     "AdminKit",
     "AdminRefused",
+    "AdminShell",
+    "command_list",
     "load_admin_kit",
     "run_admin",
 ]
@@ -176,38 +184,235 @@ def run_admin(
         print(f"fltui admin: refused: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     try:
-        return _console(console, words, json_out, out)
+        if words:
+            return _one_command(console, words, json_out, out)
+        return AdminShell(console, out).run()
     except AdminRefused as exc:
         # Not retried: a certificate or a permission does not change by asking again.
         print(f"fltui admin: refused: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("\nfltui admin: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         console.close()
 
 
-def _console(console: AdminConsole, words: list[str], json_out: bool, out: IO[str]) -> int:
-    """Runs one command or the interactive loop; returns the exit code."""
-    if words:
-        reply = console.execute(shlex.join(words))
-        print(reply.json if json_out and reply.json else reply.text, file=out)
-        return 0 if reply.ok else 1
-    print(
-        f"fltui admin: {console.user} at {console.target}; 'help' lists commands, 'bye' ends",
-        file=out,
-    )
-    while True:
+def _one_command(console: AdminConsole, words: list[str], json_out: bool, out: IO[str]) -> int:
+    name = words[0]
+    if name not in COMMANDS and name not in LOCAL_COMMANDS:
+        hint = did_you_mean(name, tuple(COMMANDS))
+        print(
+            f"fltui admin: unknown command {name!r}{hint}; `fltui admin --help` lists them",
+            file=sys.stderr,
+        )
+        return 2
+    if name in LOCAL_COMMANDS:
+        print(_help_text(words[1:]), file=out)
+        return 0
+    # Progress of a long command goes to stderr: stdout stays the result, for scripts.
+    reply = _execute(console, shlex.join(words), sys.stderr)
+    print(reply.json if json_out and reply.json else reply.text, file=out)
+    return 0 if reply.ok else 1
+
+
+def _execute(console: AdminConsole, line: str, progress: IO[str] | None) -> apb.ConsoleReply:
+    """Runs ``line`` in a thread (so Ctrl-C is felt at once); ``validate`` reports progress."""
+    box: dict[str, Any] = {}
+
+    def call() -> None:
         try:
-            line = input("> ").strip()
-        except EOFError:
-            return 0
-        if line in ("bye", "exit", "quit"):
-            return 0
-        if line in ("help", "?"):
-            for usage in COMMANDS.values():
-                print(f"  {usage}", file=out)
-            continue
-        if line:
-            print(console.execute(line).text, file=out)
+            box["reply"] = console.execute(line)
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=call, name="admin-command", daemon=True)
+    worker.start()
+    validating = progress is not None and line.split()[:1] == ["validate"]
+    last, next_poll = "", time.monotonic() + PROGRESS_PERIOD
+    while worker.is_alive():
+        worker.join(0.1)
+        if validating and worker.is_alive() and time.monotonic() >= next_poll:
+            next_poll = time.monotonic() + PROGRESS_PERIOD
+            reply = console.execute("validation_progress", timeout=5)
+            if reply.ok and reply.text != last and reply.text.startswith("validation"):
+                last = reply.text
+                print(reply.text, file=progress, flush=True)
+    if "error" in box:
+        raise box["error"]
+    return box["reply"]  # type: ignore[no-any-return]
+
+
+def _help_text(args: list[str]) -> str:
+    """``help``: every command with its line; ``help CMD``: its usage and line."""
+    if args:
+        name = args[0]
+        if name not in COMMANDS:
+            return f"no command {name!r}{did_you_mean(name, tuple(COMMANDS))}"
+        return f"usage: {COMMANDS[name]}\n  {COMMAND_HELP.get(name, '')}"
+    width = max(len(c) for c in COMMANDS)
+    lines = [f"  {c:<{width}}  {COMMAND_HELP.get(c, '')}" for c in COMMANDS]
+    lines.append(f"  {'help [CMD]':<{width}}  this list, or one command's usage")
+    lines.append(f"  {'bye':<{width}}  leave (also Ctrl-D or Ctrl-C)")
+    return "\n".join(lines)
+
+
+def command_list() -> str:
+    """Every command with a line each, for ``fltui admin --help``."""
+    return "commands:\n" + _help_text([])
+
+
+def history_file() -> Path:
+    """Where the interactive console keeps its history (``$XDG_STATE_HOME/fltui``)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "fltui" / "admin_history"
+
+
+class AdminShell(cmd.Cmd):
+    """The interactive console: line editing and history (readline), Tab completion of
+    commands, site names and MMARs, "did you mean", Ctrl-C and Ctrl-D to leave."""
+
+    prompt = "> "
+
+    def __init__(self, console: AdminConsole, out: IO[str]) -> None:
+        super().__init__(stdout=out)
+        self.console = console
+        self.out = out
+        self.code = 0
+        self._sites: tuple[float, list[str]] = (0.0, [])
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        """Runs until ``bye``, Ctrl-D or Ctrl-C; returns the exit code."""
+        print(
+            f"fltui admin: {self.console.user} at {self.console.target}; "
+            "'help' lists commands, Ctrl-D leaves",
+            file=self.out,
+        )
+        rl = _readline() if sys.stdin.isatty() else None
+        if rl is not None:
+            rl.set_completer_delims(" \t\n")  # site-1 is one word
+            with contextlib.suppress(OSError):
+                rl.read_history_file(history_file())
+            rl.set_history_length(1000)
+        else:
+            self.use_rawinput = sys.stdin.isatty()
+            self.prompt = "> " if sys.stdin.isatty() else ""
+        try:
+            self.cmdloop()
+        except KeyboardInterrupt:
+            print("", file=self.out)  # off the prompt's line, no traceback
+            self.code = EXIT_INTERRUPTED
+        finally:
+            if rl is not None:
+                _save_history(rl)
+        return self.code
+
+    def onecmd(self, line: str) -> bool:
+        line = line.strip()
+        if not line:
+            return False
+        if line == "EOF":  # Ctrl-D
+            print("", file=self.out)
+            return True
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            print(f"cannot parse the command: {exc}", file=self.out)
+            return False
+        name = words[0]
+        if name in ("bye", "exit", "quit"):
+            return True
+        if name in LOCAL_COMMANDS:
+            print(_help_text(words[1:]), file=self.out)
+            return False
+        if name not in COMMANDS:
+            hint = did_you_mean(name, (*COMMANDS, *LOCAL_COMMANDS, "bye"))
+            print(f"unknown command {name!r}{hint}; 'help' lists commands", file=self.out)
+            return False
+        try:
+            reply = _execute(self.console, line, self.out)
+        except KeyboardInterrupt:
+            print(
+                f"\n(stopped waiting; the server goes on with {name!r} — check_status shows "
+                "where the sites are)",
+                file=self.out,
+            )
+            return False
+        print(reply.text, file=self.out)
+        return False
+
+    # ------------------------------------------------------------------ completion
+
+    def completenames(self, text: str, *ignored: Any) -> list[str]:
+        names = [*COMMANDS, *LOCAL_COMMANDS, "bye"]
+        return [f"{n} " for n in names if n.startswith(text)]
+
+    def completedefault(self, text: str, line: str, begidx: int, endidx: int) -> list[str]:
+        words = line[:begidx].split()
+        if not words:
+            return self.completenames(text)
+        return [f"{c} " for c in self._candidates(words[0], len(words) - 1) if c.startswith(text)]
+
+    def _candidates(self, name: str, position: int) -> list[str]:
+        """What may stand at ``position`` (0: the first argument) of command ``name``."""
+        if name in LOCAL_COMMANDS:
+            return list(COMMANDS) if position == 0 else []
+        if name in SHELL_COMMANDS:
+            return self.sites() if position == 0 else []
+        if name == "deploy":
+            if position == 0:
+                transfer = self.console.kit / "transfer"
+                return sorted(p.name for p in transfer.glob("*") if p.is_dir())
+            return ["client"] if position == 1 else [*self.sites(), "all"]
+        if name == "start_mgpu":
+            return ["client"] if position == 0 else self.sites() if position == 2 else []
+        if name == "validate":
+            return ["all", *self.sites()] if position == 0 else self.sites()
+        if name in ("check_status", "start"):
+            return ["client", "server"] if position == 0 else [*self.sites(), "all"]
+        if name in CLIENT_TARGETED:
+            return ["client"] if position == 0 else [*self.sites(), "all"]
+        return []
+
+    def sites(self) -> list[str]:
+        """The server's registered sites (asked at most every few seconds; none if it is down)."""
+        when, names = self._sites
+        if time.monotonic() - when < 5.0:
+            return names
+        names = []
+        try:
+            reply = self.console.execute("check_status server", timeout=3)
+            if reply.ok and reply.json:
+                names = list(json.loads(reply.json).get("sites", []))
+        except (AdminRefused, ValueError):
+            pass
+        self._sites = (time.monotonic(), names)
+        return names
+
+
+CLIENT_TARGETED = ("abort", "restart", "shutdown", "sys_info")
+LOCAL_COMMANDS = ("help", "?")
+PROGRESS_PERIOD = 2.0
+
+
+def _readline() -> Any:
+    try:
+        import readline  # deferred: only an interactive console edits lines
+    except ImportError:  # a Python built without it: plain input
+        return None
+    return readline
+
+
+def _save_history(rl: Any) -> None:
+    path = history_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        rl.write_history_file(path)
+        os.chmod(path, 0o600)  # commands name sites and runs: the admin's own
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

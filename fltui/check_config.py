@@ -1,10 +1,13 @@
-"""``fltui check-config PATH``: every problem of a startup kit, MMAR or workspace, at once.
+"""``fltui check-config PATH [MMAR]``: every problem of a startup kit, MMAR or workspace, at once.
 
 PATH may be a site workspace (``startup/fed_client.json`` and its deployed ``run_<N>/mmar_<site>``
 and offered ``transfer/*`` MMARs), a startup kit folder or its ``fed_client.json``, an MMAR (a
 folder with ``config/``) or one of its config files, or a server folder or its
 ``config_fed_server.json``. Each problem is one line: ``FILE: KEY: what is wrong and expected``.
-A site's own code (``custom/``) is never imported here: only its presence is checked.
+A site's own code (``custom/``) is never imported here: only its presence is checked. With a
+second path (``check-config KIT MMAR``), the pair too: the MMAR's task (``servers[0].name``)
+must be a federation of the kit, as deploy and start require. A workspace's MMARs are checked
+against its kit the same way.
 
 Exit status: 0 no problem, 1 problems found (all printed), 2 bad usage (no such path, or not a
 kit, MMAR or workspace).
@@ -37,11 +40,12 @@ from engine.privacy import build_privacy
 from engine.site.deploy import policy_refusal
 from engine.site.paths import SitePaths
 from engine.site.policy import load_site_policy
+from engine.site.site_engine import served_endpoint
 from engine.training.components import check_component
 from engine.training.config import TRAIN_CONFIG, is_bundle, read_train_config
 from engine.training.script import script_model_problem
 
-__all__ = ["Report", "check_path", "main"]
+__all__ = ["Report", "check_pair", "check_path", "main"]
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
@@ -98,6 +102,52 @@ def check_path(path: Path) -> Report:
     return report
 
 
+def _kit_file(path: Path) -> Path | None:
+    """The ``fed_client.json`` that ``path`` (a workspace, a kit folder or the file) names."""
+    for candidate in (path / "startup" / "fed_client.json", path / "fed_client.json", path):
+        if candidate.is_file() and candidate.name == "fed_client.json":
+            return candidate
+    return None
+
+
+def check_pair(kit_path: Path, mmar: Path) -> Report:
+    """Checks a startup kit, an MMAR, and that the kit's federation serves the MMAR's task.
+
+    Raises:
+        UsageError: ``kit_path`` is no kit or workspace, or ``mmar`` no MMAR.
+    """
+    kit_path, mmar = Path(kit_path), Path(mmar)
+    kit = _kit_file(kit_path)
+    if kit is None:
+        raise UsageError(
+            f"{kit_path}: not a startup kit (fed_client.json) or site workspace "
+            "(startup/fed_client.json)"
+        )
+    if mmar.is_file() or not ((mmar / "config").is_dir() or is_bundle(mmar)):
+        raise UsageError(f"{mmar}: not an MMAR (a folder with config/) or a MONAI bundle")
+    if not mmar.exists():
+        raise UsageError(f"{mmar}: no such file or folder")
+    report = check_path(kit_path)
+    _check_mmar(mmar, report)
+    _check_task(kit, mmar, report)
+    return report
+
+
+def _check_task(kit: Path, mmar: Path, report: Report) -> None:
+    """The MMAR's task must be one of the kit's federations (what deploy and start check)."""
+    try:
+        config = load_client_kit(kit)
+    except ConfigError:
+        return  # reported with the kit
+    mmar_config, _ = read_mmar_client_config(mmar)
+    if mmar_config is None:
+        return  # reported with the MMAR
+    try:
+        served_endpoint(config, mmar_config)
+    except ConfigError as exc:
+        report.add([exc])
+
+
 def _check_file(path: Path, report: Report) -> None:
     if path.parent.name == "config" and (
         path.name in _MMAR_FILES or path.name == "environment.json"
@@ -125,6 +175,7 @@ def _check_workspace(root: Path, report: Report) -> None:
     mmars += sorted(p for p in (root / "transfer").glob("*") if (p / "config").is_dir())
     for mmar in mmars:
         _check_mmar(mmar, report)
+        _check_task(kit, mmar, report)
     _check_site_he_context(root, mmars, report)
 
 
@@ -408,7 +459,7 @@ def print_report(report: Report, out: TextIO) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``fltui check-config PATH``; returns the exit status (0 clean, 1 problems, 2 usage)."""
+    """``fltui check-config PATH [MMAR]``: the exit status (0 clean, 1 problems, 2 usage)."""
     parser = argparse.ArgumentParser(
         prog="fltui check-config",
         description="Check a site workspace, startup kit, MMAR or server config (Clara 3.1 "
@@ -416,12 +467,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "expected.",
     )
     parser.add_argument("path", type=Path, help="workspace, kit, MMAR, server folder or file")
+    parser.add_argument(
+        "mmar",
+        type=Path,
+        nargs="?",
+        help="with a kit or workspace as PATH: an MMAR to check against it (its servers[0].name "
+        "must be one of the kit's federations, as deploy and start require)",
+    )
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EXIT_USAGE if exc.code else EXIT_OK
     try:
-        report = check_path(args.path)
+        if args.mmar is not None:
+            report = check_pair(args.path, args.mmar)
+        else:
+            report = check_path(args.path)
     except UsageError as exc:
         print(f"fltui check-config: {exc}", file=sys.stderr)
         return EXIT_USAGE

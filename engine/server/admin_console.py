@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import shlex
 import threading
@@ -16,7 +17,13 @@ from engine.shell import ShellCommandError, parse_shell_command
 from protos import admin_pb2 as apb
 from protos import admin_pb2_grpc
 
-__all__ = ["COMMANDS", "AdminConsoleService"]
+__all__ = [
+    "COMMANDS",
+    "COMMAND_HELP",
+    "AdminConsoleService",
+    "did_you_mean",
+    "format_validation_progress",
+]
 
 SHELL_COMMANDS = ("ls", "cat", "head", "tail", "grep", "pwd", "env")
 
@@ -31,14 +38,67 @@ COMMANDS = {
     "shutdown": "shutdown client site|all",
     "delete_run_number": "delete_run_number N",
     "validate": "validate all | validate DATA_SITE MODEL_OWNER",
+    "validation_progress": "validation_progress",
     "sys_info": "sys_info client site",
     "set_timeout": "set_timeout SECONDS",
     **{c: f"{c} site [args]   (read-only, inside the site's workspace)" for c in SHELL_COMMANDS},
 }
 
+# One line each, for ``fltui admin --help`` and the console's ``help``.
+COMMAND_HELP = {
+    "check_status": "the server's round and sites, or each site's status and last error",
+    "set_run_number": "the run number that deploy, start and delete_run_number act on",
+    "deploy": "send an MMAR from the kit's transfer/ to sites (checked there before it is kept)",
+    "start": "start training the deployed run at sites",
+    "start_mgpu": "start training on GPUS GPUs at one site",
+    "abort": "stop training at sites (the sites stay up)",
+    "restart": "restart the sites' engines",
+    "shutdown": "stop the sites' services",
+    "delete_run_number": "delete run N's folder at every site",
+    "validate": "cross-site validation: each site validates every model, with progress",
+    "validation_progress": "how far the running (or last) cross-site validation is",
+    "sys_info": "a site's machine: OS, Python, CPUs, GPUs",
+    "set_timeout": "how long to wait for each site's reply",
+    "pwd": "a site's workspace folder",
+    "env": "a site's environment (secrets hidden)",
+    "ls": "list files in a site's workspace",
+    "cat": "print a file of a site's workspace",
+    "head": "the first lines of a file of a site's workspace",
+    "tail": "the last lines of a file of a site's workspace",
+    "grep": "search files of a site's workspace",
+}
+
+
+def format_validation_progress(data: dict[str, Any]) -> str:
+    """One line: each site's models validated / expected and its current one, elapsed, timeout."""
+    parts = []
+    for site, p in sorted(data.get("sites", {}).items()):
+        if p.get("done"):
+            parts.append(f"{site} done ({p['validated']}/{p['expected']})")
+            continue
+        now = f", on {p['current']}'s" if p.get("current") else ""
+        parts.append(
+            f"{site} {p['validated']}/{p['expected']} validated, {p['received']} received{now}"
+        )
+    head = "validation" if data.get("outcome") == "running" else f"validation {data['outcome']}"
+    return (
+        f"{head}: {'; '.join(parts) or 'no site'} · {data.get('elapsed', 0):.0f} s "
+        f"of {data.get('timeout', 0):g} s"
+    )
+
+
+def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    """`` (did you mean X?)`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
 
 class _Usage(Exception):
-    pass
+    """The command's form is wrong: the reply ends with its usage line."""
+
+
+class _Refused(Exception):
+    """The command is well formed but cannot be done now (no usage line: the form was right)."""
 
 
 class AdminConsoleService(admin_pb2_grpc.AdminConsoleServicer):
@@ -53,6 +113,8 @@ class AdminConsoleService(admin_pb2_grpc.AdminConsoleServicer):
         self.run_number: int | None = None
         self.timeout = 10.0
         self._lock = threading.Lock()
+        # The running (or last) cross-site validation, for ``validation_progress``.
+        self.validation: dict[str, Any] = {}
 
     def Execute(
         self, request: apb.ConsoleCommand, context: grpc.ServicerContext
@@ -75,13 +137,17 @@ class AdminConsoleService(admin_pb2_grpc.AdminConsoleServicer):
             handler = self._shell
             args = words
         if handler is None:
-            known = ", ".join(sorted(COMMANDS))
-            return apb.ConsoleReply(ok=False, text=f"unknown command {name!r} (commands: {known})")
+            hint = did_you_mean(name, tuple(COMMANDS))
+            if not hint:
+                hint = f" (commands: {', '.join(sorted(COMMANDS))})"
+            return apb.ConsoleReply(ok=False, text=f"unknown command {name!r}{hint}")
         try:
             ok, text, data = handler(args, request)
         except _Usage as exc:
             usage = COMMANDS.get(name, "")
             return apb.ConsoleReply(ok=False, text=f"{exc}\nusage: {usage}")
+        except _Refused as exc:
+            return apb.ConsoleReply(ok=False, text=str(exc))
         return apb.ConsoleReply(ok=ok, text=text, json=json.dumps(data) if data is not None else "")
 
     # ------------------------------------------------------------------ helpers
@@ -95,8 +161,9 @@ class AdminConsoleService(admin_pb2_grpc.AdminConsoleServicer):
             return registered
         unknown = [s for s in args if s not in registered]
         if unknown:
+            hint = did_you_mean(unknown[0], registered)
             known = ", ".join(registered) or "none"
-            raise _Usage(f"not registered: {', '.join(unknown)} (registered: {known})")
+            raise _Refused(f"not registered: {', '.join(unknown)}{hint} (registered: {known})")
         return args
 
     def _client_target(self, args: list[str]) -> list[str]:
@@ -146,7 +213,7 @@ class AdminConsoleService(admin_pb2_grpc.AdminConsoleServicer):
 
     def _need_run(self) -> dict[str, str]:
         if self.run_number is None:
-            raise _Usage("set a run number first (set_run_number N)")
+            raise _Refused("set a run number first (set_run_number N)")
         return {MsgHeader.RUN_NUMBER: str(self.run_number)}
 
     # ------------------------------------------------------------------ commands
@@ -192,7 +259,7 @@ class AdminConsoleService(admin_pb2_grpc.AdminConsoleServicer):
             raise _Usage("name the MMAR and the target")
         headers = {**self._need_run(), MsgHeader.APP_NAME: args[0]}
         if not request.attachment:
-            raise _Usage("the console sends the MMAR zip with the command (use fltui admin)")
+            raise _Refused("the console sends the MMAR zip with the command (use fltui admin)")
         return self._send(
             self._client_target(args[1:]), Topic.DEPLOY, request, bytes(request.attachment), headers
         )
@@ -235,22 +302,72 @@ class AdminConsoleService(admin_pb2_grpc.AdminConsoleServicer):
         sites = self._sites([])
         start = len(self.server.admin.results)
         self.server.reset_cross_site_delivery(sites)
+        timeout = max(self.timeout, 600.0)
+        began = time.monotonic()
+        self.validation = {
+            "sites": sites,
+            "started": time.time(),
+            "timeout": timeout,
+            "done": [],
+            "outcome": "running",
+        }
         ok, text, data = self._send(sites, Topic.VALIDATE, request)
         if not ok:
+            self.validation["outcome"] = "refused"
             return ok, text, data
         # Each site validates in the background and sends its result when done.
-        deadline = time.monotonic() + max(self.timeout, 600.0)
+        deadline = began + timeout
         while time.monotonic() < deadline:
             done = {s for s, m in self.server.admin.results[start:] if m.topic == Topic.VALIDATE}
+            self.validation["done"] = sorted(done & set(sites))
             if set(sites) <= done:
                 break
             time.sleep(0.2)
         else:
-            return False, "validation results did not all arrive in time", data
+            progress = self._validation_progress()
+            self.validation["outcome"] = "timed out"
+            missing = [s for s in sites if s not in self.validation["done"]]
+            details = "; ".join(
+                f"{s}: {p['validated']} of {p['expected']} models validated, "
+                f"{p['received']} received" + (f", on {p['current']}'s" if p["current"] else "")
+                for s, p in progress["sites"].items()
+                if s in missing
+            )
+            matrix = self.server.cross_val_results_snapshot()
+            return (
+                False,
+                f"validation timed out after {timeout:g} s: no result from "
+                f"{', '.join(missing)} ({details}); results so far:\n"
+                + json.dumps(matrix, indent=2, sort_keys=True),
+                {"timed_out": True, "missing": missing, "results": matrix},
+            )
+        self.validation["outcome"] = "done"
         matrix = self.server.cross_val_results_snapshot()
         if len(args) == 2:
             matrix = {args[0]: {args[1]: matrix.get(args[0], {}).get(args[1])}}
         return True, json.dumps(matrix, indent=2, sort_keys=True), matrix
+
+    def _validation_progress(self) -> dict[str, Any]:
+        v = self.validation
+        if not v:
+            return {"outcome": "none"}
+        with self.server._cond:
+            finished = self.server.finished
+        sites = self.server.cross_site.progress(v["sites"], finished)
+        for site in v["done"]:
+            sites[site]["done"] = True
+        return {
+            "outcome": v["outcome"],
+            "elapsed": round(time.time() - v["started"], 1),
+            "timeout": v["timeout"],
+            "sites": sites,
+        }
+
+    def _cmd_validation_progress(self, args: list[str], request: apb.ConsoleCommand) -> Any:
+        data = self._validation_progress()
+        if data["outcome"] == "none":
+            return True, "no validation has run", data
+        return True, format_validation_progress(data), data
 
     def _shell(self, words: list[str], request: apb.ConsoleCommand) -> Any:
         if len(words) < 2:

@@ -31,6 +31,8 @@ class CrossSiteStore:
         self.best_models: dict[str, dict[str, np.ndarray]] = {}
         self.results: dict[str, dict[str, dict[str, Any]]] = {}
         self._delivered: dict[str, set[str]] = {}
+        # Owners each site has sent results for since its validation began (progress).
+        self._validated: dict[str, list[str]] = {}
 
     def put_best(self, site: str, params: dict[str, np.ndarray]) -> None:
         """Keeps (and saves) a site's best local model; an empty one: it does not take part."""
@@ -40,6 +42,7 @@ class CrossSiteStore:
             self.best_models[site] = params
             # A site's validation begins with its best model: it gets every model again.
             self._delivered.pop(site, None)
+            self._validated.pop(site, None)
             self._cond.notify_all()
 
     def due(
@@ -73,6 +76,8 @@ class CrossSiteStore:
         with self._cond:
             mine = self.results.setdefault(site, {})
             mine.update(results)
+            done = self._validated.setdefault(site, [])
+            done.extend(o for o in results if o not in done)
             snapshot = {k: dict(v) for k, v in self.results.items()}
         save_json_atomic(self.workspace / RESULTS_FILE, snapshot)
 
@@ -81,6 +86,26 @@ class CrossSiteStore:
         with self._cond:
             for site in sites:
                 self._delivered.pop(site, None)
+                self._validated.pop(site, None)
+
+    def progress(self, sites: Iterable[str], finished: bool) -> dict[str, dict[str, Any]]:
+        """Per site: models received / expected, validated, and the one it validates now."""
+        with self._cond:
+            owners = sorted(o for o, m in self.best_models.items() if m)
+            if finished:
+                owners.append(SERVER_OWNER)
+            out: dict[str, dict[str, Any]] = {}
+            for site in sites:
+                delivered = sorted(self._delivered.get(site, ()))
+                validated = list(self._validated.get(site, ()))
+                current = next((o for o in delivered if o not in validated), "")
+                out[site] = {
+                    "received": len(delivered),
+                    "expected": max(len(owners), len(delivered)),
+                    "validated": len(validated),
+                    "current": current,
+                }
+            return out
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """``{data_site: {model_owner: metrics}}`` as received so far."""

@@ -15,8 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from engine.admin_defs import Message, MsgHeader, Topic, new_message
-from engine.config import ConfigError
-from engine.events import AdminRequestHandled, CrossSiteValidated, Event, RunChanged
+from engine.config import ConfigError, load_client_kit
+from engine.events import (
+    AdminRequestHandled,
+    CrossSiteValidated,
+    Event,
+    FederationFinished,
+    RunChanged,
+    StatusChanged,
+)
 from engine.site.deploy import DeployError, deploy_mmar, policy_refusal
 from engine.site.paths import SitePaths, check_run_number, holds_mmar, latest_run
 from engine.site.policy import AuditLog, SitePolicy
@@ -73,6 +80,24 @@ class ClientAdminInterface:
         self.run_number: int | None = None
         self.mmar_name = ""
         self.validating = False
+        # The last failure of a run, as (run number, one line), for check_status.
+        self.last_error: tuple[int | None, str] | None = None
+        self._unsubscribe = self.bus.subscribe(self._note_error)
+
+    def _note_error(self, event: Event) -> None:
+        if event.site != self.client_name:
+            return
+        if isinstance(event, RunChanged) and event.running:
+            self.last_error = None  # a new run: the errors of the last one are not its
+        elif isinstance(event, StatusChanged) and event.status == ClientStatus.TRAINING_EXCEPTION:
+            self.last_error = (self.run_number, _one_line(event.detail or event.message))
+        elif (
+            isinstance(event, FederationFinished)
+            and event.outcome == "failed"
+            and event.detail
+            and self.last_error is None
+        ):
+            self.last_error = (self.run_number, _one_line(event.detail))
 
     # ------------------------------------------------------------------ plumbing
 
@@ -137,6 +162,9 @@ class ClientAdminInterface:
             pid = getattr(self.executor, "pid", None)
             if pid and self.executor.is_running():
                 text += f"\tworker pid: {pid}"
+        if self.last_error is not None:
+            run, error = self.last_error
+            text += f"\tlast error (run {run if run is not None else '?'}): {error}"
         return text
 
     def status_dict(self) -> dict[str, Any]:
@@ -148,6 +176,11 @@ class ClientAdminInterface:
             "worker_pid": getattr(self.executor, "pid", None)
             if self.executor.is_running()
             else None,
+            "last_error": (
+                {"run_number": self.last_error[0], "error": self.last_error[1]}
+                if self.last_error is not None
+                else None
+            ),
         }
 
     # ------------------------------------------------------------------ deploy and runs
@@ -164,6 +197,10 @@ class ClientAdminInterface:
             if self.executor.is_running() and self.run_number in (number, None):
                 raise AdminError(f"run {number} is in use; abort it before deploying over it")
             policy = self.policy.current()  # the policy file as it is now (one read)
+            try:
+                kit = load_client_kit(SitePaths(self.workspace).kit)
+            except ConfigError as exc:
+                raise AdminError(f"deploy: {exc}") from None
             path = deploy_mmar(
                 data.body,
                 self.workspace,
@@ -174,7 +211,8 @@ class ClientAdminInterface:
                 policy_file=policy.path,
                 trusted_packages=policy.trusted_packages,
                 allow_expressions=policy.expressions_allowed,
-                check=check_mmar,
+                # What start would find, the federation's name included.
+                check=lambda tree: check_mmar(tree, kit),
             )
         (self._run_dir(number) / "fl_app.txt").write_text(app + "\n")
         log.info("%s: deployed %s as %s", self.client_name, app, path)
@@ -211,7 +249,7 @@ class ClientAdminInterface:
         if refusal:
             raise AdminError(refusal)
         try:
-            check_mmar(mmar)
+            check_mmar(mmar, load_client_kit(SitePaths(self.workspace).kit))
         except ConfigError as exc:
             raise AdminError(str(exc)) from None
         return mmar
@@ -334,7 +372,15 @@ class ClientAdminInterface:
             self._on_shutdown(restart)
 
     def close(self) -> None:
+        self._unsubscribe()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """A failure in one line: a traceback's last line (the exception), capped."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    line = lines[-1] if lines and lines[0].startswith("Traceback") else " ".join(lines)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _app_name(run_dir: Path) -> str:

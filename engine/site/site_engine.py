@@ -34,21 +34,46 @@ from engine.training.script import script_model_problem
 
 PROGRESS_PERIOD = 0.5  # seconds between two ProgressUpdated events of a site
 
-__all__ = ["SiteEngine", "check_mmar"]
+__all__ = ["SiteEngine", "check_mmar", "served_endpoint"]
 
 log = logging.getLogger("engine.site")
 
 
-def check_mmar(mmar: Path) -> None:
+def served_endpoint(kit: ClientKitConfig, mmar_config: MMARClientConfig) -> ServerEndpoint:
+    """The startup kit's server for the MMAR's task (``servers[0].name``).
+
+    Raises:
+        ConfigError: no server of the kit serves that task (naming the MMAR's key, the task
+            and the kit's federations).
+    """
+    task = mmar_config.task_name
+    if not task and len(kit.servers) == 1:
+        task = kit.servers[0].name  # an MMAR that names none (a bare MONAI bundle)
+    for server in kit.servers:
+        if server.name == task:
+            return server
+    names = ", ".join(s.name for s in kit.servers)
+    raise ConfigError(
+        mmar_config.path,
+        "servers[0].name",
+        f"task {task!r} is not served by any server of {kit.path} ({names}); the MMAR's "
+        "servers[0].name must name the federation of this site's startup kit",
+    )
+
+
+def check_mmar(mmar: Path, kit: ClientKitConfig | None = None) -> None:
     """Parses an MMAR's configs and builds its built-in federated components (no torch).
 
     Components named by ``path`` (a site's own code) are not imported here: only the training
-    worker runs them, after the site policy allowed them.
+    worker runs them, after the site policy allowed them. With ``kit`` (the site's startup
+    kit), the MMAR's task must be one of the kit's federations, as at start.
 
     Raises:
         ConfigError: naming the file, the key and what is expected.
     """
     config = load_mmar_client_config(mmar)
+    if kit is not None:
+        served_endpoint(kit, config)
     # environment.json (with the site's own local/environment.json over it, for an MMAR in a
     # site workspace) and config_train.json's form too (a TensorFlow one is refused here,
     # before a worker starts); building the torch components is the worker's.
@@ -127,23 +152,13 @@ class SiteEngine:
 
     def _server_args(self) -> list[Any]:
         # The MMAR names the task; the startup kit says where its server is.
-        task = self.mmar_config.task_name
-        if not task and len(self.kit.servers) == 1:
-            task = self.kit.servers[0].name  # an MMAR that names none (a bare MONAI bundle)
-        for server in self.kit.servers:
-            if server.name == task:
-                # The MMAR's service.options go to gRPC too; the kit's win for the same option.
-                given = {name for name, _ in server.options}
-                extra = [o for o in self.mmar_config.server_options(task) if o[0] not in given]
-                if extra:
-                    server = ServerEndpoint(server.name, server.target, [*server.options, *extra])
-                return [server]
-        names = ", ".join(s.name for s in self.kit.servers)
-        raise ConfigError(
-            self.mmar_config.path,
-            "servers[0].name",
-            f"task {task!r} is not served by any server of {self.kit.path} ({names})",
-        )
+        server = served_endpoint(self.kit, self.mmar_config)
+        # The MMAR's service.options go to gRPC too; the kit's win for the same option.
+        given = {name for name, _ in server.options}
+        extra = [o for o in self.mmar_config.server_options(server.name) if o[0] not in given]
+        if extra:
+            server = ServerEndpoint(server.name, server.target, [*server.options, *extra])
+        return [server]
 
     def _on_progress(self, step: int, total: int, epoch: int, loss: float) -> None:
         now = time.monotonic()
