@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError, load_server_config
+from engine.config import ConfigError, load_client_kit, load_server_config
 from engine.events import Event, EventBus, LogRecord, event_from_dict
 from engine.fileio import load_npz, save_json_atomic, tail_text
 from engine.provision import (
@@ -24,6 +24,7 @@ from engine.provision import (
 )
 from engine.server import FederatedServer
 from engine.site.deploy import code_refusal
+from engine.site.lock import SessionClaim
 from engine.site.logs import attach_workspace_logs
 from engine.site.paths import SitePaths
 from engine.site.site_service import SiteService
@@ -452,6 +453,10 @@ class DemoFederation:
 
     def _run_site_1(self) -> str:
         root = self.root / "site-1"
+        # This machine's one live session of site-1 with this server: a console or service
+        # pointed at site-1's workspace is refused rather than take it over.
+        claim = SessionClaim("site-1", load_client_kit(SitePaths(root).kit).servers[0].target, root)
+        claim.acquire()
         detach = attach_workspace_logs(root, self.bus, "site-1")
         try:
             service = SiteService(root, self.bus)
@@ -463,6 +468,7 @@ class DemoFederation:
             return service.run(auto_start=True, stay=self.site_1_stays)
         finally:
             detach()
+            claim.release()
 
     def _start_peer(self, name: str) -> None:
         root = self.root / name

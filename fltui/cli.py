@@ -59,6 +59,16 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     )
 
 
+class _AdminParser(argparse.ArgumentParser):
+    """``fltui admin``'s parser: its help ends with every command and a line each."""
+
+    def format_help(self) -> str:
+        from fltui.admin import command_list  # deferred: gRPC; only when help is asked
+
+        self.epilog = command_list()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fltui",
@@ -140,12 +150,32 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("mmar", nargs="?", help="deploy: an MMAR name in transfer/, or a path")
     ctl.add_argument("--run", type=int, default=None, metavar="N", help="deploy/start: run N")
     ctl.add_argument("--gpus", type=int, default=1, metavar="N", help="start: train on N GPUs")
+    # The admin's parser lists every command in its help, read only when help is asked.
+    default_class, sub._parser_class = sub._parser_class, _AdminParser  # type: ignore[attr-defined]
     admin = sub.add_parser(
         "admin",
         help="the federation admin's console (interactive, or one command: "
         "fltui admin --workspace KIT check_status client site-1)",
+        description="The federation admin's console. Without a command: interactive, with line\n"
+        "editing, history and Tab completion of commands and site names (Ctrl-D or Ctrl-C\n"
+        "leaves). With one: runs it and exits 0 when every site answered ok, 1 when not,\n"
+        "2 for an unknown command or a bad kit, 3 when refused by TLS or authentication.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(admin, suppress=True)
+    sub._parser_class = default_class  # type: ignore[attr-defined]
+    admin.add_argument(
+        "--workspace",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="KIT",
+        help="the admin kit (startup/fed_admin.json, transfer/); default $FLTUI_WORKSPACE or .",
+    )
+    admin.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="one command's result as JSON (e.g. validate's {data_site: {model_owner: metrics}})",
+    )
     admin.add_argument("words", nargs=argparse.REMAINDER, help="one command to run, then exit")
     sub.add_parser(  # dispatched before parsing (see main); here for --help
         "provision",
@@ -209,9 +239,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_ui and args.command in (None, "demo"):
         return _run_console(args)
     if args.command == "admin":
-        from fltui.admin import run_admin  # deferred: gRPC, X.509; not for --help
+        try:
+            from fltui.admin import run_admin  # deferred: gRPC, X.509; not for --help
 
-        return run_admin(_workspace(args), list(args.words), json_out=args.json)
+            return run_admin(_workspace(args), list(args.words), json_out=args.json)
+        except KeyboardInterrupt:  # while starting: leave without a traceback
+            print("\nfltui admin: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
     if args.command == "ctl":
         from fltui.ctl import run_ctl  # deferred: loads when the command runs
 
@@ -370,29 +404,40 @@ def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
         task=args.task,
         mmar=args.mmar.resolve() if args.mmar is not None else None,
     )
-    host = None
-    if args.service:
-        from engine.gpu import GpuSampler  # deferred: the engine; not for --help
-        from engine.site.actions import SiteActions  # deferred: the engine; not for --help
-        from engine.site.lock import (  # deferred: the engine; not for --help
-            ServiceError,
-            WorkspaceBusy,
-        )
-        from engine.site.runner import ServiceHost  # deferred: the engine; not for --help
+    from engine.gpu import GpuSampler  # deferred: the engine; not for --help
+    from engine.site.actions import SiteActions  # deferred: the engine; not for --help
+    from engine.site.lock import (  # deferred: the engine; not for --help
+        ServiceError,
+        WorkspaceBusy,
+        WorkspaceLock,
+    )
+    from engine.site.runner import ServiceHost  # deferred: the engine; not for --help
 
-        actions = SiteActions(
-            root / "site-1",
-            lambda: demo.site_service.interface if demo.site_service is not None else None,
-            lambda: "site-1",
-        )
-        host = ServiceHost(root, bus, "site-1", "demo", actions, on_shutdown=demo.abort)  # type: ignore[arg-type]
+    # site-1 runs in this process: its control socket serves the demo's root, and site-1's
+    # own workspace points at it, so `fltui ctl|screenshot --workspace ROOT/site-1` and a
+    # console there attach to this site-1 rather than start a second one.
+    actions = SiteActions(
+        root / "site-1",
+        lambda: demo.site_service.interface if demo.site_service is not None else None,
+        lambda: "site-1",
+    )
+    host = ServiceHost(root, bus, "site-1", "demo", actions, on_shutdown=demo.abort)  # type: ignore[arg-type]
+    alias = WorkspaceLock(root / "site-1")
+    try:
+        info = host.open()
         try:
-            info = host.open()
-        except WorkspaceBusy as exc:
-            print(f"fltui: {exc}", file=sys.stderr)
-            return EXIT_BUSY
-        except ServiceError as exc:
-            return _config_error(printer, exc)
+            alias.acquire_alias("site-1", "demo", info.socket)
+        except BaseException:
+            host.close()
+            raise
+        alias.publish()
+    except WorkspaceBusy as exc:
+        print(f"fltui: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    except ServiceError as exc:
+        return _config_error(printer, exc)
+    sampler = None
+    if args.service:
         printer.say(f"demo service pid {info.pid}, control socket {info.socket}")  # type: ignore[attr-defined]
         parent = os.environ.get("FLTUI_PARENT_PID", "")
         if parent.isdigit():
@@ -409,9 +454,10 @@ def _run_demo(args: argparse.Namespace, bus: object, printer: object) -> int:
         demo.abort()
         return EXIT_INTERRUPTED
     finally:
-        if host is not None:
+        if sampler is not None:
             sampler.stop()
-            host.close()
+        alias.release()
+        host.close()
     if args.service and demo.aborted:
         printer.say(f"demo stopped on request; files under {root}")  # type: ignore[attr-defined]
         return EXIT_OK

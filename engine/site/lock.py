@@ -25,6 +25,8 @@ __all__ = [
     "NoService",
     "ServiceError",
     "ServiceInfo",
+    "SessionClaim",
+    "SessionTaken",
     "WorkspaceBusy",
     "WorkspaceLock",
     "control_socket_path",
@@ -54,6 +56,22 @@ class WorkspaceBusy(ServiceError):
             f"{workspace} is already run by {who}. Attach a console to it with "
             f"`fltui --workspace {workspace}`, or stop it with "
             f"`fltui ctl --workspace {workspace} shutdown`."
+        )
+
+
+class SessionTaken(WorkspaceBusy):
+    """This machine already holds a live session of the same site with the same server."""
+
+    def __init__(self, site: str, target: str, holder: dict[str, object]) -> None:
+        self.info = None
+        self.holder = holder
+        pid, where = holder.get("pid", "?"), holder.get("workspace", "?")
+        ServiceError.__init__(
+            self,
+            f"{site} already has a live session with {target} from this machine: pid {pid} "
+            f"(workspace {where}). Registering again would take that session over; attach to "
+            f"it with `fltui --workspace {where}` or `fltui ctl --workspace {where} status`, "
+            "or stop it first.",
         )
 
 
@@ -182,6 +200,23 @@ class WorkspaceLock:
         self.dir = service_dir(self.workspace)
         self._fd: int | None = None
         self.info: ServiceInfo | None = None
+        self.claim: SessionClaim | None = None
+
+    def _claim_session(self) -> None:
+        from engine.config import ConfigError, load_client_kit  # deferred: the console's path
+
+        kit = self.workspace / "startup" / "fed_client.json"
+        if not kit.is_file():
+            return
+        try:
+            config = load_client_kit(kit)
+        except ConfigError:
+            return  # the engine reports the kit's errors, with file and key
+        if not config.servers:
+            return
+        claim = SessionClaim(config.client_name, config.servers[0].target, self.workspace)
+        claim.acquire()
+        self.claim = claim
 
     def _holder(self) -> ServiceInfo | None:
         info = _read_info(self.workspace)
@@ -193,8 +228,13 @@ class WorkspaceLock:
             return None
         return ServiceInfo(pid, "", "?", "starting", time.time(), str(self.workspace))
 
-    def acquire(self, site: str, mode: str) -> ServiceInfo:
-        """Takes the lock; raises WorkspaceBusy naming the holder, or ServiceError."""
+    def acquire(self, site: str, mode: str, claim_session: bool = True) -> ServiceInfo:
+        """Takes the lock; raises WorkspaceBusy naming the holder, or ServiceError.
+
+        With ``claim_session`` and a startup kit in the workspace, also this machine's claim on
+        the site's session with its server (``SessionClaim``): SessionTaken (a WorkspaceBusy)
+        when another workspace of the same site holds it.
+        """
         if not self.workspace.is_dir():
             raise ServiceError(f"workspace {self.workspace} does not exist")
         try:
@@ -214,6 +254,12 @@ class WorkspaceLock:
                     continue
                 os.close(fd)
                 raise WorkspaceBusy(self.workspace, self._holder()) from None
+        if claim_session:
+            try:
+                self._claim_session()
+            except BaseException:
+                os.close(fd)
+                raise
         self._fd = fd
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -229,6 +275,17 @@ class WorkspaceLock:
         )
         return self.info
 
+    def acquire_alias(self, site: str, mode: str, socket: str) -> ServiceInfo:
+        """Takes this workspace for a service whose socket is elsewhere (the demo's site-1).
+
+        Consoles, ``fltui ctl`` and ``fltui screenshot`` pointed at this workspace find that
+        service; a second engine for it is refused as for any running service.
+        """
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        info = self.acquire(site, mode, claim_session=False)
+        self.info = dataclasses.replace(info, socket=socket)
+        return self.info
+
     def publish(self) -> None:
         """Writes service.json: consoles and ``fltui ctl`` find the service from now on."""
         from engine.fileio import atomic_write  # deferred: numpy; the console's start path
@@ -238,10 +295,64 @@ class WorkspaceLock:
         atomic_write(self.dir / "service.json", lambda f: f.write(text.encode()))
 
     def release(self) -> None:
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
         if self._fd is None:
             return
         with contextlib.suppress(OSError):
             (self.dir / "service.json").unlink()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self._fd = None
+
+
+def _sessions_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/fltui-{os.getuid()}"
+    return Path(base) / "fltui-sessions"
+
+
+class SessionClaim:
+    """One live session per (server, site) from this machine and user (``flock``, like the
+    workspace lock: the kernel drops it when the holder dies).
+
+    Two workspaces of the same site (a copy, the demo's site-1 and a console pointed at it)
+    would register twice and take each other's session; the second is refused here, before
+    it registers, naming the pid of the first.
+    """
+
+    def __init__(self, site: str, target: str, workspace: Path) -> None:
+        self.site, self.target = site, target
+        self.workspace = Path(workspace).resolve()
+        digest = hashlib.sha256(f"{target}\n{site}".encode()).hexdigest()[:24]
+        self.path = _sessions_dir() / f"{digest}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Takes the claim; raises SessionTaken naming the holder."""
+        if not os.environ.get("XDG_RUNTIME_DIR"):
+            private_dir(self.path.parent.parent)  # /tmp/fltui-UID: ours and owner-only
+        private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            os.close(fd)
+            raise SessionTaken(self.site, self.target, holder) from None
+        text = json.dumps({"pid": os.getpid(), "workspace": str(self.workspace), "site": self.site})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text.encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
         with contextlib.suppress(OSError):
             os.close(self._fd)
         self._fd = None
