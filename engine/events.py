@@ -40,6 +40,7 @@ __all__ = [
     "SiteJoined",
     "SiteLeft",
     "StatusChanged",
+    "ValidationProgress",
     "event_from_dict",
 ]
 
@@ -267,6 +268,33 @@ class CrossSiteValidated(Event):
 
     def summary(self) -> str:
         return f"cross-site validation of {self.model_owner}'s model: {_fmt_metrics(self.metrics)}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationProgress(Event):
+    """How far this site's cross-site validation is (``expected`` 0: not known yet).
+
+    ``outcome``: "running", "done" or "timed out" (``missing`` then says what never came).
+    """
+
+    received: int
+    expected: int
+    validated: int
+    current: str = ""
+    elapsed: float = 0.0
+    timeout: float = 0.0
+    outcome: str = "running"
+
+    def summary(self) -> str:
+        of = f"{self.expected}" if self.expected else f"{self.received}+"
+        now = f", on {self.current}'s model" if self.current else ""
+        head = {"running": "cross-site validation", "done": "cross-site validation done"}.get(
+            self.outcome, f"cross-site validation {self.outcome}"
+        )
+        return (
+            f"{head}: {self.validated} of {of} models validated{now} · "
+            f"{self.elapsed:.0f} s of {self.timeout:g} s"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,8 +21,17 @@ __all__ = ["run_ctl"]
 
 
 def _status_lines(status: dict[str, Any]) -> list[str]:
-    rounds = f"round {status.get('round', 0)}/{status.get('num_rounds', 0)}"
     phase = status.get("phase") or "—"
+    if "validation" in phase or "validation" in str(status.get("status", "")):
+        # Validation has no rounds: say what it has done, not "round 0/0".
+        done = sorted(status.get("validation") or {})
+        rounds = f"cross-site validation, {len(done)} model{'s' if len(done) != 1 else ''} "
+        rounds += f"validated ({', '.join(done)})" if done else "validated so far"
+        phase = "validating"
+    elif status.get("num_rounds"):
+        rounds = f"round {status.get('round', 0)}/{status['num_rounds']}"
+    else:
+        rounds = "no round yet"
     who = f"{status.get('mode', '?')} pid {status.get('pid', '?')}"
     lines = [
         f"site       {status.get('site', '?')} ({who})",

@@ -34,6 +34,7 @@ from engine.events import (
     PhaseChanged,
     SessionRenewed,
     StatusChanged,
+    ValidationProgress,
 )
 from engine.fileio import atomic_write
 from engine.status import ClientStatus
@@ -588,13 +589,34 @@ class FederatedClientBase:
         poll = float(self.client_args.get("cross_val_poll", 1.0))
         self.set_status(ClientStatus.CROSS_SITE_VALIDATION)
         self.phase("cross-site validation", 0)
+        began = time.monotonic()
+        counts = {"received": 0, "validated": 0}
+
+        def progress(current: str = "", outcome: str = "running", more: bool = True) -> None:
+            self.bus.publish(
+                ValidationProgress(
+                    site=self.client_name,
+                    received=counts["received"],
+                    expected=0 if more else counts["received"],
+                    validated=counts["validated"],
+                    current=current,
+                    elapsed=round(time.monotonic() - began, 1),
+                    timeout=timeout,
+                    outcome=outcome,
+                )
+            )
+
+        progress()
         self.push_best_models()
         deadline = time.monotonic() + timeout
+        outcome = "done"
         for task_name in self.servers:
             while True:
                 models, more = self.get_validation_models(task_name)
+                counts["received"] += len(models)
                 batch: dict[str, dict[str, float]] = {}
                 for remote in models:
+                    progress(remote.owner, more=more)
                     try:
                         params = self._decrypted(remote)
                     except he.HEError as exc:
@@ -607,6 +629,7 @@ class FederatedClientBase:
                         continue
                     metrics = self.model_manager.validate_model(None, params)
                     del params
+                    counts["validated"] += 1
                     batch[remote.owner] = metrics
                     self.bus.publish(
                         CrossSiteValidated(
@@ -619,13 +642,19 @@ class FederatedClientBase:
                 if not more:
                     break
                 if time.monotonic() > deadline:
+                    outcome = "timed out"
                     log.warning(
-                        "%s: cross-site validation timed out; not all models arrived",
+                        "%s: cross-site validation timed out after %g s; %d models came, more "
+                        "were due (cross_val_timeout)",
                         self.client_name,
+                        timeout,
+                        counts["received"],
                     )
                     break
                 if self.stop_event.wait(poll):
+                    outcome = "stopped"
                     break
+        progress(outcome=outcome, more=outcome != "done")
         return self.cross_site_results
 
     def _decrypted(self, remote: RemoteModel) -> dict[str, np.ndarray]:
