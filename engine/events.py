@@ -35,10 +35,12 @@ __all__ = [
     "ServerResumed",
     "ServerRoundAggregated",
     "ServerRoundRetaken",
+    "ServiceLink",
     "SessionRenewed",
     "SiteConfigured",
     "SiteJoined",
     "SiteLeft",
+    "SitePulse",
     "StatusChanged",
     "ValidationProgress",
     "event_from_dict",
@@ -378,6 +380,7 @@ class SiteConfigured(Event):
     tls: bool
     workspace: str
     executor: str = "process"
+    heartbeat_interval: float = 0.0  # seconds between heartbeats to the server (0: unknown)
 
     def summary(self) -> str:
         return (
@@ -394,6 +397,46 @@ class HeartbeatAcknowledged(Event):
 
     def summary(self) -> str:
         return f"heartbeat ok ({self.rtt_ms:.1f} ms)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SitePulse(Event):
+    """The site service is alive (sent to its consoles every ``engine.site.state.PULSE_S``).
+
+    Only the control socket carries it (never the event log): it is what lets a console tell a
+    quiet service from a dead or hung one, and a live worker from a gone one.
+
+    Attributes:
+        worker_pid: the worker the service runs now (None: none).
+        worker_alive: that worker's process was alive at ``ts``.
+        worker_seen: when the worker last sent anything (None: not known, e.g. in-process).
+    """
+
+    worker_pid: int | None = None
+    worker_alive: bool = False
+    worker_seen: float | None = None
+
+    def summary(self) -> str:
+        worker = f"worker pid {self.worker_pid}" if self.worker_pid else "no worker"
+        return f"service alive · {worker}" + (" alive" if self.worker_alive else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceLink(Event):
+    """The console's link to the site's engine, at ``ts`` (the console's own, never sent).
+
+    Attributes:
+        remote: the engine is a service reached over its socket (False: in this console).
+        connected: the socket is open.
+        seen: when the console last heard from the service (None: never yet).
+    """
+
+    remote: bool = True
+    connected: bool = False
+    seen: float | None = None
+
+    def summary(self) -> str:
+        return "service " + ("connected" if self.connected else "not connected")
 
 
 @dataclass(frozen=True, kw_only=True)

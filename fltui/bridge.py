@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import ConfigError
-from engine.events import Event, EventBus, LogRecord, StateSnapshot, event_from_dict
+from engine.events import (
+    Event,
+    EventBus,
+    LogRecord,
+    ServiceLink,
+    StateSnapshot,
+    event_from_dict,
+)
 from engine.site.actions import SiteActions
 from engine.site.control_client import ControlClient
 from engine.site.lock import ActionError, NoService, ServiceError, ServiceInfo, find_service
@@ -136,7 +143,9 @@ class LocalBridge(SiteBridge):
         return "fltui · engine in this console"
 
     def drain(self) -> list[Event]:
-        return self._queue.drain()
+        # The engine is in this process: the link is always there (the ticks still let the
+        # console age what the server last confirmed).
+        return [*self._queue.drain(), ServiceLink(site=self.site, remote=False, connected=True)]
 
     def _say(self, level: str, message: str) -> None:
         self.bus.publish(
@@ -261,6 +270,7 @@ class RemoteBridge(SiteBridge):
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
+        self.seen: float | None = None  # when the service was last heard from (any message)
 
     @classmethod
     def demo(
@@ -304,8 +314,15 @@ class RemoteBridge(SiteBridge):
             return f"fltui demo · service pid {self.pid}"
         return f"attached to service (pid {self.pid})"
 
+    @property
+    def connected(self) -> bool:
+        client = self.client
+        return client is not None and not client.closed.is_set() and not self._gone
+
     def drain(self) -> list[Event]:
-        return self._queue.drain()
+        """The events since the last call, then the link's liveness now (a ServiceLink)."""
+        link = ServiceLink(site=self.site, remote=True, connected=self.connected, seen=self.seen)
+        return [*self._queue.drain(), link]
 
     def _say(self, level: str, message: str) -> None:
         self._queue.put(
@@ -394,6 +411,7 @@ class RemoteBridge(SiteBridge):
                 self._fail(str(exc))
                 return
             again = self.pid is not None
+            self.seen = time.time()
             self.client, self.pid, self._gone = client, int(hello.get("pid") or info.pid), ""
             self.site = self.site or str(hello.get("site", ""))
             self.ready.set()
@@ -424,6 +442,7 @@ class RemoteBridge(SiteBridge):
         self._say("ERROR", message)
 
     def _on_message(self, message: dict[str, Any]) -> None:
+        self.seen = time.time()
         kind = message.get("type")
         try:
             if kind == "snapshot":

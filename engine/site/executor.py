@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from engine.events import RunChanged, StatusChanged, event_from_dict
-from engine.fileio import tail_text
 from engine.site.paths import write_token_file
 from engine.site.site_engine import SiteEngine
 from engine.status import ClientStatus
@@ -85,21 +84,29 @@ def update_client_properties(client: Any, trainer: Any, cross_site_val_conf: Any
         client.cross_site_validate = bool(cross_site_val_conf)
 
 
-def listen_command(client: Any, conn: Connection) -> str | None:
+def listen_command(
+    client: Any, conn: Connection, report: dict[str, Any] | None = None
+) -> str | None:
     """Relays a worker's messages to the service until the worker closes the connection.
 
     Events go onto ``client.bus`` as they are; the worker's status is mirrored into
     ``client.status``.
 
+    Args:
+        report: filled as messages come: ``seen`` (when the worker last sent anything) and
+            ``failure`` (the reason the worker itself gave for a training exception).
+
     Returns:
         the outcome the worker reported ("completed", "aborted", "failed"), or None.
     """
     outcome = None
+    report = report if report is not None else {}
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
             return outcome
+        report["seen"] = time.time()
         if "event" in message:
             try:
                 event = event_from_dict(message["event"])
@@ -108,6 +115,8 @@ def listen_command(client: Any, conn: Connection) -> str | None:
                 continue
             if isinstance(event, StatusChanged):
                 client.status = event.status
+                if event.status == ClientStatus.TRAINING_EXCEPTION:
+                    report["failure"] = event.detail or event.message
             client.bus.publish(event)
         elif "outcome" in message:
             outcome = str(message["outcome"])
@@ -146,6 +155,15 @@ class ProcessExecutor(ClientExecutor):
         self.outcome: str | None = None
         self.gpu_number = 0
         self.run_number = 0
+        # This launch's: what the worker said (``listen_command``'s report) and where its
+        # output begins in the shared logs/worker.log, so a failure is told from its own words.
+        self._report: dict[str, Any] = {}
+        self._log_from = 0
+
+    @property
+    def worker_seen(self) -> float | None:
+        """When the current worker last sent anything (None: nothing yet)."""
+        return self._report.get("seen")
 
     # ------------------------------------------------------------------ start
 
@@ -214,7 +232,9 @@ class ProcessExecutor(ClientExecutor):
             self.outcome = None
             self.gpu_number = world if world > 1 else 0
             self.run_number = int(args["run_number"])
+            self._report = {}
             with (logs / "worker.log").open("ab") as out:
+                self._log_from = out.tell()
                 for rank in range(world):
                     rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
                     # The first rank leads a new process group; the others join it, so abort
@@ -281,7 +301,7 @@ class ProcessExecutor(ClientExecutor):
         if conn is not None:
             with self._lock:
                 self._conn = conn
-            self.outcome = listen_command(client, conn)
+            self.outcome = listen_command(client, conn, self._report)
             conn.close()
         listener.close()
         codes = self._reap(client)
@@ -303,11 +323,19 @@ class ProcessExecutor(ClientExecutor):
             if client.status != ClientStatus.TRAINING_STOPPED:
                 client.set_status(ClientStatus.TRAINING_STOPPED, "aborted" if aborting else "")
         else:
+            # The reason is this worker's own: what it reported, else what it wrote to the log
+            # since it started (never an earlier run's lines at the end of the shared file).
             log_path = self.workspace / "logs" / "worker.log"
-            detail = (
-                f"worker exited with code {code}: {tail_text(log_path, 2, 'worker log')} "
-                f"(see {log_path})"
-            )
+            pid = self._procs[0].pid if self._procs else None
+            how = _exit_words(code)
+            failure = self._report.get("failure")
+            if failure:
+                detail = f"{failure} (worker pid {pid} {how})"
+            else:
+                said = _log_tail(log_path, self._log_from, 2)
+                detail = f"worker pid {pid} {how}" + (
+                    f": {said} (see {log_path})" if said else " without a word in its log"
+                )
             if conn is None:
                 detail = "worker did not start; " + detail
             client.set_status(ClientStatus.TRAINING_EXCEPTION, detail)
@@ -413,6 +441,27 @@ class ProcessExecutor(ClientExecutor):
     def close(self) -> None:
         if self.is_running():
             self.abort_train(_Anonymous())
+
+
+def _exit_words(code: int | None) -> str:
+    """ "exited with code 1", "killed by SIGKILL"."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _log_tail(path: Path, start: int, lines: int) -> str:
+    """The last ``lines`` non-empty lines written to ``path`` from byte ``start`` on, joined."""
+    try:
+        with path.open("rb") as f:
+            f.seek(start)
+            text = f.read()[-65536:].decode(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
 class _Anonymous:

@@ -9,17 +9,19 @@ console's actions on the engine (``engine.site.actions``).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from engine.config import load_client_kit
-from engine.events import EventBus
+from engine.events import EventBus, SitePulse
 from engine.site.actions import SiteActions
 from engine.site.control_server import ControlServer
-from engine.site.lock import ServiceInfo, WorkspaceLock
+from engine.site.lock import ActionError, ServiceInfo, WorkspaceLock
 from engine.site.logs import attach_workspace_logs
+from engine.site.state import PULSE_S
 
 __all__ = ["ServiceHost", "SiteRunner"]
 
@@ -58,14 +60,21 @@ class ServiceHost:
         self.lock = WorkspaceLock(self.workspace)
         self.control: ControlServer | None = None
         self.info: ServiceInfo | None = None
+        # The consoles' bus: every engine event, plus the service's pulse (which the event log
+        # and the headless printer, subscribers of ``bus``, never see).
+        self.console_bus = EventBus()
+        self._unsubscribe: Callable[[], None] | None = None
+        self._pulse_stop = threading.Event()
+        self._pulse: threading.Thread | None = None
 
     def open(self) -> ServiceInfo:
         """Takes the workspace and opens the socket; raises WorkspaceBusy or ServiceError."""
         info = self.lock.acquire(self.site, self.mode)
+        self._unsubscribe = self.bus.subscribe(self.console_bus.publish)
         try:
             control = ControlServer(
                 Path(info.socket),
-                self.bus,
+                self.console_bus,
                 self.actions,
                 {
                     "pid": info.pid,
@@ -79,13 +88,52 @@ class ServiceHost:
             )
             control.start()
         except BaseException:
+            self._unsubscribe()
             self.lock.release()
             raise
         self.control, self.info = control, info
         self.lock.publish()
+        self._pulse_stop.clear()
+        self._pulse = threading.Thread(target=self._pulse_loop, name="pulse", daemon=True)
+        self._pulse.start()
         return info
 
+    def pulse(self) -> SitePulse:
+        """What the service knows now of itself and its worker."""
+        try:
+            executor = getattr(self.actions.interface, "executor", None)
+        except ActionError:  # the engine is (re)starting: no worker yet
+            executor = None
+        pid = getattr(executor, "pid", None) if executor is not None else None
+        running = bool(executor is not None and executor.is_running())
+        alive = False
+        if pid is not None and running:
+            try:
+                os.kill(pid, 0)
+                alive = True
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:
+                alive = True
+        return SitePulse(
+            site=self.site,
+            worker_pid=pid if running else None,
+            worker_alive=alive,
+            worker_seen=getattr(executor, "worker_seen", None),
+        )
+
+    def _pulse_loop(self) -> None:
+        while not self._pulse_stop.wait(PULSE_S):
+            try:
+                self.console_bus.publish(self.pulse())
+            except Exception:  # a pulse must never take the service down
+                log.exception("the service's pulse failed")
+
     def close(self) -> None:
+        self._pulse_stop.set()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self.control is not None:
             self.control.close()
             self.control = None

@@ -153,6 +153,7 @@ class SiteService:
                 tls=self.kit.secure_train,
                 workspace=str(self.paths.root),
                 executor=self.executor.kind,
+                heartbeat_interval=self.kit.heartbeat_interval,
             )
         )
         try:

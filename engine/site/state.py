@@ -24,19 +24,68 @@ from engine.events import (
     RoundCompleted,
     RoundStarted,
     RunChanged,
+    ServiceLink,
     SessionRenewed,
     SiteConfigured,
+    SitePulse,
     StateSnapshot,
     StatusChanged,
     event_from_dict,
 )
 from engine.status import ClientStatus
 
-__all__ = ["PARTS", "SiteState"]
+__all__ = [
+    "LOST_AFTER",
+    "PARTS",
+    "PULSE_S",
+    "STALE_AFTER",
+    "SiteState",
+    "freshness",
+    "thresholds_text",
+]
 
 PARTS = ("header", "client", "round", "gpu", "requests", "logs")
 MAX_REQUESTS = 200
 MAX_LOGS = 2000
+
+# Every value on the console has an age: when it was last confirmed. Past STALE_AFTER of its
+# source's interval it is shown stale (dimmed, with its age); past LOST_AFTER, lost (the error
+# colour, and the panels say what is unknown). A source that beats every interval is seen to stop
+# within 2 intervals, as the operator is promised.
+PULSE_S = 2.0  # the site service tells its consoles it is alive this often (SitePulse)
+STALE_AFTER = 1.5  # intervals
+LOST_AFTER = 4.0  # intervals
+# Set on the console's side only: a snapshot from the service does not replace them.
+_CONSOLE_FIELDS = ("service_remote", "service_connected", "service_seen")
+
+
+def freshness(age: float | None, interval: float) -> str:
+    """ "fresh", "stale" or "lost" for a value last confirmed ``age`` s ago by a source that
+    confirms it every ``interval`` s (an unknown age or interval: "fresh", nothing to judge)."""
+    if age is None or interval <= 0:
+        return "fresh"
+    if age > LOST_AFTER * interval:
+        return "lost"
+    if age > STALE_AFTER * interval:
+        return "stale"
+    return "fresh"
+
+
+def thresholds_text(heartbeat_interval: float = 0.0) -> str:
+    """The thresholds in words, for the help screen."""
+    hb = (
+        f"{heartbeat_interval:g} s here"
+        if heartbeat_interval > 0
+        else "the kit's heartbeat_interval"
+    )
+    return (
+        f"Every value has an age. The service says it is alive every {PULSE_S:g} s; the server "
+        f"answers a heartbeat every interval ({hb}).\n"
+        f"Unconfirmed for {STALE_AFTER:g} intervals: stale (dimmed, with its age; "
+        f"service: {STALE_AFTER * PULSE_S:g} s, or at once when its connection drops).\n"
+        f"Unconfirmed for {LOST_AFTER:g} intervals: lost (error colour, state unknown; "
+        f"service: {LOST_AFTER * PULSE_S:g} s). A worker that exits is shown gone at once."
+    )
 
 
 @dataclass
@@ -59,8 +108,18 @@ class SiteState:
     recovery: str = ""
     last_heartbeat: float | None = None
     heartbeat_rtt_ms: float | None = None
+    heartbeat_interval: float = 0.0
     status: int = ClientStatus.TRAINING_NOT_STARTED
     last_error: str = ""
+    last_error_run: int | None = None  # the run "last error" belongs to (None: no run's)
+    # Liveness. The service's last SitePulse, and what it said of the worker.
+    pulse_at: float | None = None
+    worker_alive: bool = False
+    worker_seen: float | None = None
+    # The console's link to the service (ServiceLink; console-side, see _CONSOLE_FIELDS).
+    service_remote: bool = False
+    service_connected: bool = True
+    service_seen: float | None = None
     run_number: int | None = None
     mmar: str = ""
     executor: str = ""
@@ -103,6 +162,52 @@ class SiteState:
             return None
         return (now or time.time()) - self.registered_at
 
+    # -- ages: how sure the console is of what it shows ----------------------------------------
+
+    def service_freshness(self, now: float) -> tuple[str, float | None]:
+        """The console's link to the service: ("fresh"|"stale"|"lost"|"attaching", age s).
+
+        A dropped connection is stale at once (the service may be restarting) and lost once it
+        stays away past the threshold; a connected service that stops pulsing (hung) goes the
+        same way. An engine in the console itself is always fresh.
+        """
+        if not self.service_remote:
+            return "fresh", None
+        if self.service_seen is None:
+            return "attaching", None
+        age = max(0.0, now - self.service_seen)
+        if not self.service_connected:
+            return ("lost" if age > LOST_AFTER * PULSE_S else "stale"), age
+        if self.pulse_at is None:  # a service that does not pulse: silence proves nothing
+            return "fresh", age
+        return freshness(age, PULSE_S), age
+
+    def server_freshness(self, now: float) -> tuple[str, float | None]:
+        """The server, by its last answered heartbeat (since registration before the first)."""
+        if self.connection not in ("registered", "registered again"):
+            return "fresh", None  # the connection's own state says what is wrong
+        since = self.last_heartbeat or self.registered_at
+        if since is None:
+            return "fresh", None
+        age = max(0.0, now - since)
+        return freshness(age, self.heartbeat_interval), age
+
+    def worker_freshness(self, now: float) -> tuple[str, float | None]:
+        """The worker: "gone" when the service found its process dead, else as the service."""
+        if self.worker_pid is None:
+            return "fresh", None
+        if self.pulse_at is not None and not self.worker_alive:
+            return "gone", max(0.0, now - self.pulse_at)
+        level, age = self.service_freshness(now)
+        return ("fresh" if level == "attaching" else level), age
+
+    def _levels(self, now: float) -> tuple[str, ...]:
+        return (
+            self.service_freshness(now)[0],
+            self.server_freshness(now)[0],
+            self.worker_freshness(now)[0],
+        )
+
     def eta_seconds(self, now: float | None = None) -> float | None:
         """Seconds until local training ends, from the pace so far."""
         if not self.train_started or self.step <= 0 or self.total_steps <= self.step:
@@ -136,7 +241,25 @@ class SiteState:
             e.workspace,
             e.executor,
         )
+        self.heartbeat_interval = e.heartbeat_interval or self.heartbeat_interval
         return {"header", "client"}
+
+    def _on_SitePulse(self, e: SitePulse) -> set[str]:
+        before = self._levels(e.ts)
+        self.pulse_at = e.ts
+        self.worker_alive = e.worker_alive and e.worker_pid == self.worker_pid
+        self.worker_seen = e.worker_seen
+        return {"header", "client", "round"} if self._levels(e.ts) != before else {"header"}
+
+    def _on_ServiceLink(self, e: ServiceLink) -> set[str]:
+        before = getattr(self, "_shown_levels", None)
+        self.service_remote, self.service_connected = e.remote, e.connected
+        self.service_seen = e.seen if e.seen is not None else self.service_seen
+        levels = self._levels(e.ts)
+        setattr(self, "_shown_levels", levels)  # noqa: B010 - not a field: never serialised
+        if levels != before or any(level != "fresh" for level in levels):
+            return {"header", "client", "round"}  # ages count up: redraw each tick meanwhile
+        return set()
 
     def _on_ConnectionChanged(self, e: ConnectionChanged) -> set[str]:
         self.connection, self.connection_detail = e.state, e.detail
@@ -144,7 +267,7 @@ class SiteState:
         if e.state == "registered":
             self.registered_at = e.ts
         if e.state == "failed":
-            self.last_error = e.detail
+            self._error(e.detail)
         return {"header", "client"} if e.state == "failed" else {"header"}
 
     def _on_SessionRenewed(self, e: SessionRenewed) -> set[str]:
@@ -165,7 +288,7 @@ class SiteState:
     def _on_StatusChanged(self, e: StatusChanged) -> set[str]:
         self.status = e.status
         if e.status == ClientStatus.TRAINING_EXCEPTION:
-            self.last_error = e.detail or e.message
+            self._error(e.detail or e.message)
         elif e.status in (ClientStatus.TRAINING_STARTING, ClientStatus.TRAINING_STARTED):
             self.outcome = ""
         return {"client", "round"}
@@ -181,6 +304,7 @@ class SiteState:
             self.round_metrics, self.round, self.phase, self.outcome = [], 0, "", ""
             self.step, self.total_steps, self.loss, self.transfer = 0, 0, None, ""
             self.last_error, self.local_metrics, self.validation = "", {}, {}
+            self.last_error_run, self.worker_alive = None, True
         else:
             self.worker_pid, self.phase = None, ""  # no worker: nothing is in progress
         return {"client", "round"}
@@ -245,10 +369,15 @@ class SiteState:
         self.requests_total += 1
         return {"requests"}
 
+    def _error(self, text: str) -> None:
+        """The last error, with the run it belongs to (a RunChanged start clears both)."""
+        self.last_error, self.last_error_run = text, self.run_number
+
     def _on_StateSnapshot(self, e: StateSnapshot) -> set[str]:
         fresh = SiteState.from_dict(e.state)
         for f in fields(self):
-            setattr(self, f.name, getattr(fresh, f.name))
+            if f.name not in _CONSOLE_FIELDS:
+                setattr(self, f.name, getattr(fresh, f.name))
         return set(PARTS)
 
     def to_dict(self) -> dict[str, Any]:
@@ -332,4 +461,5 @@ class SiteState:
             "validation": self.validation,
             "outcome": self.outcome,
             "last_error": self.last_error,
+            "last_error_run": self.last_error_run,
         }

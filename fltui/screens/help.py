@@ -1,4 +1,4 @@
-"""HelpScreen: the keys and what they do."""
+"""HelpScreen: the keys and what they do, and when a value is shown stale or lost."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Static
+
+from engine.site.state import thresholds_text
 
 __all__ = ["HELP_TEXT", "HelpScreen"]
 
@@ -40,6 +42,15 @@ class HelpScreen(ModalScreen[None]):
         with Vertical():
             yield Static("fltui — keys", classes="title")
             yield Static(HELP_TEXT)
+            yield Static(thresholds_text(self._heartbeat_interval()), id="thresholds")
+
+    def _heartbeat_interval(self) -> float:
+        """The site's heartbeat interval, from the dashboard underneath (0: not known yet)."""
+        for screen in reversed(self.app.screen_stack):
+            state = getattr(screen, "state", None)
+            if state is not None:
+                return float(getattr(state, "heartbeat_interval", 0.0) or 0.0)
+        return 0.0
 
     def action_close(self) -> None:
         self.dismiss(None)

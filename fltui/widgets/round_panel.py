@@ -36,6 +36,8 @@ class RoundPanel(Vertical):
     RoundPanel #he { display: none; }
     RoundPanel #detail.completed { color: $success; text-style: bold; }
     RoundPanel #detail.failed, RoundPanel #detail.aborted { color: $error; text-style: bold; }
+    RoundPanel #detail.lost { color: $error; text-style: bold; }
+    RoundPanel #round.stale, RoundPanel #detail.stale { text-style: dim; }
     """
 
     def compose(self) -> ComposeResult:
@@ -56,12 +58,21 @@ class RoundPanel(Vertical):
 
     def refresh_from(self, state: SiteState, now: float | None = None) -> None:
         self._last = (state, now)
+        now = getattr(self.app, "clock", time.time)() if now is None else now
+        # How sure the console is: a stale service's round is its last word, with its age; a
+        # lost one's is unknown (no bar, no ETA: nothing is known to be moving).
+        service, service_age = state.service_freshness(now)
         if state.num_rounds:
             head = f"round {state.round} of {state.num_rounds}"
         else:
             head = "waiting for the first round"
         phase = f" · {state.phase}" if state.phase else ""
-        set_text(self.query_one("#round", Static), head + phase)
+        round_row = self.query_one("#round", Static)
+        if service == "lost":
+            set_text(round_row, f"{head} · state unknown")
+        else:
+            set_text(round_row, head + phase)
+        round_row.set_classes("stale" if service in ("stale", "lost") else "")
         bar = self.query_one("#progress", ProgressBar)
         if state.total_steps:
             bar.update(total=state.total_steps, progress=state.step)
@@ -71,20 +82,34 @@ class RoundPanel(Vertical):
             ClientStatus.TRAINING_STARTING,
             ClientStatus.TRAINING_STARTED,
         )
-        _show(bar, running and bool(state.total_steps))
+        _show(bar, running and bool(state.total_steps) and service == "fresh")
         metric = _metric_name(state)
         values = [float(m[metric]) for _, m in state.round_metrics if m.get(metric) is not None]
         detail = self.query_one("#detail", Static)
-        if state.validation and not running:  # the newest news: validation follows a run
+        if service == "lost":
+            step = f"{state.step}/{state.total_steps}" if state.total_steps else ""
+            last = " ".join(x for x in (state.phase, step) if x)
+            text = f"last seen {ago(service_age)} ago" + (f": {last}" if last else "")
+            detail.set_classes("lost")
+        elif service == "stale":  # the last word, its age; no ETA (nothing is known to move)
+            step = f"step {state.step}/{state.total_steps}" if running and state.total_steps else ""
+            text = f"{step or 'unconfirmed'} · {ago(service_age)} ago" + (
+                ", unconfirmed" if step else ""
+            )
+            detail.set_classes("stale")
+        elif state.validation and not running:  # the newest news: validation follows a run
             text = _validation_line(state.validation, metric)
             detail.set_classes("")
         elif state.outcome and not running:
             last = f" ({metric} {values[-1]:.3f})" if values else ""
             why = f": {state.outcome_detail}" if state.outcome_detail else ""
-            text = f"federation {state.outcome}{last}{why}"
+            if state.outcome == "aborted":  # this site's abort: the federation goes on
+                text = "this site stopped (abort)"  # the metric row below has the rest
+            else:
+                text = f"federation {state.outcome}{last}{why}"
             detail.set_classes(state.outcome)
         else:
-            eta = state.eta_seconds(time.time() if now is None else now)
+            eta = state.eta_seconds(now)
             loss = f" · loss {state.loss:.4f}" if state.loss is not None else ""
             text = ""
             if running and state.total_steps and state.phase in ("training", ""):

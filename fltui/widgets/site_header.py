@@ -1,4 +1,6 @@
-"""SiteHeader: site, server, TLS, connection, token age, last heartbeat and its round trip."""
+"""SiteHeader: site, server, TLS, connection, token age, last heartbeat and its round trip; how
+sure the console is of each (the service's and the server's ages: stale dimmed, lost in the error
+colour)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ class SiteHeader(Static):
 
     DEFAULT_CSS = """
     SiteHeader { height: 1; background: $panel; color: $foreground; padding: 0 1; }
-    SiteHeader.-bad { background: $error 30%; }
+    SiteHeader.-stale { text-style: dim; }
+    SiteHeader.-bad { background: $error 30%; text-style: bold; }
     """
 
     def refresh_from(
@@ -43,6 +46,17 @@ class SiteHeader(Static):
             if state.last_heartbeat is not None and state.heartbeat_rtt_ms is not None
             else "heartbeat —"
         )
+        server, server_age = state.server_freshness(now)
+        if server == "stale":
+            hb = f"heartbeat {ago(server_age)} ago, unanswered"
+        elif server == "lost":
+            hb = f"server lost: no heartbeat answered for {ago(server_age)}"
+        service, service_age = state.service_freshness(now)
+        if service == "stale":
+            label = f"{label} · last heard {ago(service_age)} ago"
+        elif service == "lost":  # what the server said is as old as the service's last word
+            label = f"service lost {ago(service_age)} ago — state unknown"
+            hb = "heartbeat unknown"
         parts = [
             state.site or "site ?",
             f"server {state.server or '?'}",
@@ -60,7 +74,9 @@ class SiteHeader(Static):
         if self.styles.height is None or self.styles.height.value != height:
             self.styles.height = height
         set_text(self, text)
-        self.set_class(conn in ("failed", "retrying", "disconnected"), "-bad")
+        bad = conn in ("failed", "retrying", "disconnected") or "lost" in (service, server)
+        self.set_class(bad, "-bad")
+        self.set_class(not bad and "stale" in (service, server), "-stale")
 
     def on_resize(self) -> None:
         last = getattr(self, "_last", None)
