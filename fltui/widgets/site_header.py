@@ -46,12 +46,13 @@ class SiteHeader(Static):
             if state.last_heartbeat is not None and state.heartbeat_rtt_ms is not None
             else "heartbeat —"
         )
-        server, server_age = state.server_freshness(now)
+        service, service_age = state.service_freshness(now)
+        # The server is judged only through a live service (its heartbeats come that way).
+        server, server_age = state.server_freshness(now) if service == "fresh" else ("", None)
         if server == "stale":
             hb = f"heartbeat {ago(server_age)} ago, unanswered"
         elif server == "lost":
             hb = f"server lost: no heartbeat answered for {ago(server_age)}"
-        service, service_age = state.service_freshness(now)
         if service == "stale":
             label = f"{label} · last heard {ago(service_age)} ago"
         elif service == "lost":  # what the server said is as old as the service's last word
@@ -70,7 +71,8 @@ class SiteHeader(Static):
         if len(line) <= width:
             text, height = line, 1
         else:  # a narrow terminal: the connection on one line, its health and the engine below
-            text, height = " │ ".join(parts[:4]) + "\n" + " │ ".join([*parts[4:], label]), 2
+            second = [*parts[4:], label] if service == "fresh" else [label, *parts[4:]]
+            text, height = " │ ".join(parts[:4]) + "\n" + " │ ".join(second), 2
         if self.styles.height is None or self.styles.height.value != height:
             self.styles.height = height
         set_text(self, text)
