@@ -23,7 +23,7 @@ from textual.pilot import Pilot
 
 from engine.config import load_server_config
 from engine.demo import _set_port, prepare_workspace
-from engine.events import Event, StateSnapshot, StatusChanged
+from engine.events import Event, ServiceLink, StateSnapshot, StatusChanged
 from engine.fileio import load_npz
 from engine.server import FederatedServer
 from engine.site.lock import find_service
@@ -229,7 +229,9 @@ def test_consoles_attach_mid_round_abort_detach_and_the_service_stays(tmp_path: 
             return [
                 e.to_dict()
                 for e in events
-                if not isinstance(e, StateSnapshot) and getattr(e, "logger", "") != "fltui"
+                # the console's own: its snapshot, its log lines, its link's liveness
+                if not isinstance(e, (StateSnapshot, ServiceLink))
+                and getattr(e, "logger", "") != "fltui"
             ]
 
         a, b = engine_events(seen.pump()), engine_events(seen3.pump())
