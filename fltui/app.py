@@ -75,6 +75,11 @@ class FLTuiApp(App[None]):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
+        # Textual's own ctrl+q, shown: where q cannot quit (the log search box takes the q) the
+        # footer says "^q quit"; elsewhere the dashboard's "q quit" stands for both.
+        self._bindings.key_to_bindings["ctrl+q"] = [
+            Binding("ctrl+q", "quit", "quit", show=True, priority=True)
+        ]
         self.clock = clock  # runbooks and snapshots fix it, so screens repeat
         self.bridge = bridge
         self.workspace = workspace or Path.cwd()

@@ -28,6 +28,7 @@ from fltui.widgets.site_header import SiteHeader
 
 __all__ = ["Dashboard"]
 
+NARROW = 100  # below this many columns the footer is compact and leaves out the palette key
 REFRESH_S = 1.0  # events are drained and shown once a second
 LOG_EVERY = 2  # the log panel catches up every other tick (each catch-up re-lays out the screen)
 
@@ -70,6 +71,21 @@ class Dashboard(Screen[None]):
     def on_mount(self) -> None:
         self.set_interval(REFRESH_S, self.pump)
         self.pump(force=True)
+        self._fit_footer()
+
+    def on_resize(self) -> None:
+        self._fit_footer()
+
+    def _fit_footer(self) -> None:
+        """Every key of the footer, `? help` and `q quit` last, fits 80 columns: a narrow
+        terminal gets the compact footer without the palette's key (ctrl+p still opens it, and
+        the help screen lists it)."""
+        footer = self.query_one(Footer)
+        narrow = self.size.width < NARROW
+        if footer.compact != narrow:
+            footer.compact = narrow
+            footer.show_command_palette = not narrow
+            footer.refresh(recompose=True)
 
     # ------------------------------------------------------------------ events → widgets
 
@@ -118,12 +134,17 @@ class Dashboard(Screen[None]):
             self.app.call_from_thread(self._report, f"{label}: {text}")
 
     def action_deploy(self) -> None:
-        def chosen(result: tuple[str, int] | None) -> None:
-            if result is not None:
-                self.run_engine_action("deploy", self.bridge.deploy, *result)
+        # The dialog deploys itself: a refusal stays on it, to be corrected there.
+        def deployed(reply: str | None) -> None:
+            if reply is not None:
+                self._report(f"deploy: {reply}")
+
+        def refused(why: str) -> None:
+            self._report(f"deploy: {why}", error=True)
 
         next_run = (self.bridge.latest_run() or 0) + 1
-        self.app.push_screen(DeployScreen(self.bridge.transfer_mmars(), next_run), chosen)
+        dialog = DeployScreen(self.bridge.transfer_mmars(), next_run, self.bridge.deploy, refused)
+        self.app.push_screen(dialog, deployed)
 
     def action_start(self) -> None:
         def chosen(result: tuple[int, int] | None) -> None:
@@ -184,8 +205,9 @@ class Dashboard(Screen[None]):
 
     def on_input_submitted(self, event: Any) -> None:
         if event.input.id == "search":
-            self.query_one(LogPanel).apply_search(event.value, self.state)
-            self.query_one(RequestsPanel).focus()
+            logs = self.query_one(LogPanel)
+            logs.apply_search(event.value, self.state)
+            logs.close_search(hide=not logs.search)
 
     def action_screenshot(self) -> None:
         """Saves what is on screen now (SVG and PNG) under the workspace's screenshots/."""
