@@ -275,7 +275,108 @@ def pack_vector(vec: Any, dtype: str, shape: tuple[int, ...]) -> CiphertextArray
     return _pack(dtype, shape, vec.serialize())
 
 
+# Ciphertexts (of poly_modulus_degree/2 values each) decrypted at a time by ``decrypt``.
+DECRYPT_BATCH = 32
+
+
+def _varint(raw: memoryview, pos: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        if pos >= raw.nbytes or shift > 63:
+            raise HEError("a ciphertext that TenSEAL cannot read (truncated varint)")
+        b = raw[pos]
+        pos += 1
+        out |= (b & 0x7F) << shift
+        if b < 0x80:
+            return out, pos
+        shift += 7
+
+
+def _ckks_records(body: memoryview) -> tuple[list[int], list[tuple[int, int]], bytes]:
+    """A serialized ``CKKSVectorProto`` (TenSEAL's tensors.proto: ``repeated uint32 sizes = 1;
+    repeated bytes ciphertexts = 2; double scale = 3``) in parts: the sizes, each ciphertext's
+    whole record (tag, length and bytes) as (start, end) in ``body``, and the scale's record."""
+    sizes: list[int] = []
+    records: list[tuple[int, int]] = []
+    scale = b""
+    pos, end = 0, body.nbytes
+    while pos < end:
+        start = pos
+        key, pos = _varint(body, pos)
+        field, wire = key >> 3, key & 7
+        if field == 1 and wire == 2:  # packed sizes
+            n, pos = _varint(body, pos)
+            stop = pos + n
+            if stop > end:
+                raise HEError("a ciphertext that TenSEAL cannot read (truncated sizes)")
+            while pos < stop:
+                size, pos = _varint(body, pos)
+                sizes.append(size)
+        elif field == 1 and wire == 0:
+            size, pos = _varint(body, pos)
+            sizes.append(size)
+        elif field == 2 and wire == 2:
+            n, pos = _varint(body, pos)
+            pos += n
+            if pos > end:
+                raise HEError("a ciphertext that TenSEAL cannot read (truncated ciphertext)")
+            records.append((start, pos))
+        elif field == 3 and wire == 1:
+            pos += 8
+            scale = bytes(body[start:pos])
+        else:
+            raise HEError(f"a ciphertext that TenSEAL cannot read (field {field}, wire {wire})")
+    if pos != end:
+        raise HEError("a ciphertext that TenSEAL cannot read (truncated scale)")
+    if len(sizes) != len(records):
+        raise HEError(
+            f"a ciphertext that TenSEAL cannot read ({len(sizes)} sizes, {len(records)} "
+            "ciphertexts)"
+        )
+    return sizes, records, scale
+
+
+def _packed_sizes(sizes: list[int]) -> bytes:
+    payload = bytearray()
+    for v in sizes:
+        while v >= 0x80:
+            payload.append((v & 0x7F) | 0x80)
+            v >>= 7
+        payload.append(v)
+    head = bytearray([0x0A])  # field 1, length-delimited
+    n = len(payload)
+    while n >= 0x80:
+        head.append((n & 0x7F) | 0x80)
+        n >>= 7
+    head.append(n)
+    return bytes(head + payload)
+
+
 def decrypt(ctx: Any, value: np.ndarray) -> np.ndarray:
-    """The plaintext of a ciphertext tensor, in its own dtype and shape (needs the secret key)."""
-    vec, dtype, shape = vector(ctx, value)
-    return np.asarray(vec.decrypt(), dtype=np.float64).astype(dtype).reshape(shape)
+    """The plaintext of a ciphertext tensor, in its own dtype and shape (needs the secret key).
+
+    Decrypted DECRYPT_BATCH ciphertexts at a time, straight into the result: the bytes of each
+    batch are copied once (TenSEAL reads only ``bytes``), and neither the whole vector's
+    ciphertexts nor a list of all its values is ever held. The values are those of decrypting
+    the vector whole: every ciphertext decrypts alone.
+    """
+    ts = tenseal()
+    dtype, shape, body = plain_spec(value)
+    size = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    sizes, records, scale = _ckks_records(body)
+    if sum(sizes) != size:
+        raise HEError(f"a ciphertext of {sum(sizes)} values for shape {shape}")
+    out = np.empty(size, dtype=dtype)
+    pos = 0
+    for i in range(0, len(records), DECRYPT_BATCH):
+        part = sizes[i : i + DECRYPT_BATCH]
+        first, last = records[i][0], records[min(i + DECRYPT_BATCH, len(records)) - 1][1]
+        data = b"".join((_packed_sizes(part), body[first:last], scale))
+        try:
+            vec = ts.ckks_vector_from(ctx, data)
+        except Exception as exc:  # TenSEAL raises its own C++ exception types
+            raise HEError(f"a ciphertext that TenSEAL cannot read ({exc})") from None
+        n = sum(part)
+        out[pos : pos + n] = vec.decrypt()
+        pos += n
+    return out.reshape(shape)
