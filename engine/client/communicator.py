@@ -204,6 +204,10 @@ class Communicator:
         self.secure_train = secure_train
         self.retry_timeout = float(retry_timeout)
         self.pre_processors = list(pre_processors or [])
+        # Whether registration says if this site encrypts (HE). A site service registers its
+        # session before any MMAR is deployed and cannot say: it leaves the field out, and the
+        # server checks each upload instead.
+        self.declares_he = True
         self.post_processors = list(post_processors or [])
         self.client_state_processors = list(client_state_processors or [])
         self.compression = compression
@@ -486,10 +490,11 @@ class Communicator:
         login = pb.ClientLogin(client_name=uid, client_ip=ip, meta=pb.ModelMetaData(task=task_name))
         # Whether this site encrypts (homomorphic encryption): a server of the other kind
         # refuses it here, with the reason, rather than at its first upload.
-        encryptor, decryptor = he_processors(self.pre_processors, self.post_processors)
-        login.meta_data.update(
-            {"he": serde.CKKS if encryptor else "none", "he_decrypt": decryptor is not None}
-        )
+        if self.declares_he:
+            encryptor, decryptor = he_processors(self.pre_processors, self.post_processors)
+            login.meta_data.update(
+                {"he": serde.CKKS if encryptor else "none", "he_decrypt": decryptor is not None}
+            )
         stub = self._stub(servers, task_name)
         self.bus.publish(
             ConnectionChanged(site=self.site, state="connecting", server=servers[task_name].target)

@@ -74,6 +74,9 @@ class SiteService:
             compression=self.kit.compression,
             bus=bus,
         )
+        # Registered before any MMAR is known: whether its runs encrypt (HE) is the MMAR's, so
+        # the session does not say; the server checks every upload (and the worker's own).
+        self.session.communicator.declares_he = False
         if executor == "thread":
             self.executor: Any = ThreadExecutor(self.session, ThreadPoolExecutor(1))
         elif executor == "process":

@@ -77,22 +77,6 @@ main()
 """
 
 
-# The site service's session registers before it knows the deployed MMAR, without its
-# processors, so it tells the server "he": "none" and an HE server refuses it (the bug this test
-# found: engine/site/site_service.py builds its FederatedClientBase without pre/post
-# processors). Until that is fixed, the variant "session_says_he" runs each site service under
-# this launcher, whose session says what the deployed MMAR does; the training worker (a child
-# process, not patched) encrypts and decrypts with the MMAR's real processors.
-SITE_SESSION_SAYS_HE = """
-import sys
-import engine.client.communicator as communicator
-communicator.he_processors = lambda pre, post: (True, True)
-from fltui.__main__ import main
-sys.argv = ["fltui", *sys.argv[1:]]
-main()
-"""
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -176,23 +160,8 @@ def _load(path: Path) -> tuple[dict[str, np.ndarray], int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "session",
-    [
-        pytest.param(
-            "as_shipped",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="the site service registers without the MMAR's HE processors and the "
-                "HE server refuses it (engine/site/site_service.py)",
-            ),
-        ),
-        "session_says_he",
-    ],
-)
 def test_three_site_processes_decrypt_the_fedavg_and_the_server_never_holds_the_key(
-    tmp_path: Path, session: str
+    tmp_path: Path,
 ) -> None:
     port = _free_port()
     kits = _provision(tmp_path, port)
@@ -228,8 +197,7 @@ def test_three_site_processes_decrypt_the_fedavg_and_the_server_never_holds_the_
         assert any("listening" in x for x in lines), "".join(lines)
         reader = threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True)
         reader.start()
-        (tmp_path / "site.py").write_text(SITE_SESSION_SAYS_HE)
-        launch = ["-m", "fltui"] if session == "as_shipped" else [str(tmp_path / "site.py")]
+        launch = ["-m", "fltui"]  # the site as shipped: its service, its training worker
         for site in SITES:
             sites.append(
                 subprocess.Popen(
