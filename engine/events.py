@@ -449,12 +449,15 @@ class RunChanged(Event):
     executor: str
     pid: int | None = None
     detail: str = ""
+    mode: str = "train"  # or "validate": a cross-site validation worker of that run
 
     def summary(self) -> str:
         if self.running:
             pid = f", worker pid {self.pid}" if self.pid else ""
+            what = "cross-site validation of run" if self.mode == "validate" else "run"
             return (
-                f"run {self.run_number} ({self.mmar}) started on the {self.executor} executor{pid}"
+                f"{what} {self.run_number} ({self.mmar}) started on the {self.executor} "
+                f"executor{pid}"
             )
         return f"run {self.run_number} ended" + (f": {self.detail}" if self.detail else "")
 

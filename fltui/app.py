@@ -30,6 +30,7 @@ ACTIONS = [
     ("Stop the site", "stop_site", "stop the site service or engine, after confirming (x)"),
     ("Cycle the log level", "log_level", "DEBUG → INFO → WARNING → ERROR (l)"),
     ("Search the logs", "search", "filter log lines by text (/)"),
+    ("Show the last error, whole", "last_error", "the Client panel's last error and traceback (e)"),
     ("Save a screenshot", "screenshot", "this screen as SVG and PNG, for a support ticket (p)"),
     ("Help", "help", "the keys (?)"),
 ]

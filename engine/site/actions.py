@@ -47,8 +47,10 @@ class SiteActions:
             raise ActionError(str(exc)) from None
 
     def transfer_mmars(self) -> list[str]:
+        from engine.site.paths import holds_mmar  # deferred: numpy; the console's start path
+
         folder = self.site_root / "transfer"
-        return sorted(p.name for p in folder.glob("*") if (p / "config").is_dir())
+        return sorted(p.name for p in folder.glob("*") if holds_mmar(p))
 
     def latest_run(self) -> int | None:
         from engine.site.paths import latest_run  # deferred: numpy; the console's start path
@@ -58,24 +60,30 @@ class SiteActions:
     def deploy(self, mmar: str, run_number: int) -> str:
         from engine.admin_defs import Message, MsgHeader, Topic  # deferred: protobuf
         from engine.site.deploy import DeployError, make_mmar_zip  # deferred: numpy
+        from engine.site.paths import holds_mmar  # deferred: with the deploy code above
 
         if not isinstance(mmar, str) or not mmar:
             raise ActionError("deploy needs an MMAR: a name in transfer/ or a path")
         _check_run(run_number)
-        path = Path(mmar)
-        folder = path if path.is_absolute() else self.site_root / "transfer" / mmar
-        if not (folder / "config").is_dir():
-            raise ActionError(f"{folder} is not an MMAR (no config/ folder)")
-        try:
-            data = make_mmar_zip(folder)
-        except DeployError as exc:
-            raise ActionError(str(exc)) from None
-        request = Message(
-            Topic.DEPLOY,
-            data,
-            {MsgHeader.RUN_NUMBER: str(run_number), MsgHeader.APP_NAME: folder.name},
-        )
-        return self._local(Topic.DEPLOY, self.interface.deploy_mmar, request)
+        interface = self.interface
+
+        def deploy() -> str:
+            # Inside the audited action: a wrong path is an audit line and a Requests row too,
+            # not only the dialog's message.
+            path = Path(mmar)
+            folder = path if path.is_absolute() else self.site_root / "transfer" / mmar
+            if not holds_mmar(folder):
+                raise DeployError(
+                    f"{folder} is not an MMAR (no config/ folder, nor a bundle's configs/)"
+                )
+            request = Message(
+                Topic.DEPLOY,
+                make_mmar_zip(folder),
+                {MsgHeader.RUN_NUMBER: str(run_number), MsgHeader.APP_NAME: folder.name},
+            )
+            return str(interface.deploy_mmar(request))
+
+        return self._local(Topic.DEPLOY, deploy)
 
     def start_training(self, run_number: int, gpus: int = 1) -> str:
         from engine.admin_defs import Topic  # deferred: protobuf; the console's start path

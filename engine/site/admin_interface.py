@@ -279,7 +279,7 @@ class ClientAdminInterface:
             self._announce_run()
         return f"Start the client app on {gpus} GPU rank(s)..."
 
-    def _announce_run(self) -> None:
+    def _announce_run(self, mode: str = "train") -> None:
         self.bus.publish(
             RunChanged(
                 site=self.client_name,
@@ -288,6 +288,7 @@ class ClientAdminInterface:
                 mmar=self.mmar_name,
                 executor=self.executor.kind,
                 pid=self.executor.pid,
+                mode=mode,
             )
         )
 
@@ -327,6 +328,8 @@ class ClientAdminInterface:
             self.executor.start_train(
                 self.client, {"run_number": number, "mode": "validate"}, self._mmar(number)
             )
+            self.mmar_name = _app_name(self._run_dir(number))
+            self._announce_run(mode="validate")
 
         def finish() -> None:
             try:

@@ -30,6 +30,7 @@ from engine.events import (
     SitePulse,
     StateSnapshot,
     StatusChanged,
+    ValidationProgress,
     event_from_dict,
 )
 from engine.status import ClientStatus
@@ -144,6 +145,8 @@ class SiteState:
     local_metrics: dict[str, float] = field(default_factory=dict)
     # The latest cross-site validation on this site's data: {model owner: metrics}.
     validation: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The latest ValidationProgress, in words ("cross-site validation: 2 of 3 models ...").
+    validation_progress: str = ""
     outcome: str = ""
     outcome_detail: str = ""
     gpu: Any = None  # the last GpuSampled
@@ -294,7 +297,18 @@ class SiteState:
         return {"client", "round"}
 
     def _on_RunChanged(self, e: RunChanged) -> set[str]:
-        if e.running:
+        if e.running and e.mode == "validate":
+            # A validation worker of a run: the run's rounds stay on screen; its progress and
+            # results replace the last validation's.
+            self.run_number, self.mmar, self.executor, self.worker_pid = (
+                e.run_number,
+                e.mmar,
+                e.executor,
+                e.pid,
+            )
+            self.phase, self.validation, self.validation_progress = "cross-site validation", {}, ""
+            self.worker_alive = True
+        elif e.running:
             self.run_number, self.mmar, self.executor, self.worker_pid = (
                 e.run_number,
                 e.mmar,
@@ -304,6 +318,7 @@ class SiteState:
             self.round_metrics, self.round, self.phase, self.outcome = [], 0, "", ""
             self.step, self.total_steps, self.loss, self.transfer = 0, 0, None, ""
             self.last_error, self.local_metrics, self.validation = "", {}, {}
+            self.validation_progress = ""
             self.last_error_run, self.worker_alive = None, True
         else:
             self.worker_pid, self.phase = None, ""  # no worker: nothing is in progress
@@ -346,6 +361,10 @@ class SiteState:
             self.local_metrics = dict(e.metrics)
             return {"round"}
         return set()
+
+    def _on_ValidationProgress(self, e: ValidationProgress) -> set[str]:
+        self.validation_progress = e.summary()
+        return {"client", "round"}
 
     def _on_CrossSiteValidated(self, e: CrossSiteValidated) -> set[str]:
         self.validation[e.model_owner] = dict(e.metrics)

@@ -46,6 +46,7 @@ class Dashboard(Screen[None]):
         Binding("l", "log_level", "log level", show=False),
         Binding("slash", "search", "search logs", show=False),
         Binding("p", "screenshot", "screenshot", show=False),
+        Binding("e", "last_error", "last error, whole", show=False),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit", "quit"),
     ]
@@ -208,6 +209,12 @@ class Dashboard(Screen[None]):
             logs = self.query_one(LogPanel)
             logs.apply_search(event.value, self.state)
             logs.close_search(hide=not logs.search)
+
+    def action_last_error(self) -> None:
+        """The Client panel's last error, whole (a traceback is one summary line there)."""
+        if not self.query_one(ClientPanel).show_error():
+            self.last_action = "last error: none in this run"
+            self.notify("no error in this run", timeout=3)
 
     def action_screenshot(self) -> None:
         """Saves what is on screen now (SVG and PNG) under the workspace's screenshots/."""

@@ -23,6 +23,7 @@ l  logs      cycle the log level filter          /  search the logs
 t  theme     next colour theme                   ctrl+p  command palette (every action)
 p  screenshot save this screen (SVG and PNG) in screenshots/, for a support ticket
 enter       on a request: the whole of it (why it was refused)
+e  error     the Client panel's last error, whole (with its traceback)
 ?  help      this screen                         q  quit (a service keeps running)
 """
 

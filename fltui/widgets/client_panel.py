@@ -11,7 +11,7 @@ from textual.widgets import Static
 
 from engine.site.state import SiteState
 from engine.status import ClientStatus
-from fltui.widgets._text import set_text
+from fltui.widgets._text import set_text, show_whole, summary_line
 from fltui.widgets.site_header import ago
 
 __all__ = ["ClientPanel"]
@@ -27,7 +27,7 @@ _STATUS_CLASS = {
 
 
 class ClientPanel(Vertical):
-    """The site's client: what it is doing and with what."""
+    """The site's client: what it is doing and with what (``e``: the last error, whole)."""
 
     DEFAULT_CSS = """
     ClientPanel { border: round $primary; border-title-color: $primary; height: auto; }
@@ -39,7 +39,7 @@ class ClientPanel(Vertical):
     ClientPanel #status.ok { color: $status-ok; }
     ClientPanel #status.stale, ClientPanel #details.stale { text-style: dim; }
     ClientPanel #status.stale, ClientPanel #status.bad { text-wrap: wrap; }
-    ClientPanel #error { color: $error; }
+    ClientPanel #error { color: $error; text-wrap: nowrap; text-overflow: ellipsis; }
     ClientPanel #status, ClientPanel #details { text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
@@ -77,7 +77,21 @@ class ClientPanel(Vertical):
         status.set_classes(cls)
         set_text(details, f"{run} · MMAR {state.mmar or '—'}\n{second}")
         details.set_classes("stale" if service in ("stale", "lost") else "")
+        if state.phase == "cross-site validation" and state.validation_progress:
+            second += f"\n{state.validation_progress}"
+            set_text(details, f"{run} · MMAR {state.mmar or '—'}\n{second}")
         error = self.query_one("#error", Static)
         whose = f" (run {state.last_error_run})" if state.last_error_run is not None else ""
-        set_text(error, f"last error{whose}: {state.last_error}" if state.last_error else "")
+        self._error = f"last error{whose}: {state.last_error}" if state.last_error else ""
+        line = summary_line(state.last_error) if state.last_error else ""
+        more = " · e: whole" if line and line != state.last_error.strip() else ""
+        # two lines, each cut at the panel's edge: which run and how to see it all, then what
+        set_text(error, f"last error{whose}{more}:\n{line}" if line else "")
         error.display = bool(state.last_error)
+
+    def show_error(self) -> bool:
+        """Opens the whole last error (traceback and all); False when there is none."""
+        if not getattr(self, "_error", ""):
+            return False
+        show_whole(self.app, "last error", self._error)
+        return True

@@ -12,7 +12,7 @@ from textual.widgets import ProgressBar, Sparkline, Static
 
 from engine.site.state import SiteState
 from engine.status import ClientStatus
-from fltui.widgets._text import set_text
+from fltui.widgets._text import set_text, summary_line
 from fltui.widgets.site_header import ago
 
 __all__ = ["RoundPanel"]
@@ -102,7 +102,8 @@ class RoundPanel(Vertical):
             detail.set_classes("")
         elif state.outcome and not running:
             last = f" ({metric} {values[-1]:.3f})" if values else ""
-            why = f": {state.outcome_detail}" if state.outcome_detail else ""
+            # a traceback is its last line here (the whole: the Client panel's e)
+            why = f": {summary_line(state.outcome_detail)}" if state.outcome_detail else ""
             if state.outcome == "aborted":  # this site's abort: the federation goes on
                 text = "this site stopped (abort)"  # the metric row below has the rest
             else:

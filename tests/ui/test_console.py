@@ -373,6 +373,8 @@ ACTION_CHECKS: dict[str, Callable[..., bool]] = {
         dash.last_action.startswith("screenshot saved:") and any((ws / "screenshots").glob("*.svg"))
     ),
     "help": lambda app, dash, bridge, ws: isinstance(app.screen, HelpScreen),
+    # the replayed run has no error: said so (a run with one opens it: test_staleness)
+    "last_error": lambda app, dash, bridge, ws: dash.last_action == "last error: none in this run",
 }
 THEMES = list(load_themes())
 PALETTE = [(title, action) for title, action, _ in ACTIONS] + [

@@ -87,3 +87,31 @@ def test_dashboard_80x24(snap_compare, tmp_path: Path, state: str) -> None:
         await pilot.pause(0.3)
 
     assert snap_compare(app, terminal_size=(80, 24), run_before=settle)
+
+
+def test_e_opens_the_whole_error_of_a_failed_run(tmp_path: Path) -> None:
+    """The Client panel shows the error's one summary line; ``e`` opens all 14 lines."""
+    import asyncio
+
+    from fltui.screens.detail import DetailScreen
+    from fltui.widgets.client_panel import ClientPanel
+
+    app = create_app(
+        tmp_path,
+        gpu_sampler=replay.NoSampler(),
+        bridge=replay.ReplayBridge(failed_run()),
+        clock=replay.clock,
+    )
+
+    async def go() -> None:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.3)
+            shown = str(app.screen.query_one(ClientPanel).query_one("#error").render())
+            assert "is not this kit's federation" in shown and "e: whole" in shown
+            assert "Traceback" not in shown
+            await pilot.press("e")
+            await pilot.pause(0.2)
+            assert isinstance(app.screen, DetailScreen)
+            assert "line 11, in step" in str(app.screen.query_one("#text").render())
+
+    asyncio.run(go())
