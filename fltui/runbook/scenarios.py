@@ -12,7 +12,9 @@ from typing import Any
 
 from engine.events import AdminRequestHandled, ConnectionChanged, LogRecord, RunChanged
 from engine.site.paths import SitePaths
+from engine.site.state import LOST_AFTER, PULSE_S, STALE_AFTER
 from engine.status import ClientStatus
+from fltui.bridge import RECONNECT_S
 from fltui.runbook.harness import ROUNDS, Run
 
 
@@ -30,6 +32,7 @@ class Scenario:
     policy: dict[str, Any] | None = None
     peers_lockstep: bool = True
     task: str = "classification"  # the demo's task (engine.demo.TASKS): its MMAR and data
+    service: bool = False  # the site runs as a service process; the console attaches to it
 
 
 async def _first_start(run: Run) -> None:
@@ -91,10 +94,10 @@ async def _deploy_and_start(run: Run) -> None:
         """
 `d` lists the MMARs offered in the workspace's `transfer/` folder (or type the path of an MMAR
 folder). The run number is the next free one: run 1 is already deployed here, so `2`. Choose
-with the arrow keys and Enter, then Enter again to deploy.
+with the arrow keys; one Enter deploys (a refusal stays in the dialog, in red).
 """,
     )
-    await run.press("enter", "enter")
+    await run.press("enter")
     await run.last_action("deploy: ")
     await run.shot(
         "deployed",
@@ -582,6 +585,121 @@ def _policy_and_audit(run: Run) -> str:
     )
 
 
+# The service's age in the pictures of a dead service: past STALE_AFTER pulses, then past
+# LOST_AFTER (whole seconds: the header shows whole seconds).
+STALE_SHOT_S = float(int(STALE_AFTER * PULSE_S) + 1)  # 4 s
+LOST_SHOT_S = float(int(LOST_AFTER * PULSE_S) + 1)  # 9 s
+
+
+async def _service_died(run: Run) -> None:
+    await run.until(lambda: run.state.connection == "registered", "the service registered", 60)
+    await run.press("s")
+    await run.until(lambda: type(run.app.screen).__name__ == "StartScreen", "the start dialog")
+    await run.press("enter")
+    await run.last_action("start: ")
+    await run.waiting_after(1)
+    await run.shot(
+        "attached",
+        "The console attached to the site service, training",
+        """
+The site runs as a service of its own (`fltui --no-ui --serve --workspace DIR`, as systemd or
+an operator starts it), and the console attached to it: the header ends with `attached to
+service (pid 1201)`, and quitting the console would leave the site running. The service says
+it is alive every 2 s; every event and every pulse confirms what the panels show. Here the
+site has trained round 1 and waits for the other site.
+""",
+    )
+    # The last word from the service at the clock's current reading: its age on screen is then
+    # exactly the clock's moves after the kill.
+    await run.fresh_heartbeat()
+    run.fed.kill_service()
+    await run.until(lambda: not run.state.service_connected, "the console saw the link drop", 30)
+    await run.until(
+        lambda: any("lost the site service" in e.message for e in run.bridge.of(LogRecord)),
+        "the console said so",
+        30,
+    )
+    run.clock.advance(STALE_SHOT_S)
+    await run.shot(
+        "stale",
+        f"`kill -9` of the service: stale, {STALE_SHOT_S:.0f} s later",
+        f"""
+The service process was killed with SIGKILL (`kill -9`: no goodbye, no clean-up), as a crash
+or the kernel's out-of-memory killer would end it. The console saw its connection drop and
+says what it last knew, and how old that is, instead of carrying on as if nothing happened:
+the header reads `service lost · reconnecting · last heard {STALE_SHOT_S:.0f} s ago` (dimmed),
+**Client** adds `{STALE_SHOT_S:.0f} s ago, unconfirmed` to the last status, and **Round** has
+no progress bar or ETA any more, only the last step and its age. **Logs** has the console's
+own warning: `lost the site service (pid 1201) …; waiting for it to come back`. The console
+tries to attach again for {RECONNECT_S:.0f} s.
+
+Nothing to do yet: a service managed by systemd is started again within seconds
+(`Restart=on-failure`), and the console attaches to it by itself.
+
+*Simulated here: the {STALE_SHOT_S:.0f} s.* The kill and the console's reaction are real;
+the runbook's fixed clock was moved on {STALE_SHOT_S:.0f} s after the kill instead of waiting
+for them (the service is stale once unconfirmed for {STALE_AFTER:g} pulses, {
+            STALE_AFTER * PULSE_S:g} s, or at once when its connection drops).
+""",
+        advance=LOST_SHOT_S - STALE_SHOT_S,
+        heartbeat=False,
+    )
+    await run.shot(
+        "lost",
+        f"Still gone after {LOST_SHOT_S:.0f} s: lost, state unknown",
+        f"""
+Unconfirmed for more than {LOST_AFTER:g} pulses ({LOST_AFTER * PULSE_S:g} s), the service is
+lost: the header turns red and reads `service lost {LOST_SHOT_S:.0f} s ago — state unknown`
+(and `heartbeat unknown`: the server's answers came through the service). The panels say what
+is unknown rather than repeat the last state: **Client** `unknown — service lost
+{LOST_SHOT_S:.0f} s ago` and `worker pid 1101: unknown` (a worker whose service died stops
+itself), **Round** `round 1 of 3 · state unknown` with the last thing seen and its age.
+
+What to do:
+
+1. See whether the service is running: `fltui ctl --workspace DIR status` (exit code 5: no
+   service runs), `systemctl status fltui-site` where systemd manages it.
+2. Find why it died: the end of `logs/` in the workspace, `journalctl -u fltui-site`, and
+   the kernel's log for the out-of-memory killer (`journalctl -k | grep -i oom`).
+3. Start it again (`systemctl start fltui-site`, or `fltui --no-ui --serve --workspace DIR`):
+   this console attaches to it by itself within {RECONNECT_S:.0f} s (else quit and start it
+   again).
+
+*Simulated here: the {LOST_SHOT_S:.0f} s* (the fixed clock moved on again, as on the last
+step).
+""",
+        heartbeat=False,
+    )
+    logs = len(run.bridge.of(LogRecord))
+    # The runbook stands in for systemd or the operator: the same command starts it again.
+    await asyncio.to_thread(run.fed.start_service)
+    await run.until(
+        lambda: any("re-attached" in e.message for e in run.bridge.of(LogRecord)[logs:]),
+        "the console attached again",
+        60,
+    )
+    await run.until(
+        lambda: run.state.service_connected and run.state.connection == "registered",
+        "the new service registered",
+        60,
+    )
+    await run.shot(
+        "back",
+        "The service is back: attached again, every value confirmed",
+        """
+The service was started again (here by the runbook, with the command systemd would run) and
+the console attached to it by itself: the header is `attached to service (pid 1202)` in its
+normal colours, the new service registered with the server (a new token, `heartbeat 0 s
+ago`), and **Client** and **Round** show what the new service confirms.
+
+A killed service's training does not survive it: the run stopped with the service (its worker
+stopped itself), and the new service waits for a command (`training not started`). Start the
+run again with `s`, or wait for the federation's `start`; the federation's admin sees this
+site's new session.
+""",
+    )
+
+
 SCENARIOS = [
     Scenario(
         1,
@@ -681,5 +799,20 @@ keeps in its own `local/data/`. Here two sites train four rounds; the console fo
         rounds=4,
         play=_segmentation_demo,
         task="segmentation",
+    ),
+    Scenario(
+        9,
+        "service-died",
+        "The site's service died: stale, lost, and back",
+        """
+The site runs as a service process, and the console is attached to it. The service is killed
+(`kill -9`) while training runs: what the console shows as time passes, what it means and what
+to do, and the console once the service is started again. The kill is real; how long the
+service has been gone is simulated by moving the runbook's fixed clock (each such step says
+so).
+""",
+        sites=2,
+        play=_service_died,
+        service=True,
     ),
 ]
