@@ -2,9 +2,11 @@
 
 Each scenario runs against a federation of its own on this machine: the reference server in
 this process, this site's engine in this process (``LocalBridge``, as ``fltui --workspace DIR``
-runs it where no service runs), training in worker processes, and peers as ``fltui --no-ui``
-child processes. Textual's Pilot presses the keys an operator would; at each step the screen is
-saved as SVG (Textual's own) and PNG (resvg), and a Markdown page walks through the steps.
+runs it where no service runs; or, for a scenario about the service, as a service process of its
+own, ``fltui --no-ui --serve``, that the console attaches to through ``RemoteBridge``), training
+in worker processes, and peers as ``fltui --no-ui`` child processes. Textual's Pilot presses
+the keys an operator would; at each step the screen is saved as SVG (Textual's own) and PNG
+(resvg), and a Markdown page walks through the steps.
 
 So that a run repeats and a diff of ``docs/runbook/`` shows real changes only:
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
-from engine.events import Event, EventBus, GpuSampled, HeartbeatAcknowledged
+from engine.events import (
+    Event,
+    EventBus,
+    GpuSampled,
+    HeartbeatAcknowledged,
+    ServiceLink,
+    SitePulse,
+)
 from fltui.bridge import SiteBridge
 from fltui.runbook.standins import FixedClock, StandIns
 
-PERIODIC = (HeartbeatAcknowledged, GpuSampled)  # not activity: they come on a timer
+# Not activity: they come on a timer (a service's pulse, the console's look at its link).
+PERIODIC = (HeartbeatAcknowledged, GpuSampled, SitePulse, ServiceLink)
 
 
 class RunbookBridge(SiteBridge):
@@ -17,9 +26,23 @@ class RunbookBridge(SiteBridge):
 
     Actions go to ``inner`` unchanged; every event drained is restamped with the clock and has
     its stand-ins put in. The header says so.
+
+    ``inner`` is the console's engine (``LocalBridge``) or its link to a site service in
+    another process (``RemoteBridge``). For the latter, pass ``gpu``: the runbook's stepped
+    sampler stands in for the service's own timer-driven samples, and the link's "last heard
+    from the service" is read on the fixed clock: the clock's reading when the console last
+    got a message from the service (so the service's age moves only when the runbook moves the
+    clock, and a dead service's age is the clock's moves since its last word).
     """
 
-    def __init__(self, inner: Any, clock: FixedClock, stand_ins: StandIns) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        clock: FixedClock,
+        stand_ins: StandIns,
+        gpu: SteppedGpu | None = None,
+        site: str = "",
+    ) -> None:
         self.inner = inner
         self.clock = clock
         self.stand_ins = stand_ins
@@ -28,7 +51,16 @@ class RunbookBridge(SiteBridge):
         self.activity = time.monotonic()
         self._gpu_seq = 0
         self.inner_heartbeats: list[float] = []
+        self._seen_real: float | None = None  # the link's last "seen" (the service's clock)
+        self.seen_fixed: float | None = None  # the same moment on the fixed clock
+        self._gpu_events: list[Event] = []
+        self.own_gpu = gpu is not None
+        if gpu is not None:
+            gpu_bus = EventBus()
+            gpu_bus.subscribe(self._gpu_events.append)
+            gpu.start(gpu_bus, site)
         bus = getattr(inner, "bus", None)
+        self._watched = bus is not None  # else activity is what drain() hands over
         if bus is not None:
             bus.subscribe(self._on_event)
 
@@ -45,12 +77,26 @@ class RunbookBridge(SiteBridge):
 
     @property
     def label(self) -> str:
-        return f"{self.inner.label} · runbook: fixed clock, stand-ins"
+        return f"{self.stand_ins.text(self.inner.label)} · runbook: fixed clock, stand-ins"
+
+    def _link(self, event: ServiceLink) -> ServiceLink:
+        if event.seen is not None and event.seen != self._seen_real:
+            self._seen_real, self.seen_fixed = event.seen, self.clock()
+        return dataclasses.replace(event, seen=self.seen_fixed)
 
     def drain(self) -> list[Event]:
         out = []
-        for event in self.inner.drain():
+        inner = self.inner.drain()
+        if self.own_gpu:
+            inner = [e for e in inner if not isinstance(e, GpuSampled)]
+            gpu, self._gpu_events[:] = list(self._gpu_events), []
+            inner = gpu + inner
+        for event in inner:
             ts = self.clock()
+            if not self._watched and not isinstance(event, PERIODIC):
+                self.activity = time.monotonic()
+            if isinstance(event, ServiceLink):
+                event = self._link(event)
             if isinstance(event, GpuSampled):  # each sample its own instant (the panel's history)
                 self._gpu_seq += 1
                 ts += self._gpu_seq * 1e-3

@@ -18,7 +18,7 @@ from typing import Any
 from engine.events import GpuSampled
 from engine.gpu import GpuSampler, simulated_feed
 from engine.training import demo_mmar_path
-from fltui.bridge import LocalBridge
+from fltui.bridge import LocalBridge, RemoteBridge
 from fltui.runbook.bridge import RunbookBridge, SteppedGpu
 from fltui.runbook.harness import ROOT, Federation, Run
 from fltui.runbook.pages import Page, write_index
@@ -83,8 +83,15 @@ async def _play(
         stand_ins.ports.add(fed.port)
         fed.lockstep = scenario.peers_lockstep
         fed.start_peers()
-        inner = LocalBridge(fed.site, gpu_sampler=gpu)
-        bridge = RunbookBridge(inner, clock, stand_ins)
+        if scenario.service:
+            # This site as a service in a process of its own; the console attaches to it, as
+            # `fltui --workspace DIR` does where a service runs.
+            fed.start_service()
+            remote = RemoteBridge(fed.site, fed.names[0])
+            bridge = RunbookBridge(remote, clock, stand_ins, gpu=gpu, site=fed.names[0])
+        else:
+            inner = LocalBridge(fed.site, gpu_sampler=gpu)
+            bridge = RunbookBridge(inner, clock, stand_ins)
         app = create_app(fed.site, theme=theme, bridge=bridge, clock=clock, gpu_sampler=gpu)
         app.animation_level = "none"  # a picture never catches a bar or a notice half-way
         notify = app.notify
@@ -145,7 +152,7 @@ def generate(
 ) -> list[Path]:
     """Plays the scenarios (all, or the numbers in ``only``) and writes the runbook to ``out``.
 
-    With every scenario, ``out/README.md`` (the index) and ``out/runbook.json`` are written too.
+    ``out/README.md`` (the index of every scenario) and ``out/runbook.json`` are written too.
 
     Args:
         simulate_gpus: show N SIMULATED GPUs (labelled so) instead of this machine's.
@@ -185,9 +192,9 @@ def generate(
                 path.write_text(page.markdown(note), encoding="utf-8")
                 pages.append(path)
                 say(f"{page.name}: {len(page.steps)} steps in {time.monotonic() - started:.0f} s")
-        if len(chosen) == len(SCENARIOS):
-            sample = next((s for s in samples if s is not None), None)
-            write_index(out, SCENARIOS, _gpu_note(sample, simulate_gpus), simulate_gpus, sample)
+        # The index lists every scenario, whichever were played now (--only).
+        sample = next((s for s in samples if s is not None), None)
+        write_index(out, SCENARIOS, _gpu_note(sample, simulate_gpus), simulate_gpus, sample)
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -30,6 +30,7 @@ from engine.events import (
 )
 from engine.fileio import load_npz, save_json_atomic
 from engine.server import FederatedServer
+from engine.site.lock import find_service
 from engine.site.paths import SitePaths
 from fltui.pictures import svg_to_png
 from fltui.runbook.bridge import RunbookBridge, SteppedGpu
@@ -48,7 +49,9 @@ class Federation:
 
     The server runs in this process (so a scenario can stop and start it); peers run as
     ``fltui --no-ui`` child processes with training in their own process (so that SIGSTOP
-    pauses all of a peer).
+    pauses all of a peer). This site's engine runs in the console (``LocalBridge``), or, for a
+    scenario about the site service, as a service of its own (``start_service``: ``fltui
+    --no-ui --serve``, as an operator or systemd runs it) that the console attaches to.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class Federation:
         self.server: Any = None
         self.port = 0
         self.peers: dict[str, subprocess.Popen[bytes]] = {}
+        self.services: list[subprocess.Popen[bytes]] = []  # this site's, newest last
         self.paused: set[str] = set()
         self.lockstep = False  # pause the peers whenever a round closes
         self.aggregated: list[int] = []
@@ -137,9 +141,58 @@ class Federation:
             self.server.stop(grace=0)
             self.server = None
 
-    def start_peers(self) -> None:
+    @staticmethod
+    def _env() -> dict[str, str]:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        return env
+
+    def start_service(self, timeout: float = 60.0) -> int:
+        """This site as a service (``fltui --no-ui --serve``); returns its pid once it listens.
+
+        Raises:
+            StepTimeout: it did not open its control socket in time (its log says why).
+        """
+        logs = self.site / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with (logs / "service-stderr.log").open("ab") as err:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fltui",
+                    "--no-ui",
+                    "--serve",
+                    "--workspace",
+                    str(self.site),
+                ],
+                stdout=err,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self._env(),
+                start_new_session=True,
+            )
+        self.services.append(proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = find_service(self.site)
+            if info is not None and info.pid == proc.pid:
+                return proc.pid
+            if proc.poll() is not None:
+                raise StepTimeout(f"the site service exited with code {proc.returncode}")
+            time.sleep(0.1)
+        raise StepTimeout(f"the site service did not listen within {timeout:.0f} s")
+
+    def kill_service(self) -> int:
+        """SIGKILL to this site's running service (its process only: its worker is left to
+        notice, as after a real crash); returns the pid."""
+        proc = self.services[-1]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        return proc.pid
+
+    def start_peers(self) -> None:
+        env = self._env()
         for name in self.names[1:]:
             logs = self.root / name / "logs"
             logs.mkdir(parents=True, exist_ok=True)
@@ -198,11 +251,12 @@ class Federation:
     def close(self) -> None:
         self.lockstep = False
         self.resume()
-        for proc in self.peers.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.peers.values():
+        procs = [*self.peers.values(), *self.services]
+        for proc in procs:
+            # A killed service's group too: its worker may still be winding down.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

@@ -109,6 +109,9 @@ def write_index(
         "- Steps are taken in states that do not depend on timing: the peer site is paused "
         "while this site waits for it, so each round is pictured after this site's "
         "contribution is in, and the contributions arrive in the same order on every run.",
+        "- Where a scenario runs the site as a service process that the console attaches to "
+        "(a killed service), how long the service has been gone is the fixed clock's moves, "
+        "not waited for: its page says so at each such step.",
         f"- {gpu_note}",
         "",
         "So a second run gives the same SVGs, and a diff of this folder shows what changed in "

@@ -16,6 +16,9 @@ from engine.events import (
     ModelTransferred,
     RunChanged,
     SiteConfigured,
+    SitePulse,
+    StateSnapshot,
+    event_from_dict,
 )
 
 E = TypeVar("E", bound=Event)
@@ -116,11 +119,55 @@ class StandIns:
             changes["gpus"] = [self._gpu(g) for g in event.gpus]
         if isinstance(event, SiteConfigured):
             changes["workspace"] = self.text(event.workspace)
+        if isinstance(event, SitePulse):  # a service's pulse: its worker, and when it last spoke
+            if event.worker_pid is not None:
+                changes["worker_pid"] = self.pid(event.worker_pid, worker=True)
+            if event.worker_seen is not None:
+                changes["worker_seen"] = ts
+        if isinstance(event, StateSnapshot):
+            changes["state"] = self.snapshot(event.state, ts)
         for name in ("message", "detail", "server"):
             value = getattr(event, name, None)
             if isinstance(value, str):
                 changes[name] = self.text(value)
         return dataclasses.replace(event, **changes)
+
+    # A site service's state, as it sends it to a console that attaches: every time in it is
+    # the service's clock, every path and pid the real one.
+    _TIMES = ("registered_at", "last_heartbeat", "pulse_at", "worker_seen", "train_started")
+    _TEXTS = (
+        "workspace",
+        "server",
+        "connection_detail",
+        "last_error",
+        "outcome_detail",
+        "recovery",
+        "validation_progress",
+    )
+
+    def snapshot(self, state: dict[str, Any], ts: float) -> dict[str, Any]:
+        """A service's state snapshot at ``ts``: its times are ``ts``, stand-ins put in."""
+        out = dict(state)
+        for name in self._TIMES:
+            if out.get(name) is not None:
+                out[name] = ts
+        for name in self._TEXTS:
+            if isinstance(out.get(name), str):
+                out[name] = self.text(out[name])
+        if out.get("worker_pid") is not None:
+            out["worker_pid"] = self.pid(int(out["worker_pid"]), worker=True)
+        if out.get("heartbeat_rtt_ms") is not None:
+            out["heartbeat_rtt_ms"] = RTT_MS
+        out["gpu"] = None  # the runbook steps its own samples (see RunbookBridge)
+        for name in ("logs", "requests"):
+            events = []
+            for data in out.get(name) or []:
+                try:
+                    events.append(self.event(event_from_dict(data), ts).to_dict())
+                except (KeyError, ValueError, TypeError):
+                    events.append(data)
+            out[name] = events
+        return out
 
     def _gpu(self, gpu: dict[str, Any]) -> dict[str, Any]:
         procs = [

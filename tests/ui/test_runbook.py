@@ -152,6 +152,36 @@ def test_the_index_links_every_scenario_page() -> None:
 
 
 def test_only_takes_numbers_or_names() -> None:
-    assert _only("1,lost-server") == [1, 6]
+    assert _only("1,lost-server,service-died") == [1, 6, 9]
     with pytest.raises(Exception, match="no scenario"):
-        _only("9")
+        _only("99")
+
+
+def test_a_service_scenario_reads_the_service_on_the_fixed_clock(tmp_path: Path) -> None:
+    """Attached to a site service: its age moves only with the clock, its state is restamped."""
+    from engine.events import ServiceLink, SitePulse, StateSnapshot
+    from engine.gpu import simulated_feed
+
+    clock = FixedClock(1000.0)
+    inner = replay.ReplayBridge([])
+    gpu = SteppedGpu(simulated_feed(1, seed=0))
+    bridge = RunbookBridge(inner, clock, StandIns(tmp_path), gpu=gpu, site="site-1")
+    inner.events = [
+        StateSnapshot(
+            site="site-1",
+            state={"registered_at": 5.0, "worker_pid": 4242, "workspace": f"{tmp_path}/site-1"},
+        ),
+        SitePulse(site="site-1", worker_pid=4242, worker_alive=True, worker_seen=7.0),
+        GpuSampled(site="site-1", available=False, reason="the service's own: dropped"),
+        ServiceLink(site="site-1", connected=True, seen=123.0),
+    ]
+    gpu.tick(1)
+    stepped, snapshot, pulse, link = bridge.drain()
+    assert snapshot.state["registered_at"] == 1000.0 and snapshot.state["worker_pid"] == 1101
+    assert snapshot.state["workspace"] == "/srv/fl/site-1"
+    assert stepped.simulated  # the runbook's stepped sample, not the service's
+    assert (pulse.worker_pid, pulse.worker_seen) == (1101, 1000.0)
+    assert link.seen == 1000.0
+    clock.advance(4)  # the service killed: its last word stays where the clock was
+    inner.events = [ServiceLink(site="site-1", connected=False, seen=123.0)]
+    assert bridge.drain()[0].seen == 1000.0
