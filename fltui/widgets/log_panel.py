@@ -104,6 +104,8 @@ class LogPanel(Vertical):
         width = self._log_width()
         if width != self._width:
             self._width, rebuild = width, True
+        if state.logs_total < self._shown:
+            rebuild = True  # fewer than already shown: another (restarted) service's state
         if rebuild:
             log.clear()
             self.following, self.unseen = True, 0
@@ -128,7 +130,7 @@ class LogPanel(Vertical):
     def _follow(self) -> None:
         # After the refresh (the new lines laid out), and only if the operator has not
         # scrolled up meanwhile.
-        if self.following:
+        if self.following and self.search:
             self.query_one("#log", Log).scroll_end(animate=False, immediate=True, x_axis=False)
 
     def on_resize(self) -> None:

@@ -145,6 +145,10 @@ class RequestsPanel(DataTable[Text]):
 
     def refresh_from(self, state: SiteState) -> None:
         requests = list(state.requests)
+        if state.requests_total < self._shown:
+            # Fewer than already shown: another service (a restarted one) whose state this is.
+            self._rows, self._shown = [], state.requests_total - len(requests)
+            self._rebuild()
         # The deque drops old rows past its bound: what is new is counted by the total.
         fresh = min(state.requests_total - self._shown, len(requests))
         new = requests[-fresh:] if fresh > 0 else []

@@ -335,3 +335,27 @@ def test_the_deploy_dialog_takes_one_enter_and_keeps_a_refusal_on_screen(tmp_pat
         await _until(pilot, lambda: isinstance(app.screen, Dashboard))
 
     _run(app, test)
+
+
+def test_a_restarted_service_s_state_replaces_the_old_rows(tmp_path: Path) -> None:
+    """A console that re-attaches to a new service gets a state whose totals are smaller than
+    what it showed: Requests and Logs start again from it, not keep the old service's rows."""
+    from engine.site.state import SiteState
+
+    app, _ = _app(tmp_path, [_req(n) for n in range(5)] + [_log(n) for n in range(6)])
+
+    async def test(app: FLTuiApp, pilot: Pilot[None]) -> None:
+        dash = await _dash(app, pilot)
+        panel, logs = dash.query_one(RequestsPanel), dash.query_one(LogPanel)
+        await _until(pilot, lambda: panel.row_count == 5)
+        fresh = SiteState()
+        fresh.apply(_req(50, detail="the new service's first"))
+        fresh.apply(_log(50, "the new service's line"))
+        panel.refresh_from(fresh)
+        logs.refresh_from(fresh)
+        await pilot.pause(0.2)
+        assert panel.row_count == 1 and "the new service's first" in str(panel.get_row_at(0))
+        shown = "\n".join(_screen_text(app))
+        assert "the new service's line" in shown and "line 3" not in shown
+
+    _run(app, test, size=(120, 40))
