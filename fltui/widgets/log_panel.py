@@ -130,7 +130,7 @@ class LogPanel(Vertical):
     def _follow(self) -> None:
         # After the refresh (the new lines laid out), and only if the operator has not
         # scrolled up meanwhile.
-        if self.following and self.search:
+        if self.following:
             self.query_one("#log", Log).scroll_end(animate=False, immediate=True, x_axis=False)
 
     def on_resize(self) -> None:
