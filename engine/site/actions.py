@@ -59,23 +59,23 @@ class SiteActions:
 
     def deploy(self, mmar: str, run_number: int) -> str:
         from engine.admin_defs import Message, MsgHeader, Topic  # deferred: protobuf
-        from engine.site.deploy import DeployError, make_mmar_zip  # deferred: numpy
+        from engine.site.deploy import make_mmar_zip  # deferred: numpy
         from engine.site.paths import holds_mmar  # deferred: with the deploy code above
 
         if not isinstance(mmar, str) or not mmar:
             raise ActionError("deploy needs an MMAR: a name in transfer/ or a path")
         _check_run(run_number)
+        path = Path(mmar)
+        folder = path if path.is_absolute() else self.site_root / "transfer" / mmar
+        if not holds_mmar(folder):
+            why = f"{folder} is not an MMAR (no config/ folder, nor a bundle's configs/)"
+            found = self._interface()
+            if found is not None:  # a wrong path is an audit line and a Requests row too
+                found.record("local", Topic.DEPLOY, "error", why)
+            raise ActionError(why)
         interface = self.interface
 
         def deploy() -> str:
-            # Inside the audited action: a wrong path is an audit line and a Requests row too,
-            # not only the dialog's message.
-            path = Path(mmar)
-            folder = path if path.is_absolute() else self.site_root / "transfer" / mmar
-            if not holds_mmar(folder):
-                raise DeployError(
-                    f"{folder} is not an MMAR (no config/ folder, nor a bundle's configs/)"
-                )
             request = Message(
                 Topic.DEPLOY,
                 make_mmar_zip(folder),
