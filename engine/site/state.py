@@ -186,12 +186,17 @@ class SiteState:
         return freshness(age, PULSE_S), age
 
     def server_freshness(self, now: float) -> tuple[str, float | None]:
-        """The server, by its last answered heartbeat (since registration before the first)."""
-        if self.connection not in ("registered", "registered again"):
+        """The server, by its last answered heartbeat (since registration before the first).
+
+        Judged while the site has a session: registered, its calls going through ("connected",
+        as a worker's first call says) or failing ("retrying": the server's silence still ages).
+        """
+        if self.connection not in ("registered", "registered again", "connected", "retrying"):
             return "fresh", None  # the connection's own state says what is wrong
-        since = self.last_heartbeat or self.registered_at
-        if since is None:
+        known = [t for t in (self.last_heartbeat, self.registered_at) if t is not None]
+        if not known:
             return "fresh", None
+        since = max(known)  # registered again after a restart: aged from then, not before
         age = max(0.0, now - since)
         return freshness(age, self.heartbeat_interval), age
 
