@@ -25,7 +25,6 @@ reads the bundle.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import threading
@@ -43,10 +42,17 @@ import engine.components
 from engine.config import load_environment, local_environment_file
 from engine.config.environment import MMAREnvironment
 from engine.fileio import save_json_atomic
+from engine.training.clara_config import require_monai
 from engine.training.config import is_bundle
 from engine.training.errors import TrainConfigError, TrainingAborted
 from engine.training.fitter import EVAL_METRICS, EpochCallback, ProgressCallback, pick_device
-from engine.training.weights import BestModel, checked_tensors, load_weights, to_numpy
+from engine.training.weights import (
+    BestModel,
+    TrainerFacts,
+    checked_tensors,
+    load_weights,
+    to_numpy,
+)
 
 __all__ = [
     "BundleTrainer",
@@ -62,10 +68,6 @@ log = logging.getLogger(__name__)
 #: Where a bundle keeps its configs, relative to its root (MONAI's layout).
 CONFIGS = Path("configs")
 _SUFFIXES = (".json", ".yaml", ".yml")
-#: What to tell an operator whose site lacks MONAI.
-INSTALL_HINT = (
-    "install the extra with `pip install 'fltui[monai]'` (MONAI, pytorch-ignite, nibabel)"
-)
 # Progress callbacks drive a UI; more than ~10 updates a second are invisible and cost time.
 _PROGRESS_PERIOD_S = 0.1
 _NO_MULTI_GPU = (
@@ -161,14 +163,7 @@ def build_bundle_trainer(
     root = Path(mmar_root).resolve()
     files = bundle_config_files(root)
     train_file = files["train"]
-    for package in ("monai", "ignite"):
-        if importlib.util.find_spec(package) is None:
-            raise TrainConfigError(
-                train_file,
-                None,
-                f"this MMAR is a MONAI bundle and {package!r} is not installed on this site; "
-                f"{INSTALL_HINT}",
-            )
+    require_monai(train_file, None)
     if environment is None:
         environment = load_environment(root, local_environment_file(root))
 
@@ -239,12 +234,7 @@ def bundle_problems(mmar_root: str | Path) -> list[TrainConfigError]:
     root = Path(mmar_root)
     try:
         files = bundle_config_files(root)
-        if importlib.util.find_spec("monai") is None:
-            raise TrainConfigError(
-                files["train"],
-                None,
-                f"this MMAR is a MONAI bundle and 'monai' is not installed; {INSTALL_HINT}",
-            )
+        require_monai(files["train"], None)
         _read_configs(files)
     except TrainConfigError as exc:
         return [exc]
@@ -282,12 +272,7 @@ def initial_bundle_weights(mmar_root: str | Path) -> dict[str, np.ndarray]:
     root = Path(mmar_root).resolve()
     files = bundle_config_files(root)
     train_file = files["train"]
-    if importlib.util.find_spec("monai") is None:
-        raise TrainConfigError(
-            train_file,
-            None,
-            f"this MMAR is a MONAI bundle and 'monai' is not installed; {INSTALL_HINT}",
-        )
+    require_monai(train_file, None)
     raw = _read_configs({"train": train_file})
     _check_expressions(raw, root)
     config = _merged([train_file])
@@ -538,7 +523,7 @@ class _Round:
         return float(self.loss_sum) / self.loss_count if self.loss_count else math.nan
 
 
-class BundleTrainer:
+class BundleTrainer(TrainerFacts):
     """A MONAI bundle's model and engines, with the operations a federated round needs.
 
     Build it with :func:`build_bundle_trainer`. The same interface as
@@ -625,26 +610,6 @@ class BundleTrainer:
         except Exception:
             name = self.metric_name.lower()
             return not any(word in name for word in ("loss", "error", "distance", "hausdorff"))
-
-    @property
-    def best_metric(self) -> float | None:
-        """The best key metric :meth:`validate` saw on the trained model, if any."""
-        return self._best.metric
-
-    @property
-    def n_iter(self) -> int:
-        """Iterations run by the last :meth:`train` (the ``n_iter`` FedAvg weighs by)."""
-        return self._n_iter
-
-    @property
-    def num_parameters(self) -> int:
-        """Number of scalar parameters of the network."""
-        return sum(p.numel() for p in self.model.parameters())
-
-    @property
-    def best_model_path(self) -> Path:
-        """Where the best local model is saved: ``<MMAR_CKPT_DIR>/best_model.pt``."""
-        return self._best.path
 
     @property
     def epoch_length(self) -> int | None:

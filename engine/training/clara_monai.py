@@ -36,7 +36,13 @@ from engine.config import ComponentSpec, ConfigError, MMAREnvironment
 from engine.fileio import save_json_atomic
 from engine.training.clara_config import ClaraConfig, Part, require_monai
 from engine.training.errors import TrainConfigError, TrainingAborted
-from engine.training.weights import BestModel, checked_tensors, load_weights, to_numpy
+from engine.training.weights import (
+    BestModel,
+    TrainerFacts,
+    checked_tensors,
+    load_weights,
+    to_numpy,
+)
 
 __all__ = [
     "ClaraMonaiTrainer",
@@ -655,7 +661,7 @@ def _handler(
 # -- the trainer -------------------------------------------------------------------------------
 
 
-class ClaraMonaiTrainer:
+class ClaraMonaiTrainer(TrainerFacts):
     """One site's MONAI trainer and evaluator, with the operations a federated round needs.
 
     The same interface as the torch fitter (``engine.training.fitter.Fitter``); build it with
@@ -722,22 +728,6 @@ class ClaraMonaiTrainer:
     @property
     def higher_is_better(self) -> bool:
         return self._best.higher_is_better
-
-    @property
-    def best_metric(self) -> float | None:
-        return self._best.metric
-
-    @property
-    def n_iter(self) -> int:
-        return self._n_iter
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self._network.parameters())
-
-    @property
-    def best_model_path(self) -> Path:
-        return self._best.path
 
     @property
     def steps_per_round(self) -> int:

@@ -24,7 +24,13 @@ from engine.fileio import save_json_atomic
 from engine.training.components import build_component
 from engine.training.config import METRICS, ComponentSpec, TrainConfig, load_train_config
 from engine.training.errors import TrainConfigError, TrainingAborted
-from engine.training.weights import BEST_MODEL_NAME, BestModel, checked_tensors, to_numpy
+from engine.training.weights import (
+    BEST_MODEL_NAME,
+    BestModel,
+    TrainerFacts,
+    checked_tensors,
+    to_numpy,
+)
 
 __all__ = ["BEST_MODEL", "EpochCallback", "Fitter", "ProgressCallback", "build_fitter"]
 
@@ -160,7 +166,7 @@ def build_fitter(
     )
 
 
-class Fitter:
+class Fitter(TrainerFacts):
     """One site's model, data, loss and optimizer, with the operations a federated round needs.
 
     Build it with :func:`build_fitter`. All methods are thread-safe: they serialise on one lock,
@@ -272,26 +278,6 @@ class Fitter:
     def higher_is_better(self) -> bool:
         """Whether a larger key metric is better (accuracy) or worse (loss)."""
         return METRICS[self.config.metric]
-
-    @property
-    def best_metric(self) -> float | None:
-        """The best key metric that :meth:`validate` saw on the fitter's own model, if any."""
-        return self._best.metric
-
-    @property
-    def n_iter(self) -> int:
-        """Optimizer steps taken by the last :meth:`train` (the ``n_iter`` FedAvg weighs by)."""
-        return self._n_iter
-
-    @property
-    def num_parameters(self) -> int:
-        """Number of scalar parameters of the model."""
-        return sum(p.numel() for p in self._model.parameters())
-
-    @property
-    def best_model_path(self) -> Path:
-        """Where the best local model is saved: ``<MMAR_CKPT_DIR>/best_model.pt``."""
-        return self._best.path
 
     @property
     def steps_per_round(self) -> int:

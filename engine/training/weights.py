@@ -18,7 +18,14 @@ import torch
 
 from engine.fileio import atomic_write
 
-__all__ = ["BEST_MODEL_NAME", "BestModel", "checked_tensors", "load_weights", "to_numpy"]
+__all__ = [
+    "BEST_MODEL_NAME",
+    "BestModel",
+    "TrainerFacts",
+    "checked_tensors",
+    "load_weights",
+    "to_numpy",
+]
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +143,33 @@ class BestModel:
             name: (t.float() if t.dtype == torch.bfloat16 else t).numpy()
             for name, t in state.items()
         }
+
+
+class TrainerFacts:
+    """The read-only facts every torch training form (the fitter, Clara's MONAI form, bundles)
+    gives the same way. A form sets ``_best`` (its BestModel) and ``_n_iter``, and has a
+    ``model`` (the torch module it trains)."""
+
+    _best: BestModel
+    _n_iter: int
+    model: torch.nn.Module
+
+    @property
+    def best_metric(self) -> float | None:
+        """The best key metric seen on a model local training made, if any."""
+        return self._best.metric
+
+    @property
+    def n_iter(self) -> int:
+        """Steps the last ``train`` took (the ``n_iter`` FedAvg weighs by)."""
+        return self._n_iter
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of scalar parameters of the model."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def best_model_path(self) -> Path:
+        """Where the best local model is saved: ``<MMAR_CKPT_DIR>/best_model.pt``."""
+        return self._best.path

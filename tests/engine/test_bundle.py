@@ -14,7 +14,6 @@ pytest.importorskip("monai")
 pytest.importorskip("ignite")
 
 import engine.components
-from engine.training import bundle as bundle_module
 from engine.training.bundle import BundleTrainer, build_bundle_trainer, is_bundle
 from engine.training.errors import TrainConfigError, TrainingAborted
 from tests.engine.bundle_fixtures import make_bundle, train_config
@@ -259,9 +258,11 @@ def test_a_site_without_monai_is_told_to_install_the_extra(
     root = tmp_path / "mmar"
     (root / "configs").mkdir(parents=True)
     (root / "configs" / "train.json").write_text("{}")
-    real = bundle_module.importlib.util.find_spec
+    import importlib.util
+
+    real = importlib.util.find_spec
     monkeypatch.setattr(
-        bundle_module.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *a: None if name == "monai" else real(name, *a),
     )
