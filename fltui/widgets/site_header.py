@@ -58,6 +58,7 @@ class SiteHeader(Static):
         elif service == "lost":  # what the server said is as old as the service's last word
             label = f"service lost {ago(service_age)} ago — state unknown"
             hb = "heartbeat unknown"
+            conn = f"{conn}?"  # the service's last word on the server: not vouched for now
         parts = [
             state.site or "site ?",
             f"server {state.server or '?'}",
@@ -76,7 +77,10 @@ class SiteHeader(Static):
         if self.styles.height is None or self.styles.height.value != height:
             self.styles.height = height
         set_text(self, text)
-        bad = conn in ("failed", "retrying", "disconnected") or "lost" in (service, server)
+        bad = state.connection in ("failed", "retrying", "disconnected") or "lost" in (
+            service,
+            server,
+        )
         self.set_class(bad, "-bad")
         self.set_class(not bad and "stale" in (service, server), "-stale")
 

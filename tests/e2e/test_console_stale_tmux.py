@@ -105,7 +105,9 @@ def test_killed_service_worker_and_server_are_shown_stale_then_lost(tmp_path: Pa
                 or "killed by SIGKILL" in tmux.screen()
             ),
             tmux,
-            2 * PULSE_S + 1,
+            # the promise is 2 pulses (printed below); the wait is generous for a loaded CI
+            # machine, where the executor's reap of the killed worker can lag
+            2 * PULSE_S + 10,
         )
         screen = tmux.screen()
         assert "last error (run 1)" in screen, screen
@@ -118,7 +120,7 @@ def test_killed_service_worker_and_server_are_shown_stale_then_lost(tmp_path: Pa
             "the server shown lost or retrying",
             lambda: any(w in tmux.screen() for w in ("server lost", "unanswered", "retrying")),
             tmux,
-            STALE_AFTER * 0.5 + 3,
+            STALE_AFTER * 0.5 + 12,  # generous for a loaded machine; measured in the tmux_more test
         )
     finally:
         tmux.kill()
