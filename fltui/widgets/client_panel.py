@@ -39,7 +39,7 @@ class ClientPanel(Vertical):
     ClientPanel #status.ok { color: $status-ok; }
     ClientPanel #status.stale, ClientPanel #details.stale { text-style: dim; }
     ClientPanel #status.stale, ClientPanel #status.bad { text-wrap: wrap; }
-    ClientPanel #error { color: $error; text-wrap: nowrap; text-overflow: ellipsis; }
+    ClientPanel #error { color: $error; max-height: 4; }
     ClientPanel #status, ClientPanel #details { text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
@@ -85,7 +85,7 @@ class ClientPanel(Vertical):
         self._error = f"last error{whose}: {state.last_error}" if state.last_error else ""
         line = summary_line(state.last_error) if state.last_error else ""
         more = " · e: whole" if line and line != state.last_error.strip() else ""
-        # two lines, each cut at the panel's edge: which run and how to see it all, then what
+        # which run and how to see it all, then what (wrapped, at most 3 lines: e for the rest)
         set_text(error, f"last error{whose}{more}:\n{line}" if line else "")
         error.display = bool(state.last_error)
 
