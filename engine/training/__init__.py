@@ -110,6 +110,8 @@ def build_fitter(
     if isinstance(config, ClaraConfig):
         from engine.training import clara_monai  # deferred: MONAI, only for this form
 
+        fitter.check_round_args(site_name, local_epochs, steps_aggregation)
+
         environment = config.environment or load_environment(root, local_environment_file(root))
         return clara_monai.build_clara_trainer(  # type: ignore[return-value]
             config,

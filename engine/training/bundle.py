@@ -41,11 +41,16 @@ from torch import nn
 import engine.components
 from engine.config import load_environment, local_environment_file
 from engine.config.environment import MMAREnvironment
-from engine.fileio import save_json_atomic
 from engine.training.clara_config import require_monai
 from engine.training.config import is_bundle
 from engine.training.errors import TrainConfigError, TrainingAborted
-from engine.training.fitter import EVAL_METRICS, EpochCallback, ProgressCallback, pick_device
+from engine.training.evaluation import higher_is_better, save_validation_metrics
+from engine.training.fitter import (
+    EpochCallback,
+    ProgressCallback,
+    check_round_args,
+    pick_device,
+)
 from engine.training.weights import (
     BestModel,
     TrainerFacts,
@@ -144,20 +149,7 @@ def build_bundle_trainer(
             are named); also whatever the site policy's expression gate raises.
         ValueError: An argument is out of range, or the device is unavailable.
     """
-    if not isinstance(site_name, str) or not site_name:
-        raise ValueError(f"site_name must be a non-empty string, got {site_name!r}")
-    if local_epochs is not None and (
-        isinstance(local_epochs, bool) or not isinstance(local_epochs, int) or local_epochs < 1
-    ):
-        raise ValueError(f"local_epochs must be a positive integer or None, got {local_epochs!r}")
-    if (
-        isinstance(steps_aggregation, bool)
-        or not isinstance(steps_aggregation, int)
-        or steps_aggregation < 0
-    ):
-        raise ValueError(
-            f"steps_aggregation must be an integer >= 0 (0 means epochs), got {steps_aggregation!r}"
-        )
+    check_round_args(site_name, local_epochs, steps_aggregation)
     torch_device = pick_device(device) if device is not None else None
     epochs = local_epochs or 1
     root = Path(mmar_root).resolve()
@@ -608,8 +600,7 @@ class BundleTrainer(TrainerFacts):
         try:
             return bool(compare(1.0, 0.0))  # type: ignore[misc]
         except Exception:
-            name = self.metric_name.lower()
-            return not any(word in name for word in ("loss", "error", "distance", "hausdorff"))
+            return higher_is_better(self.metric_name)
 
     @property
     def epoch_length(self) -> int | None:
@@ -833,20 +824,14 @@ class BundleTrainer(TrainerFacts):
             return metrics
 
     def _save_metrics(self, metrics: Mapping[str, float]) -> None:
-        target = self.eval_dir / EVAL_METRICS
-        try:
-            save_json_atomic(
-                target,
-                {
-                    "site": self.site_name,
-                    "metric": self.metric_name,
-                    "metrics": dict(metrics),
-                    "best_metric": self._best.metric,
-                    "local_rounds": self._rounds,
-                },
-            )
-        except OSError as exc:
-            log.warning("could not write the validation metrics to %s: %s", target, exc)
+        save_validation_metrics(
+            self.eval_dir,
+            site=self.site_name,
+            metric=self.metric_name,
+            metrics=metrics,
+            best_metric=self._best.metric,
+            local_rounds=self._rounds,
+        )
 
     def finalize(self) -> None:
         """Ends the bundle's workflows (MonaiAlgo's ``finalize``: the bundle's ``finalize``

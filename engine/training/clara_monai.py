@@ -21,7 +21,6 @@ import importlib
 import inspect
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -33,9 +32,9 @@ import torch
 
 from engine import components
 from engine.config import ComponentSpec, ConfigError, MMAREnvironment
-from engine.fileio import save_json_atomic
 from engine.training.clara_config import ClaraConfig, Part, require_monai
 from engine.training.errors import TrainConfigError, TrainingAborted
+from engine.training.evaluation import higher_is_better, save_validation_metrics
 from engine.training.weights import (
     BestModel,
     TrainerFacts,
@@ -54,7 +53,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EVAL_METRICS = "validation_metrics.json"
 _PROGRESS_PERIOD_S = 0.1
 
 # Where a "name" is looked up, by the key that holds it (first match wins).
@@ -73,8 +71,6 @@ _NAMESPACES: dict[str, tuple[str, ...]] = {
     "trainer": ("monai.engines",),
     "evaluator": ("monai.engines",),
 }
-# Loss-like metric names: a lower value is better.
-_LOWER_IS_BETTER = re.compile(r"loss|error|distance|hausdorff|mse|mae|rmse", re.IGNORECASE)
 # Train handlers that would undo federated learning: loading a local checkpoint at the start of
 # every run would replace the global model each round (MONAI's MonaiAlgo drops them too).
 _DROPPED_TRAIN_HANDLERS = {"CheckpointLoader"}
@@ -697,7 +693,7 @@ class ClaraMonaiTrainer(TrainerFacts):
         self._trainer = trainer
         self._evaluator = evaluator
         self._metric = key_metric
-        self._best = BestModel(ckpt_dir, not _LOWER_IS_BETTER.search(key_metric))
+        self._best = BestModel(ckpt_dir, higher_is_better(key_metric))
         self._on_progress = on_progress
         self._on_epoch_end = on_epoch_end
         self._lock = threading.RLock()
@@ -886,20 +882,14 @@ class ClaraMonaiTrainer(TrainerFacts):
         return metrics
 
     def _save_metrics(self, metrics: Mapping[str, float]) -> None:
-        target = self.eval_dir / EVAL_METRICS
-        try:
-            save_json_atomic(
-                target,
-                {
-                    "site": self.site_name,
-                    "metric": self._metric,
-                    "metrics": dict(metrics),
-                    "best_metric": self._best.metric,
-                    "local_rounds": self._rounds,
-                },
-            )
-        except OSError as exc:
-            log.warning("could not write the validation metrics to %s: %s", target, exc)
+        save_validation_metrics(
+            self.eval_dir,
+            site=self.site_name,
+            metric=self._metric,
+            metrics=metrics,
+            best_metric=self._best.metric,
+            local_rounds=self._rounds,
+        )
 
 
 def _loss_of(output: Any) -> float | None:

@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from engine.config import load_environment, local_environment_file
-from engine.fileio import save_json_atomic
 from engine.training.components import build_component
 from engine.training.config import METRICS, ComponentSpec, TrainConfig, load_train_config
 from engine.training.errors import TrainConfigError, TrainingAborted
+from engine.training.evaluation import save_validation_metrics
 from engine.training.weights import (
     BEST_MODEL_NAME,
     BestModel,
@@ -32,7 +32,15 @@ from engine.training.weights import (
     to_numpy,
 )
 
-__all__ = ["BEST_MODEL", "EpochCallback", "Fitter", "ProgressCallback", "build_fitter"]
+__all__ = [
+    "BEST_MODEL",
+    "EpochCallback",
+    "Fitter",
+    "ProgressCallback",
+    "build_fitter",
+    "check_round_args",
+    "pick_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +53,6 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 #: Where the best local model is kept, relative to the MMAR, unless environment.json's
 #: MMAR_CKPT_DIR names another folder (Clara's default is models/).
 BEST_MODEL = Path("models") / BEST_MODEL_NAME
-#: The metrics of the last validation, in MMAR_EVAL_OUTPUT_PATH (default eval/).
-EVAL_METRICS = "validation_metrics.json"
 
 # Progress callbacks drive a UI; more than ~10 updates a second are invisible and cost time.
 _PROGRESS_PERIOD_S = 0.1
@@ -86,18 +92,7 @@ def build_fitter(
         TrainConfigError: The config or one of its components is unusable.
         ValueError: An argument is out of range, or the device is unavailable.
     """
-    if not isinstance(site_name, str) or not site_name:
-        raise ValueError(f"site_name must be a non-empty string, got {site_name!r}")
-    if local_epochs is not None and (
-        isinstance(local_epochs, bool) or not isinstance(local_epochs, int) or local_epochs < 1
-    ):
-        raise ValueError(f"local_epochs must be a positive integer or None, got {local_epochs!r}")
-    if isinstance(steps_aggregation, bool) or not isinstance(steps_aggregation, int):
-        raise ValueError(f"steps_aggregation must be an integer, got {steps_aggregation!r}")
-    if steps_aggregation < 0:
-        raise ValueError(
-            f"steps_aggregation must be >= 0 (0 means epochs), got {steps_aggregation}"
-        )
+    check_round_args(site_name, local_epochs, steps_aggregation)
     torch_device = pick_device(device)
 
     root = Path(mmar_root).resolve()
@@ -511,21 +506,14 @@ class Fitter(TrainerFacts):
         self._best.offer(metrics[self.metric_name], self._model.state_dict())
 
     def _save_metrics(self, metrics: Mapping[str, float]) -> None:
-        """Writes the last validation to ``<MMAR_EVAL_OUTPUT_PATH>/validation_metrics.json``."""
-        target = self.eval_dir / EVAL_METRICS
-        try:
-            save_json_atomic(
-                target,
-                {
-                    "site": self.site_name,
-                    "metric": self.metric_name,
-                    "metrics": dict(metrics),
-                    "best_metric": self._best.metric,
-                    "local_rounds": self._rounds,
-                },
-            )
-        except OSError as exc:
-            log.warning("could not write the validation metrics to %s: %s", target, exc)
+        save_validation_metrics(
+            self.eval_dir,
+            site=self.site_name,
+            metric=self.metric_name,
+            metrics=metrics,
+            best_metric=self._best.metric,
+            local_rounds=self._rounds,
+        )
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -548,6 +536,26 @@ class Fitter(TrainerFacts):
             )
         non_blocking = self.device.type == "cuda"
         return _move(x, self.device, non_blocking), _move(y, self.device, non_blocking)
+
+
+def check_round_args(site_name: object, local_epochs: object, steps_aggregation: object) -> None:
+    """The arguments every training form takes, checked the one way.
+
+    Raises:
+        ValueError: naming the argument and what it must be.
+    """
+    if not isinstance(site_name, str) or not site_name:
+        raise ValueError(f"site_name must be a non-empty string, got {site_name!r}")
+    if local_epochs is not None and (
+        isinstance(local_epochs, bool) or not isinstance(local_epochs, int) or local_epochs < 1
+    ):
+        raise ValueError(f"local_epochs must be a positive integer or None, got {local_epochs!r}")
+    if isinstance(steps_aggregation, bool) or not isinstance(steps_aggregation, int):
+        raise ValueError(f"steps_aggregation must be an integer, got {steps_aggregation!r}")
+    if steps_aggregation < 0:
+        raise ValueError(
+            f"steps_aggregation must be >= 0 (0 means epochs), got {steps_aggregation}"
+        )
 
 
 def pick_device(device: str | None) -> torch.device:

@@ -46,9 +46,9 @@ import numpy as np
 
 from engine.config import ConfigError, load_environment, local_environment_file
 from engine.config.mmar import ScriptSpec
-from engine.fileio import save_json_atomic
 from engine.training.config import TRAIN_CONFIG
 from engine.training.errors import TrainConfigError, TrainingAborted
+from engine.training.evaluation import higher_is_better, save_validation_metrics
 from engine.training.script_wire import (
     ADDRESS_ENV,
     AUTHKEY_ENV,
@@ -67,7 +67,6 @@ ProgressCallback = Callable[[int, int, int, float], None]
 EpochCallback = Callable[[int, dict[str, float]], None]
 RoundInfo = Callable[[], tuple[int, int]]
 
-EVAL_METRICS = "validation_metrics.json"
 #: Seconds a script has to end by itself once told the run is over (it may save its files).
 STOP_GRACE = 10.0
 #: After an abort: the worker itself has the executor's ABORT_GRACE (5 s) to end.
@@ -75,8 +74,6 @@ ABORT_STOP_GRACE = 2.0
 TERM_GRACE = 1.0
 _POLL = 0.1
 _TAIL_LINES = 400
-# Loss-like metric names: a lower value is better (as Clara's MONAI form judges them).
-_LOWER_IS_BETTER = re.compile(r"loss|error|distance|hausdorff|mse|mae|rmse", re.IGNORECASE)
 _FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+)(?:, in (?P<func>.+))?$')
 
 
@@ -243,7 +240,7 @@ class ScriptTrainer:
     @property
     def higher_is_better(self) -> bool:
         """Whether a larger key metric is better; loss-like names (loss, error, ...) are not."""
-        return not _LOWER_IS_BETTER.search(self._key)
+        return higher_is_better(self._key)
 
     @property
     def best_metric(self) -> float | None:
@@ -589,20 +586,14 @@ class ScriptTrainer:
         best.offer(value, {name: torch.from_numpy(a) for name, a in self._weights.items()})
 
     def _save_metrics(self, metrics: Mapping[str, float]) -> None:
-        target = self.eval_dir / EVAL_METRICS
-        try:
-            save_json_atomic(
-                target,
-                {
-                    "site": self.site_name,
-                    "metric": self._key,
-                    "metrics": dict(metrics),
-                    "best_metric": self.best_metric,
-                    "local_rounds": self._rounds,
-                },
-            )
-        except OSError as exc:
-            log.warning("could not write the validation metrics to %s: %s", target, exc)
+        save_validation_metrics(
+            self.eval_dir,
+            site=self.site_name,
+            metric=self._key,
+            metrics=metrics,
+            best_metric=self.best_metric,
+            local_rounds=self._rounds,
+        )
 
 
 class _Script:
