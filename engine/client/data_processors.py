@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,30 @@ class _HEProcessor(DataProcessor):
             self._ctx = he.load_context(self.context_path, "site")
         return self._ctx
 
+    def _convert(
+        self,
+        model: dict[str, np.ndarray],
+        chosen: Callable[[str, np.ndarray], bool],
+        convert: Callable[[np.ndarray], np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        """``model`` with the chosen variables converted (encrypted or decrypted), the others as
+        they are; the time it took and the sizes before and after are kept."""
+        t0 = time.perf_counter()
+        before = after = count = 0
+        out: dict[str, np.ndarray] = {}
+        for name, value in model.items():
+            arr = np.asanyarray(value)  # a ciphertext stays a CiphertextArray
+            if chosen(name, arr):
+                out[name] = convert(arr)
+                before += arr.nbytes
+                after += out[name].nbytes
+                count += 1
+            else:
+                out[name] = value
+        self.seconds = time.perf_counter() - t0
+        self.bytes_before, self.bytes_after, self.variables = before, after, count
+        return out
+
 
 class ModelEncryptor(_HEProcessor):
     """Clara's ModelEncryptor (pre-processor; NVFlare's HEModelEncryptor): Δ leaves encrypted.
@@ -204,21 +229,7 @@ class ModelEncryptor(_HEProcessor):
         """``model`` with the chosen variables encrypted (times ``factor``); times and sizes
         kept in ``seconds``, ``bytes_before`` and ``bytes_after``."""
         ctx = self.tenseal_context()
-        t0 = time.perf_counter()
-        before = after = count = 0
-        out: dict[str, np.ndarray] = {}
-        for name, value in model.items():
-            arr = np.asarray(value)
-            if self.selected(name, arr):
-                out[name] = he.encrypt(ctx, arr, factor)
-                before += arr.nbytes
-                after += out[name].nbytes
-                count += 1
-            else:
-                out[name] = value
-        self.seconds = time.perf_counter() - t0
-        self.bytes_before, self.bytes_after, self.variables = before, after, count
-        return out
+        return self._convert(model, self.selected, lambda arr: he.encrypt(ctx, arr, factor))
 
     def process(self, data_ctx: DataContext, app_ctx: dict[str, Any]) -> None:
         header = data_ctx.header
@@ -257,20 +268,9 @@ class ModelDecryptor(_HEProcessor):
             self.bytes_before = self.bytes_after = self.variables = 0
             return model
         ctx = self.tenseal_context()
-        t0 = time.perf_counter()
-        before = after = count = 0
-        out: dict[str, np.ndarray] = {}
-        for name, value in model.items():
-            if he.is_ciphertext(value):
-                out[name] = he.decrypt(ctx, value)
-                before += value.nbytes
-                after += out[name].nbytes
-                count += 1
-            else:
-                out[name] = value
-        self.seconds = time.perf_counter() - t0
-        self.bytes_before, self.bytes_after, self.variables = before, after, count
-        return out
+        return self._convert(
+            model, lambda name, arr: he.is_ciphertext(arr), lambda arr: he.decrypt(ctx, arr)
+        )
 
     def process(self, data_ctx: DataContext, app_ctx: dict[str, Any]) -> None:
         data_ctx.model = self.decrypt_model(data_ctx.model)
