@@ -45,31 +45,18 @@ def write_segmentation_data(
     state = np.random.RandomState(seed)
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    make = create_test_image_3d if dims == 3 else create_test_image_2d
     items = []
     for i in range(n_train + n_validation):
-        if dims == 3:
-            image, label = create_test_image_3d(
-                size,
-                size,
-                size,
-                num_objs=4,
-                rad_max=size // 4,
-                rad_min=max(2, size // 10),
-                noise_max=0.4,
-                num_seg_classes=1,
-                random_state=state,
-            )
-        else:
-            image, label = create_test_image_2d(
-                size,
-                size,
-                num_objs=4,
-                rad_max=size // 4,
-                rad_min=max(2, size // 10),
-                noise_max=0.4,
-                num_seg_classes=1,
-                random_state=state,
-            )
+        image, label = make(
+            *([size] * dims),
+            num_objs=4,
+            rad_max=size // 4,
+            rad_min=max(2, size // 10),
+            noise_max=0.4,
+            num_seg_classes=1,
+            random_state=state,
+        )
         name = f"case_{i:03d}.nii.gz"
         affine = np.eye(4)
         nib.save(nib.Nifti1Image(image.astype(np.float32), affine), folder / "imagesTr" / name)
