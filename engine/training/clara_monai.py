@@ -250,7 +250,7 @@ def _with_expressions(spec: ComponentSpec) -> ComponentSpec:
     args = {}
     changed = False
     for name, value in spec.args.items():
-        if isinstance(value, str) and value.lstrip().startswith("lambda"):
+        if _is_expression(value):
             args[name] = _expression(value, spec.file, f"{spec.key}.args.{name}")
             changed = True
         else:
@@ -350,7 +350,9 @@ def check_clara_config(config: ClaraConfig) -> list[ConfigError]:
 
 
 def _is_expression(value: Any) -> bool:
-    return isinstance(value, str) and value.lstrip().startswith("lambda")
+    """A lambda, as the site policy's one predicate finds it (``$`` strings are a bundle's
+    syntax, not this form's)."""
+    return components.is_expression(value) and not str(value).lstrip().startswith("$")
 
 
 def _bind_loosely(
