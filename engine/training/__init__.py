@@ -132,6 +132,7 @@ def build_fitter(
         on_progress=on_progress,
         on_epoch_end=on_epoch_end,
         device=device,
+        config=config,
     )
 
 

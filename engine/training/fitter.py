@@ -67,6 +67,7 @@ def build_fitter(
     on_progress: ProgressCallback | None = None,
     on_epoch_end: EpochCallback | None = None,
     device: str | None = None,
+    config: TrainConfig | None = None,
 ) -> Fitter:
     """Build the fitter for an MMAR from its ``config/config_train.json``.
 
@@ -84,6 +85,7 @@ def build_fitter(
             second, and always on a round's last step.
         on_epoch_end: Called with ``(epoch, metrics)`` after each epoch of a round.
         device: A torch device; default ``"cuda"`` when available, else ``"cpu"``.
+        config: The MMAR's config when the caller has read it already (else read here).
 
     Returns:
         The fitter, with a freshly initialised model (seeded from the config's ``seed``).
@@ -96,7 +98,15 @@ def build_fitter(
     torch_device = pick_device(device)
 
     root = Path(mmar_root).resolve()
-    config = load_train_config(root)
+    if config is None:  # (engine.training.build_fitter has read it already, to pick the form)
+        loaded = load_train_config(root)
+        if not isinstance(loaded, TrainConfig):
+            raise TrainConfigError(
+                root / "config" / "config_train.json",
+                "train",
+                "Clara's PyTorch form: build it with engine.training.build_fitter",
+            )
+        config = loaded
     # load_train_config reads the site's local/environment.json over the MMAR's too.
     environment = config.environment or load_environment(root, local_environment_file(root))
     custom = root / "custom"
